@@ -1,0 +1,237 @@
+"""The two asymmetric BYOL views as vectorised batch ops.
+
+Every function works on a whole batch at once with per-image random
+parameters, so it is cheap inside `tf.data` after `.batch()`: there are no
+per-image loops, `map_fn` or keras-cv layers (which fall back to per-image
+while-loops). Randomness is stateless: the same `seed` gives the same views,
+eagerly, in `tf.function` and in `tf.data`.
+"""
+
+import math
+
+import numpy as np
+import tensorflow as tf
+
+from byol_tf.config import AugmentConfig
+
+# ITU-R 601-2 luma, the weights torchvision and `tf.image.rgb_to_grayscale` use.
+_LUMA = (0.2989, 0.587, 0.114)
+# torchvision's RandomResizedCrop makes 10 attempts before its fallback.
+_CROP_TRIES = 10
+
+
+def augment_view(images, seed, config: AugmentConfig, view: int) -> tf.Tensor:
+    """Makes one BYOL view of a batch, with per-image random parameters.
+
+    The ops run in torchvision's order: random resized crop, horizontal flip,
+    colour jitter (its four ops in a random order per image), grayscale,
+    Gaussian blur and solarization.
+
+    Args:
+        images: uint8 (0..255) or float (0..1) tensor of shape
+            `[batch, height, width, 3]`; the batch size may be unknown.
+        seed: int32 or int64 tensor of shape `[2]`, for the stateless RNG.
+        config: an `AugmentConfig`.
+        view: 0 or 1, selects `blur_prob[view]` and `solarize_prob[view]`.
+
+    Returns:
+        float32 tensor of shape `[batch, config.image_size,
+        config.image_size, 3]` with values in `[0, 1]`.
+    """
+    if view not in (0, 1):
+        raise ValueError(f"`view` must be 0 or 1. Received: view={view!r}")
+    images = tf.convert_to_tensor(images)
+    # The RNG's output depends on the seed's dtype; fix it so int32 and int64 agree.
+    keys = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=9)
+    batch = tf.shape(images)[0]
+
+    def draw(i, shape=(), minval=0.0, maxval=1.0):
+        return tf.random.stateless_uniform(tf.stack([batch, *shape]), keys[i], minval, maxval)
+
+    def chance(i, prob):
+        return draw(i) < prob
+
+    # Flipping is free here: a box with x1 > x2 samples the crop mirrored.
+    boxes = _crop_boxes(images, draw(0, [_CROP_TRIES, 2]), draw(1, [2]), config)
+    y1, x1, y2, x2 = tf.unstack(boxes, axis=1)
+    flip = chance(2, config.flip_prob)
+    boxes = tf.stack([y1, tf.where(flip, x2, x1), y2, tf.where(flip, x1, x2)], axis=1)
+    # crop_and_resize casts to float32 itself, so uint8 is scaled only once cropped.
+    x = tf.image.crop_and_resize(images, boxes, tf.range(batch), [config.image_size] * 2)
+    if images.dtype == tf.uint8:
+        x = x / 255.0
+    x = tf.clip_by_value(tf.cast(x, tf.float32), 0.0, 1.0)
+
+    if config.jitter_prob > 0:
+        x = _color_jitter(x, chance(3, config.jitter_prob), keys[4], config)
+    if config.grayscale_prob > 0:
+        x = _where(chance(5, config.grayscale_prob), tf.tile(_gray(x), [1, 1, 1, 3]), x)
+    blur_prob = config.blur_prob[view]
+    if blur_prob > 0:
+        sigma = draw(6, minval=config.blur_sigma[0], maxval=config.blur_sigma[1])
+        if blur_prob >= 1:
+            x = _gaussian_blur(x, sigma, config)
+        else:
+            # Blur only the chosen images: at p=0.1 that skips 90% of the work.
+            picked = tf.where(chance(7, blur_prob))
+            blurred = _gaussian_blur(tf.gather_nd(x, picked), tf.gather_nd(sigma, picked), config)
+            x = tf.tensor_scatter_nd_update(x, picked, blurred)
+    solarize_prob = config.solarize_prob[view]
+    if solarize_prob > 0:
+        # Images left alone get a threshold no pixel reaches.
+        threshold = tf.where(chance(8, solarize_prob), config.solarize_threshold, 2.0)
+        x = tf.where(x >= threshold[:, None, None, None], 1.0 - x, x)
+    return tf.clip_by_value(x, 0.0, 1.0)
+
+
+def augment_pair(images, seed, config: AugmentConfig):
+    """Makes the two asymmetric BYOL views of a batch from independent seeds.
+
+    Args:
+        images: uint8 (0..255) or float (0..1) tensor `[batch, height, width, 3]`.
+        seed: int32 or int64 tensor of shape `[2]`.
+        config: an `AugmentConfig`.
+
+    Returns:
+        A tuple of two float32 tensors `[batch, image_size, image_size, 3]`.
+    """
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=2)
+    return augment_view(images, seeds[0], config, 0), augment_view(images, seeds[1], config, 1)
+
+
+def preprocess_eval(images, image_size: int) -> tf.Tensor:
+    """Resizes images deterministically for evaluation.
+
+    Args:
+        images: uint8 (0..255) or float (0..1) tensor, `[batch, height, width, 3]`
+            or `[height, width, 3]`.
+        image_size: side of the square output.
+
+    Returns:
+        float32 tensor of side `image_size` with values in `[0, 1]`.
+    """
+    images = tf.convert_to_tensor(images)
+    x = tf.image.resize(images, [image_size, image_size], method="bilinear", antialias=True)
+    x = tf.cast(x, tf.float32)
+    if images.dtype == tf.uint8:
+        x = x / 255.0
+    return tf.clip_by_value(x, 0.0, 1.0)
+
+
+def _where(mask, a, b):
+    """Picks `a` for the images where the `[batch]` mask is true, else `b`."""
+    # Arithmetic, not tf.where: broadcasting selects are several times slower
+    # on CPU, and 1 * a + 0 * b is still exact for finite values.
+    mask = tf.cast(mask, a.dtype)[:, None, None, None]
+    return mask * a + (1.0 - mask) * b
+
+
+def _crop_boxes(images, tries, offsets, config):
+    """torchvision's RandomResizedCrop boxes, normalised for crop_and_resize.
+
+    All tries are drawn at once (`tries`: uniforms `[batch, tries, 2]`) and the
+    first valid one per image is kept; images with none get torchvision's
+    fallback, the centre crop with its aspect ratio clamped into `crop_ratio`.
+    `offsets` (uniforms `[batch, 2]`) place the crop.
+    """
+    height = tf.cast(tf.shape(images)[1], tf.float32)
+    width = tf.cast(tf.shape(images)[2], tf.float32)
+    (s_lo, s_hi), (r_lo, r_hi) = config.crop_scale, config.crop_ratio
+    area = height * width * (s_lo + (s_hi - s_lo) * tries[..., 0])
+    log_lo, log_hi = math.log(r_lo), math.log(r_hi)
+    ratio = tf.exp(log_lo + (log_hi - log_lo) * tries[..., 1])
+    w = tf.round(tf.sqrt(area * ratio))
+    h = tf.round(tf.sqrt(area / ratio))
+    valid = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = tf.argmax(tf.cast(valid, tf.int32), axis=1)
+    found = tf.reduce_any(valid, axis=1)
+    in_ratio = width / height
+    fallback_w = tf.where(in_ratio > r_hi, tf.round(height * r_hi), width)
+    fallback_h = tf.where(in_ratio < r_lo, tf.round(width / r_lo), height)
+    w = tf.where(found, tf.gather(w, first, batch_dims=1), fallback_w)
+    h = tf.where(found, tf.gather(h, first, batch_dims=1), fallback_h)
+    top = tf.where(found, tf.floor(offsets[:, 0] * (height - h + 1)), tf.floor((height - h) / 2))
+    left = tf.where(found, tf.floor(offsets[:, 1] * (width - w + 1)), tf.floor((width - w) / 2))
+    # crop_and_resize puts the box edges on pixel centres (align-corners).
+    # Shrinking them by half an output pixel samples like tf.image.resize
+    # (half-pixel centres) when downscaling; when upscaling that would reach
+    # past the crop, so keep the edges on its outer pixels, as resize clamps.
+    size = float(config.image_size)
+
+    def edges(start, length, extent):
+        inset = tf.maximum(0.5 * length / size - 0.5, 0.0)
+        scale = tf.maximum(extent - 1, 1.0)
+        return (start + inset) / scale, (start + length - 1 - inset) / scale
+
+    y1, y2 = edges(top, h, height)
+    x1, x2 = edges(left, w, width)
+    return tf.stack([y1, x1, y2, x2], axis=1)
+
+
+def _gray(x):
+    """Luma of `[..., 3]` images, keeping a channel axis of 1."""
+    # A matmul: several times faster on CPU than multiply-and-reduce.
+    return tf.tensordot(x, tf.constant(_LUMA, x.dtype)[:, None], axes=1)
+
+
+def _adjust_hue(x, delta):
+    hsv = tf.image.rgb_to_hsv(x)
+    hue = tf.math.floormod(hsv[..., :1] + delta[:, None, None, None], 1.0)
+    return tf.clip_by_value(tf.image.hsv_to_rgb(tf.concat([hue, hsv[..., 1:]], -1)), 0.0, 1.0)
+
+
+def _color_jitter(x, apply, key, config):
+    """torchvision's ColorJitter on the images in `apply`, ops in a random order per image.
+
+    Each image draws a permutation of the ops (argsort of uniforms). At every
+    stage, brightness, contrast and saturation are one blend `f * x + (1 - f) *
+    target` with a per-image factor and target (black, the mean grey, the grey
+    image), so each stage costs one blend however the images' ops differ; the
+    hue shift runs only on the images whose stage it is. Images left alone get
+    f = 1, which is exact. Ops of strength 0 are identities and are left out.
+    """
+    strengths = (config.brightness, config.contrast, config.saturation, config.hue)
+    ops = [i for i, strength in enumerate(strengths) if strength > 0]
+    if not ops:
+        return x
+    factor_key, order_key = tf.unstack(tf.random.experimental.stateless_split(key, num=2))
+    shape = tf.stack([tf.shape(x)[0], len(ops)])
+    # Factors are 1 +- strength; the hue shift is +- hue of the circle.
+    amounts = tf.random.stateless_uniform(shape, factor_key, -1.0, 1.0) * [strengths[i] for i in ops]
+    order = tf.argsort(tf.random.stateless_uniform(shape, order_key), axis=1)
+    for stage in range(len(ops)):
+        op = tf.gather(ops, order[:, stage])
+        amount = tf.where(apply, tf.gather(amounts, order[:, stage], batch_dims=1), 0.0)
+        gray = _gray(x)
+        mean = tf.reduce_mean(gray, axis=[1, 2, 3], keepdims=True)
+        is_op = lambda i: tf.cast(op == i, x.dtype)[:, None, None, None]
+        target = is_op(1) * mean + is_op(2) * gray
+        factor = 1.0 + tf.where(op == 3, 0.0, amount)[:, None, None, None]
+        x = tf.clip_by_value(factor * x + (1.0 - factor) * target, 0.0, 1.0)
+        if 3 in ops:
+            picked = tf.where(apply & (op == 3))
+            shifted = _adjust_hue(tf.gather_nd(x, picked), tf.gather_nd(amount, picked))
+            x = tf.tensor_scatter_nd_update(x, picked, shifted)
+    return x
+
+
+def _gaussian_blur(x, sigma, config):
+    """Separable Gaussian blur with a per-image sigma and reflect padding.
+
+    Each image's 1-D blur, padding included, is a `[size, size]` matrix, so
+    blurring the batch is two batched matmuls: one for rows, one for columns.
+    """
+    size = config.image_size
+    kernel = max(3, int(config.blur_kernel_fraction * size))
+    kernel = min(kernel + 1 - kernel % 2, 2 * size - 1)
+    taps = np.arange(kernel) - kernel // 2
+    # Source pixel of every (output pixel, tap), reflected at the borders
+    # (torchvision pads with "reflect"); the kernel is < size, so one fold suffices.
+    source = np.abs(np.arange(size)[:, None] + taps)
+    source = np.where(source > size - 1, 2 * (size - 1) - source, source)
+    one_hot = tf.constant(np.eye(size, dtype=np.float32)[source])  # [size, kernel, size]
+    weights = tf.exp(-0.5 * (tf.constant(taps, tf.float32) / sigma[:, None]) ** 2)
+    weights /= tf.reduce_sum(weights, axis=1, keepdims=True)
+    blur = tf.einsum("bt,ptq->bpq", weights, one_hot)  # [batch, size, size]
+    x = tf.einsum("bpq,bqwc->bpwc", blur, x)
+    return tf.einsum("bpq,bhqc->bhpc", blur, x)

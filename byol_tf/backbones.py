@@ -1,0 +1,174 @@
+"""Encoders: a registry from names to backbones that output pooled features.
+
+Every encoder takes float images in [0, 1], `[batch, size, size, 3]`, applies
+the ImageNet normalisation itself (so exports and fine-tuning see the same
+input contract), and returns `[batch, features]`.
+
+Names:
+- `resnet18`: the standard ImageNet-stem ResNet-18 (keras-cv `ResNetBackbone`,
+  built from arguments: no download).
+- `resnet18_cifar`: ResNet-18 with a 3x3 stride-1 stem and no max-pool.
+- `resnet_small_cifar`, `resnet_tiny`: narrower, shallower ResNets for CPUs.
+- `resnet50`: `keras.applications.ResNet50(weights=None)`.
+- `keras_cv:CLASS`, `keras_hub:CLASS`, `applications:NAME`: any such backbone,
+  with constructor arguments in `backbone_kwargs`.
+- any `keras.Model` passed directly to `build_encoder`.
+"""
+
+import importlib
+
+import keras
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# name -> (widths, blocks per stage, stem) for the built-in ResNets.
+_RESNETS = {
+    "resnet18_cifar": ((64, 128, 256, 512), (2, 2, 2, 2), "cifar"),
+    "resnet_small_cifar": ((32, 64, 128, 256), (1, 1, 1, 1), "stride2"),
+    "resnet_tiny": ((16, 32, 64, 128), (1, 1, 1, 1), "stride2"),
+}
+
+
+def available_backbones():
+    """Returns the registered names (prefix forms take a class name after ':')."""
+    return sorted(list(_RESNETS) + ["resnet18", "resnet50", "keras_cv:", "keras_hub:", "applications:"])
+
+
+def _basic_block(x, filters, stride, synchronized, name):
+    shortcut = x
+    if stride != 1 or x.shape[-1] != filters:
+        shortcut = keras.layers.Conv2D(filters, 1, stride, use_bias=False, name=f"{name}_proj")(x)
+        shortcut = _bn(synchronized, f"{name}_proj_bn")(shortcut)
+    x = keras.layers.Conv2D(filters, 3, stride, padding="same", use_bias=False, name=f"{name}_conv1")(x)
+    x = keras.layers.ReLU()(_bn(synchronized, f"{name}_bn1")(x))
+    x = keras.layers.Conv2D(filters, 3, 1, padding="same", use_bias=False, name=f"{name}_conv2")(x)
+    x = _bn(synchronized, f"{name}_bn2")(x)
+    return keras.layers.ReLU()(keras.layers.Add()([x, shortcut]))
+
+
+def _bn(synchronized, name):
+    return keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, synchronized=synchronized, name=name)
+
+
+def resnet(image_size, widths, blocks, stem="cifar", synchronized=False, name="resnet"):
+    """A ResNet of basic blocks, returning the last feature map.
+
+    Args:
+        image_size: input side in pixels.
+        widths: channels per stage.
+        blocks: basic blocks per stage.
+        stem: "cifar" (3x3 stride 1), "stride2" (3x3 stride 2, no pool) or
+            "imagenet" (7x7 stride 2 and a 3x3 stride-2 max-pool).
+        synchronized: cross-replica BatchNorm.
+        name: model name.
+    """
+    if len(widths) != len(blocks):
+        raise ValueError(f"`widths` and `blocks` must have the same length. Received: widths={widths}, blocks={blocks}")
+    inputs = keras.Input((image_size, image_size, 3))
+    if stem == "imagenet":
+        x = keras.layers.Conv2D(widths[0], 7, 2, padding="same", use_bias=False, name="stem_conv")(inputs)
+        x = keras.layers.ReLU()(_bn(synchronized, "stem_bn")(x))
+        x = keras.layers.MaxPooling2D(3, 2, padding="same")(x)
+    elif stem in ("cifar", "stride2"):
+        stride = 1 if stem == "cifar" else 2
+        x = keras.layers.Conv2D(widths[0], 3, stride, padding="same", use_bias=False, name="stem_conv")(inputs)
+        x = keras.layers.ReLU()(_bn(synchronized, "stem_bn")(x))
+    else:
+        raise ValueError(f"`stem` must be 'cifar', 'stride2' or 'imagenet'. Received: stem={stem!r}")
+    for stage, (filters, count) in enumerate(zip(widths, blocks)):
+        for block in range(count):
+            stride = 2 if stage > 0 and block == 0 else 1
+            x = _basic_block(x, filters, stride, synchronized, f"stage{stage}_block{block}")
+    return keras.Model(inputs, x, name=name)
+
+
+def _keras_cv_resnet18(image_size):
+    import keras_cv
+
+    # The ResNet18Backbone alias fetches its preset config online even without
+    # weights; the same network built from arguments needs no network.
+    return keras_cv.models.ResNetBackbone(
+        stackwise_filters=[64, 128, 256, 512],
+        stackwise_blocks=[2, 2, 2, 2],
+        stackwise_strides=[1, 2, 2, 2],
+        block_type="basic_block",
+        include_rescaling=False,
+        input_shape=(image_size, image_size, 3),
+    )
+
+
+def _from_module(module_name, attr_path, image_size, kwargs):
+    module = importlib.import_module(module_name)
+    target = module
+    for part in attr_path:
+        if not hasattr(target, part):
+            raise ValueError(f"`{module_name}` has no backbone class `{'.'.join(attr_path)}`. Received: backbone={module_name}:{attr_path[-1]}")
+        target = getattr(target, part)
+    kwargs = dict(kwargs)
+    kwargs.setdefault("input_shape", (image_size, image_size, 3))
+    return target(**kwargs)
+
+
+def build_backbone(name, image_size, synchronized=False, backbone_kwargs=None):
+    """Builds the backbone `name`, returning a feature map or pooled features.
+
+    Args:
+        name: see the module docstring.
+        image_size: input side in pixels.
+        synchronized: cross-replica BatchNorm (built-in ResNets only).
+        backbone_kwargs: constructor arguments for the prefix forms.
+    """
+    kwargs = backbone_kwargs or {}
+    if name in _RESNETS:
+        widths, blocks, stem = _RESNETS[name]
+        return resnet(image_size, widths, blocks, stem, synchronized, name=name)
+    if name == "resnet18":
+        return _keras_cv_resnet18(image_size)
+    if name == "resnet50":
+        return keras.applications.ResNet50(
+            weights=None, include_top=False, input_shape=(image_size, image_size, 3)
+        )
+    prefix, _, cls = name.partition(":")
+    if cls and prefix == "keras_cv":
+        return _from_module("keras_cv", ("models", cls), image_size, kwargs)
+    if cls and prefix == "keras_hub":
+        kwargs = dict(kwargs)
+        kwargs.setdefault("image_shape", (image_size, image_size, 3))
+        module = importlib.import_module("keras_hub")
+        return getattr(module.models, cls)(**kwargs)
+    if cls and prefix == "applications":
+        kwargs = {"weights": None, "include_top": False, **kwargs}
+        return _from_module("keras", ("applications", cls), image_size, kwargs)
+    raise ValueError(f"Unknown backbone; expected one of {available_backbones()}. Received: backbone={name!r}")
+
+
+def build_encoder(backbone, image_size, synchronized=False, backbone_kwargs=None, name="encoder"):
+    """Wraps a backbone into an encoder: [0, 1] images -> pooled features.
+
+    Args:
+        backbone: a registry name or a `keras.Model`.
+        image_size: input side in pixels.
+        synchronized: cross-replica BatchNorm (built-in ResNets only).
+        backbone_kwargs: constructor arguments for the prefix forms.
+        name: model name.
+
+    Example:
+    >>> encoder = build_encoder("resnet_tiny", 32)
+    >>> encoder(keras.ops.zeros((2, 32, 32, 3))).shape
+    (2, 128)
+    """
+    if isinstance(backbone, str):
+        backbone = build_backbone(backbone, image_size, synchronized, backbone_kwargs)
+    elif not isinstance(backbone, keras.Model):
+        raise ValueError(f"`backbone` must be a name or a keras.Model. Received: backbone={backbone!r}")
+    inputs = keras.Input((image_size, image_size, 3), name="images")
+    x = keras.layers.Normalization(
+        mean=IMAGENET_MEAN, variance=[s * s for s in IMAGENET_STD], name="imagenet_norm"
+    )(inputs)
+    x = backbone(x)
+    if len(x.shape) == 4:
+        x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    elif len(x.shape) != 2:
+        raise ValueError(f"The backbone must return [B, H, W, C] or [B, C]. Received: output shape={x.shape}")
+    return keras.Model(inputs, x, name=name)

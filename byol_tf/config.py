@@ -1,0 +1,270 @@
+"""Frozen run configurations and the named presets.
+
+Only scripts read flags; they turn flags into a `PretrainConfig` with
+`get_preset(name, **overrides)`, which validates every field and names the bad
+value in its error.
+"""
+
+import dataclasses
+from typing import Optional, Tuple
+
+OPTIMIZERS = ("lars", "sgd", "adam", "adamw")
+LOSSES = ("byol", "infonce")
+BN_STATS_MODES = ("own", "ema", "copy")
+
+
+def _check(ok: bool, name: str, value, requirement: str) -> None:
+    if not ok:
+        raise ValueError(f"`{name}` {requirement}. Received: {name}={value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    """The two asymmetric BYOL views (Grill et al. 2020, Table 6).
+
+    Tuples of two values are (view 1, view 2). Probabilities are per image.
+
+    Args:
+        image_size: side of the square output views, in pixels.
+        crop_scale: range of the crop's area, as a fraction of the image.
+        crop_ratio: range of the crop's aspect ratio (width / height).
+        flip_prob: probability of a horizontal flip.
+        jitter_prob: probability of applying colour jitter.
+        brightness: maximum brightness factor change (multiplicative).
+        contrast: maximum contrast factor change.
+        saturation: maximum saturation factor change.
+        hue: maximum hue shift, as a fraction of the hue circle.
+        grayscale_prob: probability of converting to grayscale.
+        blur_prob: per view, probability of a Gaussian blur.
+        blur_sigma: range of the blur's standard deviation, in pixels.
+        blur_kernel_fraction: kernel size as a fraction of `image_size`.
+        solarize_prob: per view, probability of solarization.
+        solarize_threshold: pixels above it (in [0, 1]) are inverted.
+    """
+
+    image_size: int = 224
+    crop_scale: Tuple[float, float] = (0.08, 1.0)
+    crop_ratio: Tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+    flip_prob: float = 0.5
+    jitter_prob: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    grayscale_prob: float = 0.2
+    blur_prob: Tuple[float, float] = (1.0, 0.1)
+    blur_sigma: Tuple[float, float] = (0.1, 2.0)
+    blur_kernel_fraction: float = 0.1
+    solarize_prob: Tuple[float, float] = (0.0, 0.2)
+    solarize_threshold: float = 0.5
+
+    def __post_init__(self):
+        _check(self.image_size >= 8, "image_size", self.image_size, "must be >= 8")
+        for name in ("flip_prob", "jitter_prob", "grayscale_prob", "solarize_threshold"):
+            value = getattr(self, name)
+            _check(0.0 <= value <= 1.0, name, value, "must be in [0, 1]")
+        for name in ("blur_prob", "solarize_prob"):
+            value = getattr(self, name)
+            _check(
+                len(value) == 2 and all(0.0 <= p <= 1.0 for p in value),
+                name,
+                value,
+                "must be two probabilities in [0, 1]",
+            )
+        lo, hi = self.crop_scale
+        _check(0.0 < lo <= hi <= 1.0, "crop_scale", self.crop_scale, "must satisfy 0 < lo <= hi <= 1")
+        lo, hi = self.crop_ratio
+        _check(0.0 < lo <= hi, "crop_ratio", self.crop_ratio, "must satisfy 0 < lo <= hi")
+        lo, hi = self.blur_sigma
+        _check(0.0 < lo <= hi, "blur_sigma", self.blur_sigma, "must satisfy 0 < lo <= hi")
+        for name in ("brightness", "contrast", "saturation"):
+            value = getattr(self, name)
+            _check(0.0 <= value < 1.0, name, value, "must be in [0, 1)")
+        _check(0.0 <= self.hue <= 0.5, "hue", self.hue, "must be in [0, 0.5]")
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+    """Everything that defines a BYOL pretraining run.
+
+    Args:
+        preset: name of the preset this config started from.
+        backbone: a name from `byol_tf.backbones.available_backbones()`.
+        image_size: training resolution.
+        batch_size: global batch size, summed over replicas.
+        epochs: passes over the training set.
+        optimizer: one of `OPTIMIZERS`.
+        base_lr: learning rate for a batch of 256; the peak is
+            `base_lr * batch_size / 256`.
+        weight_decay: decoupled from bias and BatchNorm parameters.
+        momentum: for LARS and SGD.
+        warmup_epochs: linear warm-up before the cosine decay.
+        base_tau: EMA decay at step 0, cosine-annealed to 1.
+        bn_stats: how the target's BatchNorm moving statistics are kept:
+            "own" (updated by the target's own forward passes), "ema" or "copy".
+        projector_hidden, projection_dim: the projector MLP.
+        predictor_hidden: the predictor MLP (output is `projection_dim`).
+        loss: "byol" (the paper's) or "infonce".
+        temperature: for "infonce" only.
+        augment: the two views.
+        seed: seeds data order, augmentation and initialisation.
+        steps_per_execution: optimizer steps per compiled call.
+        precision: a Keras dtype policy name.
+    """
+
+    preset: str = "custom"
+    backbone: str = "resnet18"
+    image_size: int = 224
+    batch_size: int = 256
+    epochs: int = 100
+    optimizer: str = "lars"
+    base_lr: float = 0.2
+    weight_decay: float = 1.5e-6
+    momentum: float = 0.9
+    warmup_epochs: float = 10.0
+    base_tau: float = 0.996
+    bn_stats: str = "own"
+    projector_hidden: int = 4096
+    projection_dim: int = 256
+    predictor_hidden: int = 4096
+    loss: str = "byol"
+    temperature: float = 0.1
+    augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
+    seed: int = 0
+    steps_per_execution: int = 1
+    precision: str = "float32"
+
+    def __post_init__(self):
+        _check(self.image_size >= 8, "image_size", self.image_size, "must be >= 8")
+        _check(self.batch_size >= 2, "batch_size", self.batch_size, "must be >= 2")
+        _check(self.epochs >= 1, "epochs", self.epochs, "must be >= 1")
+        _check(self.optimizer in OPTIMIZERS, "optimizer", self.optimizer, f"must be one of {OPTIMIZERS}")
+        _check(self.loss in LOSSES, "loss", self.loss, f"must be one of {LOSSES}")
+        _check(self.bn_stats in BN_STATS_MODES, "bn_stats", self.bn_stats, f"must be one of {BN_STATS_MODES}")
+        _check(self.base_lr > 0, "base_lr", self.base_lr, "must be > 0")
+        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        _check(0 <= self.warmup_epochs < self.epochs or self.warmup_epochs == 0,
+               "warmup_epochs", self.warmup_epochs, f"must be in [0, epochs={self.epochs})")
+        _check(0.0 <= self.base_tau <= 1.0, "base_tau", self.base_tau, "must be in [0, 1]")
+        _check(self.temperature > 0, "temperature", self.temperature, "must be > 0")
+        _check(self.steps_per_execution >= 1, "steps_per_execution", self.steps_per_execution, "must be >= 1")
+        for name in ("projector_hidden", "projection_dim", "predictor_hidden"):
+            _check(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
+        _check(
+            self.precision in ("float32", "mixed_float16", "mixed_bfloat16"),
+            "precision",
+            self.precision,
+            "must be float32, mixed_float16 or mixed_bfloat16",
+        )
+        if self.augment.image_size != self.image_size:
+            # The views are made at the training resolution; keep one source of truth.
+            object.__setattr__(
+                self, "augment", dataclasses.replace(self.augment, image_size=self.image_size)
+            )
+
+    @property
+    def peak_lr(self) -> float:
+        """The paper's linear scaling rule: base_lr * batch / 256."""
+        return self.base_lr * self.batch_size / 256.0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "PretrainConfig":
+        values = dict(values)
+        augment = values.pop("augment", {}) or {}
+        augment = {k: tuple(v) if isinstance(v, list) else v for k, v in augment.items()}
+        return cls(augment=AugmentConfig(**augment), **values)
+
+
+# CIFAR images are 32 px: a blur kernel of 10% of the side is 3 px and only
+# erases the little detail there is, so CIFAR recipes (solo-learn, lightly)
+# turn blur off; solarization stays asymmetric.
+_CIFAR_AUGMENT = AugmentConfig(image_size=32, blur_prob=(0.0, 0.0))
+
+PRESETS = {
+    # The quickstart: a tiny ResNet on generated shapes, a few CPU minutes.
+    "demo": PretrainConfig(
+        preset="demo",
+        backbone="resnet_tiny",
+        image_size=32,
+        batch_size=128,
+        epochs=12,
+        optimizer="lars",
+        base_lr=1.0,
+        weight_decay=1e-5,
+        warmup_epochs=1,
+        base_tau=0.99,
+        projector_hidden=512,
+        projection_dim=128,
+        predictor_hidden=512,
+        augment=dataclasses.replace(_CIFAR_AUGMENT, crop_scale=(0.2, 1.0)),
+    ),
+    # Paper-style CIFAR-10 recipe for GPUs (solo-learn's BYOL CIFAR settings).
+    "cifar10": PretrainConfig(
+        preset="cifar10",
+        backbone="resnet18_cifar",
+        image_size=32,
+        batch_size=256,
+        epochs=1000,
+        optimizer="lars",
+        base_lr=1.0,
+        weight_decay=1e-5,
+        warmup_epochs=10,
+        base_tau=0.99,
+        augment=_CIFAR_AUGMENT,
+    ),
+    # The best this 2-core CPU reaches in 20 minutes of wall time: see BENCHMARKS.md.
+    "cifar10_cpu20": PretrainConfig(
+        preset="cifar10_cpu20",
+        backbone="resnet_small_cifar",
+        image_size=32,
+        batch_size=256,
+        epochs=20,
+        optimizer="lars",
+        base_lr=1.0,
+        weight_decay=1e-5,
+        warmup_epochs=2,
+        base_tau=0.99,
+        projector_hidden=1024,
+        projection_dim=128,
+        predictor_hidden=1024,
+        augment=dataclasses.replace(_CIFAR_AUGMENT, crop_scale=(0.2, 1.0)),
+    ),
+    # The paper's ImageNet recipe (Grill et al. 2020, Section 3.2).
+    "imagenet": PretrainConfig(
+        preset="imagenet",
+        backbone="resnet50",
+        image_size=224,
+        batch_size=4096,
+        epochs=1000,
+        optimizer="lars",
+        base_lr=0.2,
+        weight_decay=1.5e-6,
+        warmup_epochs=10,
+        base_tau=0.996,
+    ),
+}
+
+
+def get_preset(name: str, **overrides) -> PretrainConfig:
+    """Returns preset `name` with `overrides` applied and validated.
+
+    Args:
+        name: a key of `PRESETS`.
+        **overrides: `PretrainConfig` fields; `augment` takes a dict of
+            `AugmentConfig` fields to change.
+    """
+    if name not in PRESETS:
+        raise ValueError(f"Unknown preset; expected one of {sorted(PRESETS)}. Received: preset={name!r}")
+    base = PRESETS[name]
+    fields = {f.name for f in dataclasses.fields(PretrainConfig)}
+    for key in overrides:
+        if key not in fields:
+            raise ValueError(f"Unknown config field. Received: {key}={overrides[key]!r}")
+    augment_overrides = overrides.pop("augment", None) or {}
+    augment = dataclasses.replace(base.augment, **augment_overrides)
+    if "image_size" in overrides:
+        augment = dataclasses.replace(augment, image_size=overrides["image_size"])
+    return dataclasses.replace(base, augment=augment, **overrides)

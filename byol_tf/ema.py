@@ -1,0 +1,102 @@
+"""The target network's exponential moving average and its tau schedule."""
+
+import math
+
+import keras
+import tensorflow as tf
+
+
+def cosine_tau(step, total_steps, base_tau):
+    """tau at optimizer step `step` (0-based): cosine from `base_tau` to 1.
+
+    `tau = 1 - (1 - base_tau) * (cos(pi * step / total_steps) + 1) / 2`
+    (Grill et al. 2020, Section 3.2). Works on Python numbers and tensors.
+
+    Args:
+        step: the 0-based index of the optimizer step just taken.
+        total_steps: the run's total number of optimizer steps.
+        base_tau: tau at step 0.
+    """
+    if isinstance(step, (int, float)):
+        progress = min(step / total_steps, 1.0)
+        return 1.0 - (1.0 - base_tau) * (math.cos(math.pi * progress) + 1.0) / 2.0
+    progress = tf.minimum(tf.cast(step, tf.float32) / float(total_steps), 1.0)
+    return 1.0 - (1.0 - base_tau) * (tf.cos(math.pi * progress) + 1.0) / 2.0
+
+
+def update_target(online_vars, target_vars, tau, bn_stats="own"):
+    """`target = tau * target + (1 - tau) * online` over all variable pairs.
+
+    Trainable variables always follow the EMA. BatchNorm moving statistics
+    (the non-trainable online variables) are handled as `bn_stats` says:
+    "own" leaves the target's statistics to its own forward passes (as in
+    DeepMind's BYOL, where the target keeps its own network state), "ema"
+    averages them like the weights, "copy" copies the online ones.
+
+    Args:
+        online_vars: variables of the online encoder and projector.
+        target_vars: the matching target variables, in the same order.
+        tau: EMA decay, a float or scalar tensor.
+        bn_stats: "own", "ema" or "copy".
+    """
+    tau = tf.cast(tau, tf.float32)
+    for online, target in zip(online_vars, target_vars):
+        if online.trainable or bn_stats == "ema":
+            # assign_sub is the cheapest form: one fused read-modify-write.
+            target.assign_sub((1.0 - tau) * (target.value - online.value))
+        elif bn_stats == "copy":
+            target.assign(online.value)
+
+
+class EMAUpdate(keras.callbacks.Callback):
+    """Updates a `byol_tf.BYOL` model's target network after every step.
+
+    tau is computed from `optimizer.iterations`, so it is right after a resume.
+    With `steps_per_execution > 1`, batch callbacks fire once per execution,
+    so the callback installs itself in the model's `train_step` instead and
+    the same update runs after every optimizer step.
+
+    Args:
+        total_steps: optimizer steps of the whole run; tau reaches 1 there.
+        base_tau: tau at step 0 (0.996 in the paper).
+        bn_stats: "own", "ema" or "copy" (see `update_target`).
+    """
+
+    def __init__(self, total_steps, base_tau=0.996, bn_stats="own"):
+        super().__init__()
+        if not isinstance(total_steps, int) or total_steps < 1:
+            raise ValueError(f"`total_steps` must be a positive int. Received: total_steps={total_steps!r}")
+        if not 0.0 <= base_tau <= 1.0:
+            raise ValueError(f"`base_tau` must be in [0, 1]. Received: base_tau={base_tau!r}")
+        if bn_stats not in ("own", "ema", "copy"):
+            raise ValueError(f"`bn_stats` must be 'own', 'ema' or 'copy'. Received: bn_stats={bn_stats!r}")
+        self.total_steps = total_steps
+        self.base_tau = base_tau
+        self.bn_stats = bn_stats
+        self._update_fn = None
+
+    def tau_at(self, step):
+        """tau for the 0-based optimizer step `step`."""
+        return cosine_tau(step, self.total_steps, self.base_tau)
+
+    def step_update(self, model):
+        """One EMA update for the optimizer step just taken; returns tau."""
+        tau = self.tau_at(model.optimizer.iterations - 1)
+        update_target(model.online_ema_variables, model.target_ema_variables, tau, self.bn_stats)
+        model.tau.assign(tau)
+        return tau
+
+    def on_train_begin(self, logs=None):
+        self.in_step = getattr(self.model, "steps_per_execution", 1) > 1
+        # The model reads the schedule to log the tau of each step, and runs
+        # the update itself when batch callbacks fire too rarely.
+        self.model.ema_schedule = self
+        self.model.ema_in_step = self.in_step
+        self._update_fn = tf.function(lambda: self.step_update(self.model))
+
+    def on_train_batch_end(self, batch, logs=None):
+        if not self.in_step:
+            self._update_fn()
+
+    def get_config(self):
+        return {"total_steps": self.total_steps, "base_tau": self.base_tau, "bn_stats": self.bn_stats}

@@ -1,0 +1,195 @@
+"""Optimizers and the learning-rate schedule for BYOL pretraining.
+
+`LARS` and `WarmupCosine` follow DeepMind's BYOL code (byol/utils/optimizers.py
+and byol/utils/schedules.py); `build_optimizer` turns a `PretrainConfig` into a
+ready Keras optimizer. Biases and BatchNorm parameters (every variable of rank
+<= 1) get neither weight decay nor the LARS trust ratio, as in the paper.
+"""
+
+import math
+
+import keras
+from keras import ops
+
+
+def _check(ok, name, value, requirement):
+    if not ok:
+        raise ValueError(f"`{name}` {requirement}. Received: {name}={value!r}")
+
+
+@keras.saving.register_keras_serializable(package="byol_tf")
+class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warm-up to `peak_lr`, then cosine decay to `final_lr`.
+
+    As in DeepMind's BYOL, the rate at step `s < warmup_steps` is
+    `peak_lr * s / warmup_steps` (so step 0 has rate 0); from `warmup_steps`
+    to `total_steps` it is
+    `final_lr + (peak_lr - final_lr) * 0.5 * (1 + cos(pi * t / T))` with
+    `t = s - warmup_steps`, `T = total_steps - warmup_steps`; then `final_lr`.
+
+    Args:
+        peak_lr: rate at the end of warm-up.
+        warmup_steps: length of the linear warm-up, in optimizer steps.
+        total_steps: step at which the cosine reaches `final_lr`.
+        final_lr: rate at and after `total_steps`.
+    """
+
+    def __init__(self, peak_lr, warmup_steps, total_steps, final_lr=0.0):
+        _check(total_steps > 0, "total_steps", total_steps, "must be > 0")
+        _check(0 <= warmup_steps <= total_steps, "warmup_steps", warmup_steps,
+               f"must be in [0, total_steps={total_steps}]")
+        _check(peak_lr >= 0, "peak_lr", peak_lr, "must be >= 0")
+        _check(0 <= final_lr <= peak_lr, "final_lr", final_lr, f"must be in [0, peak_lr={peak_lr}]")
+        self.peak_lr = float(peak_lr)
+        self.warmup_steps = int(warmup_steps)
+        self.total_steps = int(total_steps)
+        self.final_lr = float(final_lr)
+
+    def __call__(self, step):
+        step = ops.cast(step, "float32")
+        warmup = float(max(self.warmup_steps, 1))
+        decay_steps = float(max(self.total_steps - self.warmup_steps, 1))
+        warm = self.peak_lr * step / warmup
+        t = ops.clip(step - self.warmup_steps, 0.0, decay_steps)
+        cosine = 0.5 * (1.0 + ops.cos(math.pi * t / decay_steps))
+        decayed = self.final_lr + (self.peak_lr - self.final_lr) * cosine
+        return ops.where(step < self.warmup_steps, warm, decayed)
+
+    def get_config(self):
+        return {"peak_lr": self.peak_lr, "warmup_steps": self.warmup_steps,
+                "total_steps": self.total_steps, "final_lr": self.final_lr}
+
+
+@keras.saving.register_keras_serializable(package="byol_tf")
+class LARS(keras.optimizers.Optimizer):
+    """Layer-wise Adaptive Rate Scaling (You et al. 2017), as in BYOL.
+
+    For a variable `w` with gradient `g`: `g += weight_decay * w` (coupled
+    decay); `g *= eta * ||w|| / ||g||` (trust ratio; 1 if either norm is 0);
+    `m = momentum * m + g`; `w -= lr * m` (Nesterov: `w -= lr * (momentum * m
+    + g)`). Variables of rank <= 1 (biases, BatchNorm gamma/beta) are always
+    excluded from both decay and adaptation. The decay is handled here, so the
+    base class's decoupled `weight_decay` stays `None`; the rate is
+    `lars_weight_decay`.
+
+    Args:
+        learning_rate: a float or a `LearningRateSchedule`.
+        momentum: momentum of the update buffer, in [0, 1).
+        weight_decay: L2 coefficient added to the gradient, >= 0.
+        eta: trust coefficient, > 0.
+        nesterov: whether to use Nesterov momentum.
+        exclude_from_adaptation: name substrings (matched against
+            `variable.path` and `variable.name`) also excluded from the trust
+            ratio, on top of the rank <= 1 rule.
+        exclude_from_weight_decay: likewise, for weight decay.
+        name: the optimizer's name.
+        **kwargs: base optimizer arguments (`clipnorm`, `global_clipnorm`, ...).
+    """
+
+    def __init__(self, learning_rate=0.1, momentum=0.9, weight_decay=1.5e-6, eta=1e-3,
+                 nesterov=False, exclude_from_adaptation=None, exclude_from_weight_decay=None,
+                 name="lars", **kwargs):
+        super().__init__(learning_rate=learning_rate, name=name, **kwargs)
+        _check(0 <= momentum < 1, "momentum", momentum, "must be in [0, 1)")
+        _check(weight_decay >= 0, "weight_decay", weight_decay, "must be >= 0")
+        _check(eta > 0, "eta", eta, "must be > 0")
+        self.momentum = float(momentum)
+        self.lars_weight_decay = float(weight_decay)
+        self.eta = float(eta)
+        self.nesterov = bool(nesterov)
+        self.exclude_from_adaptation = list(exclude_from_adaptation or [])
+        self.exclude_from_weight_decay_names = list(exclude_from_weight_decay or [])
+
+    def _excluded(self, variable, names):
+        if len(variable.shape) <= 1:
+            return True
+        keys = (str(getattr(variable, "path", "")), str(variable.name))
+        return any(s in k for s in names for k in keys)
+
+    def build(self, var_list):
+        if self.built:
+            return
+        super().build(var_list)
+        self.momentums = [self.add_variable_from_reference(v, "momentum") for v in var_list]
+        # `_use_weight_decay` honours `exclude_from_weight_decay(var_list=...)` calls.
+        self._decay_mask = [not self._excluded(v, self.exclude_from_weight_decay_names)
+                            and self._use_weight_decay(v) for v in var_list]
+        self._adapt_mask = [not self._excluded(v, self.exclude_from_adaptation) for v in var_list]
+
+    def update_step(self, gradient, variable, learning_rate):
+        index = self._get_variable_index(variable)
+        dtype = variable.dtype
+        lr = ops.cast(learning_rate, dtype)
+        g = ops.cast(gradient, dtype)
+        if self._decay_mask[index] and self.lars_weight_decay > 0:
+            g = g + ops.cast(self.lars_weight_decay, dtype) * variable
+        if self._adapt_mask[index]:
+            w_norm = ops.sqrt(ops.sum(ops.square(variable)))
+            g_norm = ops.sqrt(ops.sum(ops.square(g)))
+            ok = ops.logical_and(w_norm > 0, g_norm > 0)
+            ratio = ops.cast(self.eta, dtype) * w_norm / ops.where(ok, g_norm, ops.ones_like(g_norm))
+            g = g * ops.where(ok, ratio, ops.ones_like(ratio))
+        m = self.momentums[index]
+        momentum = ops.cast(self.momentum, dtype)
+        self.assign(m, momentum * m + g)
+        step = momentum * m + g if self.nesterov else m
+        self.assign_sub(variable, lr * step)
+
+    def get_config(self):
+        config = super().get_config()
+        config.pop("weight_decay", None)
+        config.update({
+            "momentum": self.momentum, "weight_decay": self.lars_weight_decay, "eta": self.eta,
+            "nesterov": self.nesterov, "exclude_from_adaptation": self.exclude_from_adaptation,
+            "exclude_from_weight_decay": self.exclude_from_weight_decay_names})
+        return config
+
+
+class _NoDecayForRankOne:
+    """Keeps Keras' decoupled weight decay off biases and BatchNorm parameters."""
+
+    def _use_weight_decay(self, variable):
+        return len(variable.shape) > 1 and super()._use_weight_decay(variable)
+
+
+@keras.saving.register_keras_serializable(package="byol_tf")
+class MaskedSGD(_NoDecayForRankOne, keras.optimizers.SGD):
+    """`keras.optimizers.SGD` whose weight decay skips rank <= 1 variables."""
+
+
+@keras.saving.register_keras_serializable(package="byol_tf")
+class MaskedAdamW(_NoDecayForRankOne, keras.optimizers.AdamW):
+    """`keras.optimizers.AdamW` whose weight decay skips rank <= 1 variables."""
+
+
+def build_optimizer(config, steps_per_epoch):
+    """Returns the optimizer of `config`, with its `WarmupCosine` schedule.
+
+    "lars": `LARS`. "sgd": momentum SGD with Keras' decoupled decay
+    (`w -= lr * wd * w`, outside the momentum), skipping rank <= 1 variables.
+    "adam": Adam without decay. "adamw": AdamW, decay skipping rank <= 1.
+
+    Args:
+        config: a `byol_tf.config.PretrainConfig`.
+        steps_per_epoch: optimizer steps per epoch, >= 1.
+    """
+    _check(steps_per_epoch >= 1, "steps_per_epoch", steps_per_epoch, "must be >= 1")
+    name, peak = config.optimizer, config.peak_lr
+    if name in ("adam", "adamw") and peak > 0.01:
+        suggestion = 1e-3 * 256 / config.batch_size
+        raise ValueError(
+            f"A LARS-sized learning rate makes {name} diverge or collapse; the peak rate "
+            f"base_lr * batch_size / 256 should be about 1e-3 (base_lr={suggestion:.3g} for "
+            f"batch_size={config.batch_size}). Received: optimizer={name!r}, peak_lr={peak!r}")
+    schedule = WarmupCosine(peak_lr=peak, warmup_steps=round(config.warmup_epochs * steps_per_epoch),
+                            total_steps=config.epochs * steps_per_epoch)
+    decay = config.weight_decay or None
+    if name == "lars":
+        return LARS(schedule, momentum=config.momentum, weight_decay=config.weight_decay)
+    if name == "sgd":
+        return MaskedSGD(schedule, momentum=float(config.momentum), nesterov=False, weight_decay=decay)
+    if name == "adam":
+        return keras.optimizers.Adam(schedule)
+    if name == "adamw":
+        return MaskedAdamW(schedule, weight_decay=config.weight_decay)
+    raise ValueError(f"Unknown optimizer. Received: optimizer={name!r}")

@@ -1,0 +1,211 @@
+import dataclasses
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from byol_tf.augment import augment_pair, augment_view, preprocess_eval
+from byol_tf.config import AugmentConfig
+
+SIZE = 32
+BASE = AugmentConfig(image_size=SIZE)
+# Every op off, and a crop that is the whole image; tests switch on what they measure.
+PLAIN = dataclasses.replace(
+    BASE,
+    crop_scale=(1.0, 1.0),
+    crop_ratio=(1.0, 1.0),
+    flip_prob=0.0,
+    jitter_prob=0.0,
+    grayscale_prob=0.0,
+    blur_prob=(0.0, 0.0),
+    solarize_prob=(0.0, 0.0),
+)
+
+
+def _seed(value):
+    return tf.constant([value, 7], tf.int64)
+
+
+def _images(n, height=SIZE, width=SIZE, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, size=(n, height, width, 3), dtype=np.uint8)
+
+
+def _ramps(n, size):
+    """Channel 0 ramps 0..1 left to right, channel 1 top to bottom."""
+    ramp = np.linspace(0.0, 1.0, size, dtype=np.float32)
+    image = np.stack(np.broadcast_arrays(ramp[None, :], ramp[:, None], np.float32(0.5)), -1)
+    return np.repeat(image[None], n, axis=0)
+
+
+@pytest.mark.parametrize("view", [0, 1])
+@pytest.mark.parametrize("shape", [(SIZE, SIZE), (40, 48)])
+def test_shape_dtype_range_and_input_dtypes(view, shape):
+    images = _images(6, *shape)
+    out = augment_view(images, _seed(1), BASE, view)
+    assert out.shape == (6, SIZE, SIZE, 3) and out.dtype == tf.float32
+    assert 0.0 <= float(tf.reduce_min(out)) and float(tf.reduce_max(out)) <= 1.0
+    # Float inputs are read as 0..1, so they give the same view as uint8 / 255.
+    out_float = augment_view(images.astype(np.float32) / 255.0, _seed(1), BASE, view)
+    np.testing.assert_allclose(out_float, out, atol=1e-5)
+
+
+def test_view_must_be_0_or_1():
+    with pytest.raises(ValueError, match="view"):
+        augment_view(_images(2), _seed(0), BASE, 2)
+
+
+@pytest.mark.parametrize("view", [0, 1])
+def test_parameters_differ_per_image(view):
+    images = np.repeat(_images(1), 8, axis=0)
+    out = augment_view(images, _seed(3), BASE, view).numpy().reshape(8, -1)
+    gaps = np.abs(out[:, None] - out[None]).max(-1)
+    assert np.all(gaps[~np.eye(8, dtype=bool)] > 1e-3)
+
+
+def test_seeds_are_deterministic():
+    images = _images(4)
+    first, second = augment_pair(images, _seed(5), BASE)
+    again, _ = augment_pair(images, _seed(5), BASE)
+    np.testing.assert_array_equal(first, again)
+    same_int32, _ = augment_pair(images, tf.constant([5, 7], tf.int32), BASE)
+    np.testing.assert_array_equal(first, same_int32)
+    other, _ = augment_pair(images, _seed(6), BASE)
+    assert np.abs(first - other).max() > 0.1
+    assert np.abs(first - second).max() > 0.1
+
+
+def _detect(op, view, n):
+    """Returns (configured rate, per-image booleans saying the op was applied)."""
+    if op == "grayscale":
+        config = dataclasses.replace(PLAIN, grayscale_prob=BASE.grayscale_prob)
+        out = augment_view(_images(n), _seed(11), config, view).numpy()
+        return config.grayscale_prob, np.ptp(out, axis=-1).max(axis=(1, 2)) < 1e-6
+    if op == "solarize":
+        # Threshold 0 inverts every pixel of a solarized image.
+        config = dataclasses.replace(PLAIN, solarize_prob=BASE.solarize_prob, solarize_threshold=0.0)
+        out = augment_view(np.full((n, SIZE, SIZE, 3), 0.25, np.float32), _seed(12), config, view)
+        return config.solarize_prob[view], out.numpy().mean(axis=(1, 2, 3)) > 0.5
+    if op == "blur":
+        # Blur flattens a checkerboard; sigma >= 1 keeps that unmistakable.
+        config = dataclasses.replace(PLAIN, blur_prob=BASE.blur_prob, blur_sigma=(1.0, 2.0))
+        board = (np.indices((SIZE, SIZE)).sum(0) % 2).astype(np.float32)
+        images = np.repeat(np.repeat(board[None, :, :, None], n, 0), 3, -1)
+        out = augment_view(images, _seed(13), config, view).numpy()
+        return config.blur_prob[view], np.abs(np.diff(out, axis=2)).mean(axis=(1, 2, 3)) < 0.5
+    if op == "flip":
+        config = dataclasses.replace(PLAIN, flip_prob=BASE.flip_prob)
+        out = augment_view(_ramps(n, SIZE), _seed(14), config, view).numpy()
+        return config.flip_prob, out[:, 0, 0, 0] > out[:, 0, -1, 0]
+    config = dataclasses.replace(PLAIN, jitter_prob=BASE.jitter_prob)
+    images = _images(n)
+    out = augment_view(images, _seed(15), config, view).numpy()
+    return config.jitter_prob, np.abs(out - images / 255.0).max(axis=(1, 2, 3)) > 1e-4
+
+
+@pytest.mark.parametrize("view", [0, 1])
+@pytest.mark.parametrize("op", ["grayscale", "solarize", "blur", "flip", "jitter"])
+def test_rates_match_config(op, view):
+    n = 400
+    prob, applied = _detect(op, view, n)
+    bound = 5 * np.sqrt(prob * (1 - prob) / n)
+    assert abs(applied.mean() - prob) <= bound, (applied.mean(), prob)
+
+
+def test_jitter_off_gives_the_plain_crop():
+    config = dataclasses.replace(BASE, grayscale_prob=0.0, blur_prob=(0.0, 0.0), solarize_prob=(0.0, 0.0))
+    images = _images(8)
+    off = augment_view(images, _seed(2), dataclasses.replace(config, jitter_prob=0.0), 1)
+    # Same crops and flips (same seed); jitter always on but with identity strengths.
+    identity = dataclasses.replace(config, jitter_prob=1.0, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0)
+    np.testing.assert_array_equal(off, augment_view(images, _seed(2), identity, 1))
+    on = augment_view(images, _seed(2), dataclasses.replace(config, jitter_prob=1.0), 1)
+    assert np.all(np.abs(on.numpy() - off.numpy()).max(axis=(1, 2, 3)) > 1e-3)
+
+
+def test_brightness_is_one_factor_per_image_in_range():
+    config = dataclasses.replace(PLAIN, jitter_prob=1.0, contrast=0.0, saturation=0.0, hue=0.0)
+    images = np.random.default_rng(0).uniform(0.2, 0.6, (16, SIZE, SIZE, 3)).astype(np.float32)
+    ratio = augment_view(images, _seed(4), config, 0).numpy() / images
+    factor = ratio.mean(axis=(1, 2, 3))
+    np.testing.assert_allclose(ratio, np.broadcast_to(factor[:, None, None, None], ratio.shape), rtol=1e-5)
+    assert np.all((factor >= 0.6 - 1e-6) & (factor <= 1.4 + 1e-6)) and np.ptp(factor) > 0.1
+
+
+def test_blur_matches_reference():
+    size, sigma = 64, 1.5
+    config = dataclasses.replace(PLAIN, image_size=size, blur_prob=(1.0, 1.0), blur_sigma=(sigma, sigma))
+    image = np.random.default_rng(1).uniform(size=(1, size, size, 3)).astype(np.float32)
+    out = augment_view(image, _seed(0), config, 0).numpy()[0]
+    taps = np.arange(7) - 3  # int(0.1 * 64) = 6, made odd
+    kernel = np.exp(-0.5 * (taps / sigma) ** 2)
+    kernel /= kernel.sum()
+    padded = np.pad(image[0], ((3, 3), (3, 3), (0, 0)), mode="reflect")
+    rows = sum(k * padded[i : i + size] for i, k in enumerate(kernel))
+    expected = sum(k * rows[:, i : i + size] for i, k in enumerate(kernel))
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+
+
+def test_full_crop_is_a_resize():
+    images = _images(3)
+    np.testing.assert_allclose(augment_view(images, _seed(0), PLAIN, 0), images / 255.0, atol=1e-6)
+    large = _images(3, 64, 64)
+    expected = tf.image.resize(large / 255.0, [SIZE, SIZE], method="bilinear")
+    np.testing.assert_allclose(augment_view(large, _seed(0), PLAIN, 0), expected, atol=1e-5)
+    # A 1:1 crop covering all of a 40x48 image cannot exist: torchvision falls
+    # back to the centre crop with the ratio clamped, here 40x40.
+    wide = _images(3, 40, 48)
+    expected = tf.image.resize(wide[:, :, 4:44] / 255.0, [SIZE, SIZE], method="bilinear")
+    np.testing.assert_allclose(augment_view(wide, _seed(0), PLAIN, 0), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("ratio, span", [(1.0, (31, 31)), (2.0, (45 - 45 / 32, 22))])
+def test_crop_scale_and_ratio(ratio, span):
+    # A quarter of a 64x64 image: at ratio 1 a 32x32 crop, at ratio 2 a 45x23 one
+    # (sampled at pixel centres: its 45 columns shrink to 32, its 23 rows stretch).
+    config = dataclasses.replace(PLAIN, crop_scale=(0.25, 0.25), crop_ratio=(ratio, ratio))
+    out = augment_view(_ramps(16, 64), _seed(8), config, 0).numpy()
+    np.testing.assert_allclose(np.ptp(out[..., 0], axis=(1, 2)), span[0] / 63, atol=1e-5)
+    np.testing.assert_allclose(np.ptp(out[..., 1], axis=(1, 2)), span[1] / 63, atol=1e-5)
+    assert len(np.unique(out[:, 0, 0, 0].round(4))) > 4  # the crops move around
+
+
+def test_tf_function_with_unknown_batch():
+    spec = [tf.TensorSpec([None, SIZE, SIZE, 3], tf.uint8), tf.TensorSpec([2], tf.int64)]
+    fn = tf.function(lambda x, s: augment_pair(x, s, BASE), input_signature=spec)
+    for n in (5, 3):
+        images = _images(n, seed=n)
+        for graph, eager in zip(fn(images, _seed(9)), augment_pair(images, _seed(9), BASE)):
+            assert graph.shape == (n, SIZE, SIZE, 3)
+            np.testing.assert_allclose(graph, eager, atol=1e-5)
+
+
+def test_tf_data_pipeline():
+    images = _images(10)
+    dataset = (
+        tf.data.Dataset.from_tensor_slices(images)
+        .batch(4)
+        .enumerate()
+        .map(lambda i, x: augment_pair(x, tf.stack([i, 0]), BASE), num_parallel_calls=tf.data.AUTOTUNE)
+    )
+    batches = list(dataset)
+    assert [v1.shape[0] for v1, _ in batches] == [4, 4, 2]
+    for i, (v1, v2) in enumerate(batches):
+        eager = augment_pair(images[4 * i : 4 * i + 4], tf.constant([i, 0], tf.int64), BASE)
+        np.testing.assert_allclose(v1, eager[0], atol=1e-5)
+        np.testing.assert_allclose(v2, eager[1], atol=1e-5)
+
+
+def test_preprocess_eval():
+    images = _images(2, 40, 48)
+    out = preprocess_eval(images, 24)
+    assert out.shape == (2, 24, 24, 3) and out.dtype == tf.float32
+    assert 0.0 <= float(tf.reduce_min(out)) and float(tf.reduce_max(out)) <= 1.0
+    expected = tf.image.resize(images / 255.0, [24, 24], antialias=True)
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+    single = preprocess_eval(images[0].astype(np.float32) / 255.0, 24)
+    assert single.shape == (24, 24, 3)
+    np.testing.assert_allclose(single, out[0], atol=1e-5)

@@ -1,0 +1,57 @@
+import dataclasses
+
+import pytest
+
+from byol_tf import config
+
+
+def test_presets_are_valid_and_named():
+    for name, preset in config.PRESETS.items():
+        assert preset.preset == name
+        assert preset.augment.image_size == preset.image_size
+
+
+def test_paper_recipe_defaults():
+    paper = config.PRESETS["imagenet"]
+    assert paper.base_tau == 0.996 and paper.base_lr == 0.2 and paper.weight_decay == 1.5e-6
+    assert (paper.projector_hidden, paper.projection_dim, paper.predictor_hidden) == (4096, 256, 4096)
+    assert paper.warmup_epochs == 10 and paper.optimizer == "lars" and paper.loss == "byol"
+    aug = paper.augment
+    assert aug.blur_prob == (1.0, 0.1) and aug.solarize_prob == (0.0, 0.2)
+    assert aug.crop_scale == (0.08, 1.0) and aug.jitter_prob == 0.8 and aug.grayscale_prob == 0.2
+    assert (aug.brightness, aug.contrast, aug.saturation, aug.hue) == (0.4, 0.4, 0.2, 0.1)
+    assert paper.peak_lr == pytest.approx(0.2 * 4096 / 256)
+
+
+def test_get_preset_overrides_and_image_size_follows():
+    cfg = config.get_preset("demo", image_size=48, epochs=3, augment={"flip_prob": 0.0})
+    assert cfg.image_size == 48 and cfg.augment.image_size == 48 and cfg.epochs == 3
+    assert cfg.augment.flip_prob == 0.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.epochs = 4
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"batch_size": 0}, "batch_size=0"),
+        ({"epochs": -1}, "epochs=-1"),
+        ({"optimizer": "rmsprop"}, "optimizer='rmsprop'"),
+        ({"base_tau": 1.5}, "base_tau=1.5"),
+        ({"augment": {"blur_prob": (1.2, 0.0)}}, "blur_prob=(1.2, 0.0)"),
+        ({"nonsense": 1}, "nonsense=1"),
+    ],
+)
+def test_bad_values_are_named(overrides, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        config.get_preset("demo", **overrides)
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="preset='nope'"):
+        config.get_preset("nope")
+
+
+def test_dict_round_trip():
+    cfg = config.get_preset("cifar10_cpu20", seed=3)
+    assert config.PretrainConfig.from_dict(cfg.to_dict()) == cfg

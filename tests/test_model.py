@@ -1,0 +1,99 @@
+import os
+
+import keras
+import numpy as np
+import pytest
+
+from byol_tf import build_byol, get_preset
+from byol_tf.ema import EMAUpdate
+from byol_tf.model import BYOL, collapse_std
+from helpers_model import tiny_byol, view_dataset, weights
+
+
+def test_target_starts_equal_and_is_not_trainable():
+    model = tiny_byol()
+    for o, t in zip(model.online_ema_variables, model.target_ema_variables):
+        np.testing.assert_array_equal(o.numpy(), t.numpy())
+        assert not t.trainable
+    trainable = {id(v) for v in model.trainable_variables}
+    assert not any(id(v) in trainable for v in model.target_ema_variables)
+    assert {id(v) for v in model.online_trainable_variables} == trainable
+
+
+def test_fit_lowers_loss_and_moves_only_online_by_gradient():
+    model = tiny_byol()
+    model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9))
+    online_before = weights(model.online_trainable_variables)
+    pair_before = weights(model.online_ema_variables)
+    target_before = weights(model.target_ema_variables)
+    history = model.fit(view_dataset(), steps_per_epoch=4, epochs=4, callbacks=[EMAUpdate(16, 0.99)], verbose=0)
+    loss = history.history["loss"]
+    assert loss[-1] < loss[0]
+    # Every online variable, predictor included, got a gradient.
+    for before, var in zip(online_before, model.online_trainable_variables):
+        assert not np.allclose(before, var.numpy()), var.path
+    # The target moved, by EMA only: it stays much closer to where it started.
+    for o_before, t_before, o, t in zip(pair_before, target_before, model.online_ema_variables, model.target_ema_variables):
+        if o.trainable:
+            assert np.abs(t.numpy() - t_before).max() < np.abs(o.numpy() - o_before).max() + 1e-12
+    assert set(history.history) >= {"loss", "tau", "lr", "collapse_std"}
+
+
+def test_target_batchnorm_uses_batch_statistics():
+    # With trainable=False a Keras BN layer runs in inference mode; the target
+    # must not: its moving mean ("own" statistics) moves during training.
+    model = tiny_byol()
+    model.compile(optimizer=keras.optimizers.SGD(0.01))
+    bn = [v for v in model.target_encoder.non_trainable_variables if "moving_mean" in v.path][0]
+    before = bn.numpy().copy()
+    model.fit(view_dataset(), steps_per_epoch=2, epochs=1, callbacks=[EMAUpdate(2, 0.99)], verbose=0)
+    assert not np.allclose(before, bn.numpy())
+
+
+def test_calling_the_model_runs_the_online_encoder():
+    model = tiny_byol()
+    model.compile(optimizer=keras.optimizers.SGD(0.5))
+    model.fit(view_dataset(), steps_per_epoch=3, epochs=1, callbacks=[EMAUpdate(3, 0.5)], verbose=0)
+    x = np.random.default_rng(0).random((4, 16, 16, 3)).astype("float32")
+    np.testing.assert_allclose(model(x).numpy(), model.encoder(x).numpy(), atol=1e-6)
+    assert not np.allclose(model(x).numpy(), model.target_encoder(x).numpy(), atol=1e-4)
+
+
+def test_infonce_option_trains():
+    model = tiny_byol(loss="infonce")
+    model.compile(optimizer=keras.optimizers.SGD(0.05))
+    history = model.fit(view_dataset(), steps_per_epoch=2, epochs=1, callbacks=[EMAUpdate(2, 0.99)], verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+
+
+def test_config_round_trip_and_keras_save(tmp_path):
+    model = tiny_byol()
+    model.compile(optimizer=keras.optimizers.SGD(0.05))
+    model.fit(view_dataset(), steps_per_epoch=2, epochs=1, callbacks=[EMAUpdate(2, 0.9)], verbose=0)
+    clone = BYOL.from_config(model.get_config())
+    assert clone.get_config()["loss"] == "byol"
+    path = os.path.join(tmp_path, "byol.keras")
+    model.save(path)
+    reloaded = keras.saving.load_model(path, safe_mode=True)
+    for a, b in zip(model.weights, reloaded.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    for a, b in zip(model.optimizer.variables, reloaded.optimizer.variables):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert all(not v.trainable for v in reloaded.target_ema_variables)
+
+
+def test_collapse_signal():
+    z = np.random.default_rng(0).normal(size=(512, 64)).astype("float32")
+    assert float(collapse_std(z)) == pytest.approx(1 / np.sqrt(64), rel=0.1)
+    assert float(collapse_std(np.ones((32, 64), "float32"))) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_build_byol_from_preset_uses_paper_heads():
+    model = build_byol(get_preset("imagenet", backbone="resnet_tiny", image_size=32))
+    assert model.projector.hidden_dim == 4096 and model.projector.output_dim == 256
+    assert model.predictor.hidden_dim == 4096 and model.predictor.output_dim == 256
+
+
+def test_unknown_loss():
+    with pytest.raises(ValueError, match="loss='l2'"):
+        tiny_byol(loss="l2")
