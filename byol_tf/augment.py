@@ -226,7 +226,7 @@ def _gaussian_blur(x, sigma, config):
     kernel = min(kernel + 1 - kernel % 2, 2 * size - 1)
     taps = np.arange(kernel) - kernel // 2
     # Source pixel of every (output pixel, tap), reflected at the borders
-    # (torchvision pads with "reflect"); the kernel is < size, so one fold suffices.
+    # (torchvision pads with "reflect"); a half-width < size needs one fold.
     source = np.abs(np.arange(size)[:, None] + taps)
     source = np.where(source > size - 1, 2 * (size - 1) - source, source)
     one_hot = tf.constant(np.eye(size, dtype=np.float32)[source])  # [size, kernel, size]

@@ -143,8 +143,8 @@ class PretrainConfig:
         _check(self.bn_stats in BN_STATS_MODES, "bn_stats", self.bn_stats, f"must be one of {BN_STATS_MODES}")
         _check(self.base_lr > 0, "base_lr", self.base_lr, "must be > 0")
         _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
-        _check(0 <= self.warmup_epochs < self.epochs or self.warmup_epochs == 0,
-               "warmup_epochs", self.warmup_epochs, f"must be in [0, epochs={self.epochs})")
+        _check(0 <= self.warmup_epochs <= self.epochs, "warmup_epochs", self.warmup_epochs,
+               f"must be in [0, epochs] with epochs {self.epochs}")
         _check(0.0 <= self.base_tau <= 1.0, "base_tau", self.base_tau, "must be in [0, 1]")
         _check(self.temperature > 0, "temperature", self.temperature, "must be > 0")
         _check(self.steps_per_execution >= 1, "steps_per_execution", self.steps_per_execution, "must be >= 1")

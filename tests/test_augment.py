@@ -135,6 +135,19 @@ def test_brightness_is_one_factor_per_image_in_range():
     assert np.all((factor >= 0.6 - 1e-6) & (factor <= 1.4 + 1e-6)) and np.ptp(factor) > 0.1
 
 
+def test_hue_is_one_shift_per_image_in_range():
+    config = dataclasses.replace(PLAIN, jitter_prob=1.0, brightness=0.0, contrast=0.0, saturation=0.0)
+    images = np.random.default_rng(2).uniform(size=(16, SIZE, SIZE, 3)).astype(np.float32)
+    before = tf.image.rgb_to_hsv(images).numpy()
+    after = tf.image.rgb_to_hsv(augment_view(images, _seed(5), config, 0)).numpy()
+    np.testing.assert_allclose(after[..., 2], before[..., 2], atol=1e-5)  # value is kept
+    shift = (after[..., 0] - before[..., 0] + 0.5) % 1.0 - 0.5
+    colourful = before[..., 1] > 0.3  # hue is ill-defined for greys
+    per_image = np.array([np.median(s[c]) for s, c in zip(shift, colourful)])
+    assert np.all(np.abs(shift - per_image[:, None, None])[colourful] < 1e-3)
+    assert np.all(np.abs(per_image) <= config.hue + 1e-6) and np.ptp(per_image) > 0.02
+
+
 def test_blur_matches_reference():
     size, sigma = 64, 1.5
     config = dataclasses.replace(PLAIN, image_size=size, blur_prob=(1.0, 1.0), blur_sigma=(sigma, sigma))

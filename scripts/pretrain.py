@@ -1,0 +1,101 @@
+"""Pretrains a BYOL encoder with `model.fit`.
+
+    python scripts/pretrain.py --preset=demo --out=runs/demo
+    python scripts/pretrain.py --preset=cifar10_cpu20 --data=data/cifar10/train.npz \
+        --eval_data=data/cifar10/test.npz --out=runs/cifar10_cpu20
+
+Flags left unset keep the preset's value.
+"""
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("preset", "demo", "demo, cifar10, cifar10_cpu20 or imagenet.")
+flags.DEFINE_string("data", None, "tfds:NAME[:SPLIT], an image folder, a .npz, or 'shapes' (generated). Default: 'shapes' for the demo preset.")
+flags.DEFINE_string("eval_data", None, "Labelled held-out data for kNN; the training data is the memory. Default: 'shapes' for the demo preset.")
+flags.DEFINE_string("out", None, "Run folder: logs, metrics.csv, checkpoints, encoder.keras.")
+flags.DEFINE_string("backbone", None, "Backbone name (see byol_tf.backbones).")
+flags.DEFINE_integer("image_size", None, "Training resolution.")
+flags.DEFINE_integer("epochs", None, "Epochs.")
+flags.DEFINE_integer("batch_size", None, "Global batch size.")
+flags.DEFINE_enum("optimizer", None, ["lars", "sgd", "adam", "adamw"], "Optimizer.")
+flags.DEFINE_float("lr", None, "Base learning rate for a batch of 256 (peak = lr * batch / 256).")
+flags.DEFINE_float("weight_decay", None, "Weight decay (not on biases and BatchNorm).")
+flags.DEFINE_float("warmup_epochs", None, "Linear warm-up epochs.")
+flags.DEFINE_float("base_tau", None, "EMA decay at step 0, cosine-annealed to 1.")
+flags.DEFINE_enum("loss", None, ["byol", "infonce"], "Loss.")
+flags.DEFINE_integer("seed", None, "Seed for data order, augmentation and init.")
+flags.DEFINE_integer("steps_per_execution", None, "Optimizer steps per compiled call.")
+flags.DEFINE_integer("limit", None, "Use at most this many training images.")
+flags.DEFINE_integer("knn_every", 1, "kNN monitor every N epochs (with --eval_data).")
+flags.DEFINE_integer("backup_every_steps", None, "Back up for resume every N steps (default: each epoch).")
+flags.DEFINE_boolean("overwrite", False, "Replace a finished run in --out.")
+flags.DEFINE_integer("verbose", 2, "fit verbosity: 0, 1 (progress bar) or 2 (a line per epoch).")
+
+_OVERRIDES = {
+    "backbone": "backbone", "image_size": "image_size", "epochs": "epochs", "batch_size": "batch_size",
+    "optimizer": "optimizer", "lr": "base_lr", "weight_decay": "weight_decay", "warmup_epochs": "warmup_epochs",
+    "base_tau": "base_tau", "loss": "loss", "seed": "seed", "steps_per_execution": "steps_per_execution",
+}
+
+
+def _config():
+    from byol_tf import config as config_lib
+
+    overrides = {field: getattr(FLAGS, flag) for flag, field in _OVERRIDES.items() if getattr(FLAGS, flag) is not None}
+    try:
+        return config_lib.get_preset(FLAGS.preset, **overrides)
+    except ValueError as error:
+        # Name the flag, not the config field, in what the user reads.
+        head, _, received = str(error).partition("Received: ")
+        name, _, value = received.partition("=")
+        flag = {field: flag for flag, field in _OVERRIDES.items()}.get(name, name)
+        raise app.UsageError(f"{head}Received: --{flag}={value}" if received else str(error))
+
+
+def main(argv):
+    del argv
+    if not FLAGS.out:
+        raise app.UsageError("--out is required: the run folder. Received: --out=None")
+    config = _config()
+    data = FLAGS.data or ("shapes" if config.preset == "demo" else None)
+    if data is None:
+        raise app.UsageError("--data is required for this preset. Received: --data=None")
+    eval_data = FLAGS.eval_data or ("shapes" if data == "shapes" else None)
+    for name, value in (("data", data), ("eval_data", eval_data)):
+        if value and value != "shapes" and not value.startswith("tfds:") and not os.path.exists(value):
+            raise app.UsageError(f"--{name} does not exist. Received: --{name}={value}")
+    for name in ("knn_every", "limit", "backup_every_steps"):
+        value = getattr(FLAGS, name)
+        if value is not None and value < 1:
+            raise app.UsageError(f"--{name} must be >= 1. Received: --{name}={value}")
+
+    from byol_tf import training
+
+    try:
+        training.check_out_dir(FLAGS.out, FLAGS.overwrite)
+    except ValueError as error:
+        raise app.UsageError(str(error).replace("out=", "--out=").replace("overwrite=True (--overwrite)", "--overwrite"))
+    logging.info("Config: %s", config)
+    train = training.load_source(data, config.image_size, "train", FLAGS.limit)
+    eval_set = training.load_source(eval_data, config.image_size, "test") if eval_data else None
+    summary = training.run_pretraining(
+        config, train, FLAGS.out, eval_set=eval_set, knn_every=FLAGS.knn_every,
+        backup_every_steps=FLAGS.backup_every_steps, verbose=FLAGS.verbose, overwrite=FLAGS.overwrite,
+    )
+    print(f"Run folder: {FLAGS.out}")
+    print(f"Trained {summary['steps']} steps in {summary['train_seconds']} s ({summary['images_per_sec']} img/s)")
+    if "knn_acc" in summary:
+        line = f"kNN top-1 (k=200): {100 * summary['knn_acc']:.2f}% learned"
+        if "knn_acc_random_init" in summary:
+            line += f" vs {100 * summary['knn_acc_random_init']:.2f}% at random init"
+        print(line)
+
+
+if __name__ == "__main__":
+    sys.exit(app.run(main))
