@@ -35,6 +35,14 @@ def available_backbones():
     return sorted(list(_RESNETS) + ["resnet18", "resnet50", "keras_cv:", "keras_hub:", "applications:"])
 
 
+def check_backbone(name):
+    """Raises a ValueError naming `name` unless it is a known backbone name."""
+    prefix, _, cls = name.partition(":") if isinstance(name, str) else ("", "", "")
+    if name in _RESNETS or name in ("resnet18", "resnet50") or (cls and prefix in ("keras_cv", "keras_hub", "applications")):
+        return
+    raise ValueError(f"Unknown backbone; expected one of {available_backbones()}. Received: backbone={name!r}")
+
+
 def _basic_block(x, filters, stride, synchronized, name):
     shortcut = x
     if stride != 1 or x.shape[-1] != filters:
@@ -140,7 +148,7 @@ def build_backbone(name, image_size, synchronized=False, backbone_kwargs=None):
     if cls and prefix == "applications":
         kwargs = {"weights": None, "include_top": False, **kwargs}
         return _from_module("keras", ("applications", cls), image_size, kwargs)
-    raise ValueError(f"Unknown backbone; expected one of {available_backbones()}. Received: backbone={name!r}")
+    check_backbone(name)
 
 
 def build_encoder(backbone, image_size, synchronized=False, backbone_kwargs=None, name="encoder"):

@@ -82,10 +82,6 @@ def run_pretraining(config, train, out_dir, eval_set=None, knn_every=1, backup_e
         raise ValueError(
             f"kNN evaluation uses the training images as memory, so they need labels. Received: data={train.source!r} (unlabelled)"
         )
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(config.to_dict(), f, indent=2)
-
     keras.mixed_precision.set_global_policy(config.precision)
     keras.utils.set_random_seed(config.seed)
     steps = data_lib.steps_per_epoch(len(train), config.batch_size)
@@ -97,6 +93,10 @@ def run_pretraining(config, train, out_dir, eval_set=None, knn_every=1, backup_e
         model = build_byol(config, strategy.num_replicas_in_sync)
         model.compile(optimizer=build_optimizer(config, steps), steps_per_execution=config.steps_per_execution)
 
+    # Only now, with the model built, does the run folder appear.
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config.to_dict(), f, indent=2)
     callbacks = [EMAUpdate(total_steps, config.base_tau, config.bn_stats)]
     if eval_set is not None:
         # Before the loggers: they read the kNN accuracy from the shared logs.

@@ -75,8 +75,12 @@ def main(argv):
         if value is not None and value < 1:
             raise app.UsageError(f"--{name} must be >= 1. Received: --{name}={value}")
 
-    from byol_tf import training
+    from byol_tf import backbones, training
 
+    try:
+        backbones.check_backbone(config.backbone)
+    except ValueError as error:
+        raise app.UsageError(str(error).replace("backbone=", "--backbone="))
     try:
         training.check_out_dir(FLAGS.out, FLAGS.overwrite)
     except ValueError as error:

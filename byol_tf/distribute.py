@@ -1,0 +1,93 @@
+"""Choosing a `tf.distribute` strategy, including logical CPU replicas."""
+
+import json
+import os
+
+import tensorflow as tf
+from absl import logging
+
+STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker", "tpu")
+
+
+def split_cpu(num_replicas):
+    """Splits the CPU into `num_replicas` logical devices, so Mirrored runs on CPU.
+
+    Must run before TensorFlow initialises its devices (before any op).
+
+    Args:
+        num_replicas: number of logical CPU devices, >= 1.
+    """
+    if num_replicas < 1:
+        raise ValueError(f"`cpu_replicas` must be >= 1. Received: cpu_replicas={num_replicas}")
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * num_replicas)
+
+
+def get_strategy(name="auto", cpu_replicas=None):
+    """Returns the strategy `name`.
+
+    "auto": `TF_CONFIG` set -> MultiWorkerMirrored; a TPU found -> TPU;
+    several GPUs (or `cpu_replicas` > 1) -> Mirrored; one GPU -> OneDevice;
+    else the default strategy.
+
+    Args:
+        name: one of `STRATEGIES`.
+        cpu_replicas: split the CPU into this many logical devices first
+            (for testing Mirrored without GPUs).
+    """
+    if name not in STRATEGIES:
+        raise ValueError(f"Unknown strategy; expected one of {STRATEGIES}. Received: strategy={name!r}")
+    if cpu_replicas:
+        split_cpu(cpu_replicas)
+    if name == "auto":
+        name = _auto_name(cpu_replicas)
+    if name == "multi_worker":
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    elif name == "tpu":
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        strategy = tf.distribute.TPUStrategy(resolver)
+    elif name == "mirrored":
+        gpus = tf.config.list_logical_devices("GPU")
+        devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
+        strategy = tf.distribute.MirroredStrategy(devices)
+    elif name == "one_device":
+        gpus = tf.config.list_logical_devices("GPU")
+        strategy = tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
+    else:
+        strategy = tf.distribute.get_strategy()
+    logging.info("strategy=%s replicas=%d", type(strategy).__name__, strategy.num_replicas_in_sync)
+    return strategy
+
+
+def _auto_name(cpu_replicas):
+    if os.environ.get("TF_CONFIG") and len(json.loads(os.environ["TF_CONFIG"]).get("cluster", {}).get("worker", [])) > 1:
+        return "multi_worker"
+    if os.environ.get("TPU_NAME") or os.environ.get("COLAB_TPU_ADDR"):
+        return "tpu"
+    gpus = len(tf.config.list_physical_devices("GPU"))
+    if gpus > 1 or (cpu_replicas or 1) > 1:
+        return "mirrored"
+    return "one_device" if gpus == 1 else "default"
+
+
+def check_global_batch(batch_size, strategy):
+    """The global batch must split evenly over the replicas."""
+    replicas = strategy.num_replicas_in_sync
+    if batch_size % replicas:
+        raise ValueError(
+            f"`batch_size` is the global batch and must divide by the {replicas} replicas. "
+            f"Received: batch_size={batch_size}"
+        )
+
+
+def is_chief():
+    """True unless this process is a non-chief worker of a multi-worker cluster."""
+    config = json.loads(os.environ.get("TF_CONFIG", "{}") or "{}")
+    task = config.get("task", {})
+    kind = task.get("type")
+    if kind is None:
+        return True
+    has_chief = "chief" in config.get("cluster", {})
+    return kind == "chief" or (kind == "worker" and task.get("index", 0) == 0 and not has_chief)

@@ -1,0 +1,73 @@
+"""The command lines, run as a user would, in subprocesses."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_script(name, *args, timeout=300):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", name), *args],
+        capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT,
+    )
+
+
+TINY = ["--preset=demo", "--epochs=2", "--limit=256", "--batch_size=64", "--verbose=0", "--warmup_epochs=0"]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("runs") / "demo")
+    result = run_script("pretrain.py", *TINY, f"--out={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
+def test_pretrain_writes_the_run_folder(demo_run):
+    out, result = demo_run
+    for name in ("config.json", "metrics.csv", "encoder.keras", "summary.json", "checkpoints/byol.keras"):
+        assert os.path.getsize(os.path.join(out, name)) > 0, name
+    assert os.listdir(os.path.join(out, "tensorboard"))
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    # 256 images / 64 per batch = 4 steps per epoch, 2 epochs: tau ends just below 1.
+    assert summary["steps"] == summary["total_steps"] == 8
+    assert 0.99 < summary["final"]["tau"] < 1.0
+    assert 0.0 <= summary["knn_acc"] <= 1.0 and 0.0 <= summary["knn_acc_random_init"] <= 1.0
+    assert "kNN top-1 (k=200)" in result.stdout
+    header = open(os.path.join(out, "metrics.csv")).readline()
+    for key in ("loss", "tau", "lr", "collapse_std", "knn_acc"):
+        assert key in header
+
+
+def test_finished_run_is_not_overwritten(demo_run):
+    out, _ = demo_run
+    before = open(os.path.join(out, "summary.json")).read()
+    result = run_script("pretrain.py", *TINY, f"--out={out}")
+    assert result.returncode != 0
+    assert "--overwrite" in result.stderr and out in result.stderr
+    assert open(os.path.join(out, "summary.json")).read() == before
+
+
+@pytest.mark.parametrize(
+    "flag, expected",
+    [
+        ("--epochs=-1", "--epochs=-1"),
+        ("--batch_size=0", "--batch_size=0"),
+        ("--backbone=resnet7", "backbone='resnet7'"),
+        ("--preset=nope", "preset='nope'"),
+        ("--data=/no/such/dir", "--data=/no/such/dir"),
+        ("--image_size=4", "--image_size=4"),
+    ],
+)
+def test_bad_flags_fail_before_any_work(tmp_path, flag, expected):
+    out = str(tmp_path / "run")
+    result = run_script("pretrain.py", *TINY, flag, f"--out={out}", timeout=120)
+    assert result.returncode != 0
+    assert expected in result.stderr, result.stderr[-2000:]
+    assert not os.path.exists(out)
