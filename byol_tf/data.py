@@ -129,8 +129,13 @@ def load_images(source: str, image_size: int, split: str = "train", limit: Optio
               images are unlabelled. Files with other extensions and hidden
               files or folders (names starting with ".") are ignored. Files
               that cannot be read or decoded are skipped and listed in
-              `ImageSet.skipped` with the reason. GIFs give their first
-              frame; 16-bit PNGs are scaled to 8 bits.
+              `ImageSet.skipped` with the reason: unreadable files, empty
+              files, dangling links and symlink loops, files whose header
+              is not JPEG, PNG, GIF, BMP or WebP (e.g. text named .jpg),
+              truncated or corrupt data, and images over
+              `MAX_IMAGE_PIXELS` (50 MP, read from the header before any
+              decoding). GIFs give their first frame; 16-bit PNGs are
+              scaled to 8 bits; CMYK JPEGs, grayscale and RGBA become RGB.
         image_size: side of the square images, in pixels.
         split: the TFDS split when `source` names none; ignored otherwise.
         limit: if set, keep only `limit` images, picked by a shuffle with a
@@ -195,14 +200,19 @@ def pretrain_dataset(
     seed: int = 0,
     shuffle_buffer: Optional[int] = None,
     autotune: bool = True,
+    start_batch: int = 0,
 ) -> tf.data.Dataset:
     """An infinite dataset of BYOL view pairs from in-memory images.
 
-    Each epoch is a fresh shuffle of the images cut into full batches (the
-    remainder of each epoch is dropped, so one epoch is exactly
-    `steps_per_epoch(len(images), batch_size)` batches). Batch `i` of the
-    whole stream is augmented with the stateless seed `[seed, i]`: the views
-    are reproducible for a given `seed`, yet an image never gets the same
+    The stream is a pure function of `(seed, batch index)`, so a resumed run
+    can start exactly where an interrupted one stopped (`start_batch`).
+    Epoch `e` is the stateless permutation
+    `stateless_shuffle(range(N), seed=[seed, -1 - e])` of the images, cut
+    into full batches (the remainder of each epoch is dropped, so one epoch
+    is exactly `steps_per_epoch(len(images), batch_size)` batches). Batch
+    `i` of the whole stream (epoch `i // steps`, position `i % steps`) is
+    augmented with the stateless seed `[seed, i]`: the views are
+    reproducible for a given `seed`, yet an image never gets the same
     augmentation twice in different epochs.
 
     Args:
@@ -210,11 +220,14 @@ def pretrain_dataset(
         batch_size: images per batch.
         augment_config: the `AugmentConfig` of the two views.
         seed: seeds the shuffle and the augmentations.
-        shuffle_buffer: shuffle buffer size; defaults to the whole dataset
-            (a perfect shuffle, affordable since the images are in memory).
+        shuffle_buffer: kept for compatibility and validated, but ignored:
+            every epoch is a full permutation of the images.
         autotune: leave `tf.data` autotuning on. Turning it off avoids a
             known idle stall (~20 s) of the autotuner after short fits,
             which matters in tests.
+        start_batch: index of the first batch served; batch `i` of the
+            stream started at `start_batch=s` is batch `s + i` of the stream
+            started at 0, computed directly (nothing is skipped over).
 
     Returns:
         A `tf.data.Dataset` of `(view1, view2)` float32 tensors, each
@@ -228,32 +241,39 @@ def pretrain_dataset(
         raise ValueError(f"`augment_config` must be an AugmentConfig. Received: augment_config={augment_config!r}")
     _check_batch_size(batch_size)
     if len(images) < batch_size:
-        # With drop_remainder there would be no batch at all and `fit` would hang.
+        # There would be no full batch at all and `fit` would hang.
         raise ValueError(
             "Not enough images for one batch: need at least `batch_size` images. "
             f"Received: len(images)={len(images)}, batch_size={batch_size}"
         )
-    if shuffle_buffer is None:
-        shuffle_buffer = len(images)
-    if shuffle_buffer < 1:
+    if shuffle_buffer is not None and shuffle_buffer < 1:
         raise ValueError(f"`shuffle_buffer` must be >= 1. Received: shuffle_buffer={shuffle_buffer!r}")
+    if isinstance(start_batch, bool) or not isinstance(start_batch, (int, np.integer)) or start_batch < 0:
+        raise ValueError(f"`start_batch` must be an integer >= 0. Received: start_batch={start_batch!r}")
 
+    num_images = len(images)
+    steps = steps_per_epoch(num_images, batch_size)
     seed_const = tf.constant(int(seed), tf.int64)
-    ds = tf.data.Dataset.from_tensor_slices(images)
-    ds = ds.shuffle(shuffle_buffer, seed=int(seed), reshuffle_each_iteration=True)
-    # Batch before repeating so each epoch drops its own remainder: epochs stay
-    # aligned with `steps_per_epoch` and no batch mixes two epochs.
-    ds = ds.batch(batch_size, drop_remainder=True).repeat()
-    # The batch index (int64) counts across epochs, so every batch gets its own seed.
-    ds = ds.enumerate()
+    images_t = tf.constant(images)
+    element_shape = [int(batch_size), *images.shape[1:]]
 
-    def make_views(index, batch):
+    def make_views(index):
+        epoch, position = index // steps, index % steps
+        # Negative second seed word: never the same seed as a batch's augmentation.
+        order = tf.random.experimental.stateless_shuffle(
+            tf.range(num_images, dtype=tf.int64), seed=tf.stack([seed_const, -1 - epoch])
+        )
+        chosen = order[position * batch_size:(position + 1) * batch_size]
+        batch = tf.ensure_shape(tf.gather(images_t, chosen), element_shape)
         return augment_pair(batch, tf.stack([seed_const, index]), augment_config)
 
+    # The batch index (int64) counts across epochs, so every batch gets its own seed.
+    ds = tf.data.Dataset.counter(start=int(start_batch), dtype=tf.int64)
     ds = ds.map(make_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.prefetch(tf.data.AUTOTUNE)
     options = tf.data.Options()
     options.autotune.enabled = bool(autotune)
+    options.deterministic = True
     return ds.with_options(options)
 
 
@@ -570,7 +590,7 @@ def _load_folder(folder, image_size, limit):
     folder = os.path.abspath(folder)
     with os.scandir(folder) as entries:
         # is_dir() follows a symlink here on purpose: linked class folders are common.
-        class_names = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+        class_names = sorted(e.name for e in entries if not e.name.startswith(".") and _is_dir(e))
     labelled = bool(class_names)
 
     paths, labels, skipped = [], [], []
@@ -613,6 +633,14 @@ def _load_folder(folder, image_size, limit):
     )
 
 
+def _is_dir(entry):
+    """`entry.is_dir()`, False for a symlink loop or an unreadable link (a bad file, skipped later)."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
 def _is_image_name(name):
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
@@ -639,28 +667,42 @@ def _walk_images(root):
 def _decode_files(paths, image_size, limit, skipped):
     """Decodes `paths` in parallel; records failures in `skipped`.
 
-    Returns the uint8 images and, for each, its index into `paths`. With
-    `limit`, decoding stops once `limit` images are decoded.
+    Every file is first checked without decoding (`_precheck`: readable,
+    non-empty, a known image header, at most `MAX_IMAGE_PIXELS`); only the
+    files that pass go to the decoder. Returns the uint8 images and, for
+    each, its index into `paths`. With `limit`, decoding stops once `limit`
+    images are decoded.
     """
+    reasons = {}
+    candidates = []
+    for i, path in enumerate(paths):
+        reason = _precheck(path)
+        if reason is None:
+            candidates.append(i)
+        else:
+            reasons[i] = reason
     # tf.data decodes in parallel; `ignore_errors` drops the files that fail,
     # and the index travelling with each image tells which ones were dropped.
     # Only those are decoded again, eagerly, to learn why.
-    encoded = [os.fsencode(p) for p in paths]  # tf strings are bytes; keeps odd file names intact.
-    ds = tf.data.Dataset.from_tensor_slices((tf.range(len(paths), dtype=tf.int64), tf.constant(encoded, tf.string)))
-
-    def decode(index, path):
-        return index, _decode_and_fit(tf.io.read_file(path), image_size)
-
-    ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.ignore_errors().batch(64)
+    encoded = [os.fsencode(paths[i]) for i in candidates]  # tf strings are bytes; keeps odd file names intact.
     images, kept = [], []
     count = 0
-    for index, batch in ds.as_numpy_iterator():
-        images.append(batch)
-        kept.append(index)
-        count += len(index)
-        if limit is not None and count >= limit:
-            break
+    if candidates:
+        ds = tf.data.Dataset.from_tensor_slices(
+            (tf.constant(candidates, tf.int64), tf.constant(encoded, tf.string))
+        )
+
+        def decode(index, path):
+            return index, _decode_and_fit(tf.io.read_file(path), image_size)
+
+        ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.ignore_errors().batch(64)
+        for index, batch in ds.as_numpy_iterator():
+            images.append(batch)
+            kept.append(index)
+            count += len(index)
+            if limit is not None and count >= limit:
+                break
     kept = np.concatenate(kept) if kept else np.zeros([0], np.int64)
     images = np.concatenate(images) if images else np.zeros([0, image_size, image_size, 3], np.uint8)
     if limit is not None and len(kept) > limit:
@@ -668,10 +710,103 @@ def _decode_files(paths, image_size, limit, skipped):
     # Files before the last kept one that did not come back failed; files after
     # it were never needed (limit) or all failed (no limit).
     attempted = len(paths) if limit is None or len(kept) < limit else int(kept[-1]) + 1
-    failed = np.setdiff1d(np.arange(attempted), kept)
-    for i in failed:
-        skipped.append((paths[i], _failure_reason(paths[i], image_size)))
+    kept_set = set(kept.tolist())
+    for i in range(attempted):
+        if i in reasons:
+            skipped.append((paths[i], reasons[i]))
+        elif i not in kept_set:
+            skipped.append((paths[i], _failure_reason(paths[i], image_size)))
     return images, kept.tolist()
+
+
+# Images with more pixels than this are skipped before decoding, from the
+# dimensions in their header: decoding one to float32 takes 12 bytes a pixel
+# (600 MB at 50 MP), several at a time in parallel. Raise it for bigger scans.
+MAX_IMAGE_PIXELS = 50_000_000
+
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _precheck(path):
+    """Why `path` cannot be used, found without decoding it; None if it may be.
+
+    Opens the file (unreadable files, dangling links and symlink loops fail
+    here), reads its header, and checks it is a JPEG, PNG, GIF, BMP or WebP
+    of at most `MAX_IMAGE_PIXELS` pixels.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(32)
+            if not head:
+                return "empty file"
+            size = _header_size(f, head)
+    except OSError as e:
+        return f"{type(e).__name__}: {e.strerror or e}"
+    if size is None:
+        return "Unknown image file format: no JPEG, PNG, GIF, BMP or WebP header (or a truncated one)"
+    width, height = size
+    if width <= 0 or height <= 0:
+        return f"invalid image dimensions {width}x{height} in the header"
+    if width * height > MAX_IMAGE_PIXELS:
+        return (
+            f"too large: {width}x{height} = {width * height / 1e6:.1f} megapixels, over the "
+            f"{MAX_IMAGE_PIXELS / 1e6:g} MP limit (byol_tf.data.MAX_IMAGE_PIXELS)"
+        )
+    return None
+
+
+def _header_size(f, head):
+    """(width, height) from an image header, or None for an unknown format."""
+    import struct
+
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" and len(head) >= 24:
+        return struct.unpack(">II", head[16:24])
+    if head[:6] in (b"GIF87a", b"GIF89a") and len(head) >= 10:
+        return struct.unpack("<HH", head[6:10])
+    if head[:2] == b"BM" and len(head) >= 26:
+        if struct.unpack("<I", head[14:18])[0] == 12:  # OS/2 BITMAPCOREHEADER
+            return struct.unpack("<HH", head[18:22])
+        width, height = struct.unpack("<ii", head[18:26])
+        return width, abs(height)
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP" and len(head) >= 30:
+        chunk = head[12:16]
+        if chunk == b"VP8 ":
+            width, height = struct.unpack("<HH", head[26:30])
+            return width & 0x3FFF, height & 0x3FFF
+        if chunk == b"VP8L":
+            bits = struct.unpack("<I", head[21:25])[0]
+            return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+        if chunk == b"VP8X":
+            return int.from_bytes(head[24:27], "little") + 1, int.from_bytes(head[27:30], "little") + 1
+        return None
+    if head[:2] == b"\xff\xd8":
+        # Walk the JPEG segments to the frame header (SOFn), seeking past the rest.
+        f.seek(2)
+        while True:
+            byte = f.read(1)
+            while byte and byte != b"\xff":
+                byte = f.read(1)
+            while byte == b"\xff":
+                byte = f.read(1)
+            if not byte:
+                return None
+            marker = byte[0]
+            if marker == 0x01 or 0xD0 <= marker <= 0xD8:
+                continue  # stand-alone markers
+            if marker in (0xD9, 0xDA):
+                return None  # end of image or scan data before any frame header
+            length = f.read(2)
+            if len(length) < 2:
+                return None
+            length = struct.unpack(">H", length)[0]
+            if marker in _JPEG_SOF:
+                frame = f.read(5)
+                if len(frame) < 5:
+                    return None
+                height, width = struct.unpack(">HH", frame[1:5])
+                return width, height
+            f.seek(length - 2, 1)
+    return None
 
 
 def _failure_reason(path, image_size):
@@ -692,9 +827,22 @@ def _decode_and_fit(contents, image_size):
     """Encoded image bytes -> uint8 `[image_size, image_size, 3]`."""
     # float32 decoding scales 8- and 16-bit PNGs alike to [0, 1]; a GIF gives
     # its first frame with expand_animations=False.
-    image = tf.io.decode_image(contents, dtype=tf.float32, expand_animations=False)
+    head = tf.strings.join([tf.strings.substr(contents, 0, 12), " " * 12])
+    image = tf.cond(
+        tf.strings.substr(head, 8, 4) == "WEBP",
+        lambda: _decode_webp(contents),
+        lambda: tf.io.decode_image(contents, dtype=tf.float32, expand_animations=False),
+    )
+    image = tf.ensure_shape(image, [None, None, None])
     image = _fit_square(_to_rgb_float(image), image_size)
     return image
+
+
+def _decode_webp(contents):
+    """WebP -> float32 `[H, W, C]`: TF decodes it only to uint8, with a frame axis."""
+    image = tf.io.decode_image(contents, dtype=tf.uint8, expand_animations=False)
+    image = tf.reshape(image, tf.shape(image)[-3:])
+    return tf.cast(image, tf.float32) / 255.0
 
 
 def _to_rgb_float(image):

@@ -82,6 +82,21 @@ def check_global_batch(batch_size, strategy):
         )
 
 
+def check_steps_per_execution(steps_per_execution, strategy):
+    """Keras 3 cannot run `steps_per_execution > 1` under several replicas.
+
+    Its multi-step loop fails with "You must feed a value for placeholder
+    tensor" under MirroredStrategy (keras-team/keras#19246, still open; seen
+    here with Keras 3.15 on logical CPUs), so refuse early instead.
+    """
+    if steps_per_execution > 1 and strategy.num_replicas_in_sync > 1:
+        raise ValueError(
+            "`steps_per_execution` > 1 does not work under a strategy with several replicas in "
+            "Keras 3 (keras-team/keras#19246); use 1. Received: "
+            f"steps_per_execution={steps_per_execution} with {strategy.num_replicas_in_sync} replicas"
+        )
+
+
 def is_chief():
     """True unless this process is a non-chief worker of a multi-worker cluster."""
     config = json.loads(os.environ.get("TF_CONFIG", "{}") or "{}")

@@ -1,12 +1,16 @@
 """One pretraining run: data -> model -> `fit` -> artefacts in a run folder.
 
 The run folder holds `config.json`, `metrics.csv`, `tensorboard/`,
-`backup/` (for resume), `checkpoints/byol.keras` (the whole model, each
-epoch), `encoder.keras` (the final online encoder) and `summary.json`.
+`backup/` (the full training state every N steps, for an exact resume),
+`checkpoints/byol.keras` (the whole model, each epoch), `encoder.keras`
+(the final online encoder) and `summary.json` (with the run's `status`).
 """
 
 import json
+import math
 import os
+import shutil
+import tempfile
 import time
 
 import keras
@@ -16,6 +20,7 @@ from absl import logging
 
 from byol_tf import __version__
 from byol_tf import data as data_lib
+from byol_tf import distribute, guards
 from byol_tf.backbones import build_encoder
 from byol_tf.ema import EMAUpdate
 from byol_tf.evaluation import KNNMonitor, embed, knn_accuracy
@@ -23,14 +28,73 @@ from byol_tf.model import build_byol
 from byol_tf.optim import build_optimizer
 
 SUMMARY = "summary.json"
+CONFIG = "config.json"
+BACKUP = "backup"
 
 
 def check_out_dir(out_dir, overwrite=False):
-    """Refuses to reuse a folder that holds a finished run, unless `overwrite`."""
-    if os.path.exists(os.path.join(out_dir, SUMMARY)) and not overwrite:
+    """Refuses to reuse a folder that holds a finished (or stopped) run, unless `overwrite`."""
+    path = os.path.join(out_dir, SUMMARY)
+    if os.path.exists(path) and not overwrite:
+        try:
+            with open(path) as f:
+                status = json.load(f).get("status", "finished")
+        except (OSError, ValueError):
+            status = "unknown"
         raise ValueError(
-            f"`out` holds a finished run; pass overwrite=True (--overwrite) to replace it. Received: out={out_dir!r}"
+            f"`out` holds a finished run (status={status}); pass overwrite=True (--overwrite) to replace it. "
+            f"Received: out={out_dir!r}"
         )
+
+
+def _flatten(values, prefix=""):
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_differences(old, new):
+    """`[(field, old, new)]` for the fields where two config dicts differ (augment fields as `augment.NAME`)."""
+    # A JSON round trip makes tuples lists on both sides.
+    old, new = _flatten(json.loads(json.dumps(old))), _flatten(json.loads(json.dumps(new)))
+    return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def check_resume(out_dir, config, overwrite=False):
+    """Refuses to resume `out_dir` with a configuration other than the one in its `config.json`.
+
+    Returns True if `out_dir` holds a backup this run will resume from. With
+    `overwrite`, a differing run folder is started over instead (its backup
+    is ignored and replaced).
+    """
+    path = os.path.join(out_dir, CONFIG)
+    has_backup = guards.read_backup(os.path.join(out_dir, BACKUP)) is not None
+    if not os.path.isfile(path):
+        return has_backup
+    with open(path) as f:
+        old = json.load(f)
+    differences = config_differences(old, config.to_dict())
+    if not differences:
+        return has_backup
+    if overwrite:
+        return False
+    listed = "; ".join(f"{k}: {a!r} in {path} vs {b!r} now" for k, a, b in differences)
+    raise ValueError(
+        f"Cannot resume the run in {out_dir!r} with a different configuration ({listed}). "
+        f"Rerun with the same settings, choose another --out, or pass --overwrite to start over. "
+        f"Received: out={out_dir!r}"
+    )
+
+
+def _remove(path):
+    if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.exists(path):
+        os.remove(path)
 
 
 def load_source(spec, image_size, split="train", limit=None):
@@ -56,8 +120,10 @@ def random_init_encoder(config):
 
 
 def run_pretraining(config, train, out_dir, eval_set=None, knn_every=1, backup_every_steps=None,
-                    compare_random_init=True, verbose=2, overwrite=False, autotune=True):
-    """Pretrains BYOL on `train` and writes the run folder.
+                    compare_random_init=True, verbose=2, overwrite=False, autotune=True, strategy=None,
+                    jit_compile="auto", sync_bn=True, deterministic=False, collapse_threshold=None,
+                    collapse_patience=50, on_collapse="stop", backbone=None, callbacks=None):
+    """Pretrains BYOL on `train` and writes the run folder, resuming from its backup if there is one.
 
     Args:
         config: a `byol_tf.config.PretrainConfig`.
@@ -67,76 +133,188 @@ def run_pretraining(config, train, out_dir, eval_set=None, knn_every=1, backup_e
             `train`, which must then be labelled.
         knn_every: run the kNN monitor every this many epochs.
         backup_every_steps: back up for resume every this many steps
-            (default: every epoch).
+            (default: every epoch). A rerun with the same configuration
+            resumes from the newest backup, mid-epoch included, exactly.
         compare_random_init: at the end, also report the kNN accuracy of the
             same backbone at random init.
         verbose: `fit` verbosity.
         overwrite: replace a finished run in `out_dir`.
         autotune: tf.data autotuning (see `data.pretrain_dataset`).
+        strategy: a `tf.distribute.Strategy` (default: the current one).
+        jit_compile: passed to `compile`.
+        sync_bn: synchronise BatchNorm across replicas when there are several.
+        deterministic: `tf.config.experimental.enable_op_determinism()`, so
+            that a run (and a killed-and-resumed run) is bit-reproducible.
+        collapse_threshold: per-batch `collapse_std` below which the
+            collapse guard counts a step as collapsed; default
+            `0.1 / sqrt(projection_dim)` (a tenth of the healthy value);
+            0 turns the guard off.
+        collapse_patience: consecutive collapsed steps before acting.
+        on_collapse: "stop" or "warn".
+        backbone: optional `keras.Model` to use instead of `config.backbone`.
+        callbacks: extra Keras callbacks, run after the guards.
 
     Returns:
-        The summary dict that is also written to `summary.json`.
+        The summary dict that is also written to `summary.json`; its
+        `status` is "finished", "stopped_nan" or "stopped_collapse".
     """
     check_out_dir(out_dir, overwrite)
     if eval_set is not None and train.labels is None:
         raise ValueError(
             f"kNN evaluation uses the training images as memory, so they need labels. Received: data={train.source!r} (unlabelled)"
         )
+    if on_collapse not in ("stop", "warn"):
+        raise ValueError(f"`on_collapse` must be 'stop' or 'warn'. Received: on_collapse={on_collapse!r}")
+    if collapse_patience < 1:
+        raise ValueError(f"`collapse_patience` must be >= 1. Received: collapse_patience={collapse_patience!r}")
+    if backup_every_steps is not None and backup_every_steps < 1:
+        raise ValueError(f"`backup_every_steps` must be >= 1. Received: backup_every_steps={backup_every_steps!r}")
+    strategy = strategy or tf.distribute.get_strategy()
+    distribute.check_global_batch(config.batch_size, strategy)
+    if hasattr(distribute, "check_steps_per_execution"):
+        distribute.check_steps_per_execution(config.steps_per_execution, strategy)
+    replicas = strategy.num_replicas_in_sync
+    resuming = check_resume(out_dir, config, overwrite)
+    steps = data_lib.steps_per_epoch(len(train), config.batch_size)
+    if steps < 1:
+        raise ValueError(
+            f"Not enough images for one batch: {len(train)} images, batch_size={config.batch_size}. Received: batch_size={config.batch_size}"
+        )
+    total_steps = steps * config.epochs
+    run_info = {"data": train.source, "num_train_images": len(train), "steps_per_epoch": steps,
+                "total_steps": total_steps, "replicas": replicas}
+    backup_dir = os.path.join(out_dir, BACKUP)
+    if resuming:
+        info = guards.read_backup(backup_dir)
+        differences = [(k, info["run_info"].get(k), v) for k, v in run_info.items()
+                       if k in info.get("run_info", {}) and info["run_info"][k] != v]
+        if differences and not overwrite:
+            listed = "; ".join(f"{k}: {a!r} in the backup vs {b!r} now" for k, a, b in differences)
+            raise ValueError(
+                f"Cannot resume the run in {out_dir!r}: its backup was made with other data ({listed}). "
+                f"Use the same --data and --limit, another --out, or --overwrite to start over. Received: out={out_dir!r}"
+            )
+        resuming = not differences
+
+    print(f"strategy={type(strategy).__name__} replicas={replicas}", flush=True)
+    logging.info("strategy=%s replicas=%d", type(strategy).__name__, replicas)
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
     keras.mixed_precision.set_global_policy(config.precision)
     keras.utils.set_random_seed(config.seed)
-    steps = data_lib.steps_per_epoch(len(train), config.batch_size)
-    total_steps = steps * config.epochs
-    dataset = data_lib.pretrain_dataset(train.images, config.batch_size, config.augment, seed=config.seed, autotune=autotune)
 
-    strategy = tf.distribute.get_strategy()
     with strategy.scope():
-        model = build_byol(config, strategy.num_replicas_in_sync)
-        model.compile(optimizer=build_optimizer(config, steps), steps_per_execution=config.steps_per_execution)
+        model = build_byol(config, replicas if sync_bn else 1, backbone=backbone)
+        model.compile(optimizer=build_optimizer(config, steps), steps_per_execution=config.steps_per_execution,
+                      jit_compile=jit_compile)
+
+    # Only the chief writes the run folder; other workers of a multi-worker
+    # cluster write to a temporary folder that is deleted at the end (they
+    # still read the chief's backup to resume, on a shared file system).
+    chief = distribute.is_chief()
+    write_dir = out_dir if chief else tempfile.mkdtemp(prefix="byol_worker_")
+    if not resuming and chief:
+        # A fresh start (nothing to resume, or --overwrite): no stale records of an older run.
+        for name in (BACKUP, "metrics.csv", "tensorboard", "encoder.keras", SUMMARY):
+            _remove(os.path.join(out_dir, name))
+    start_step = 0
+    if resuming:
+        with strategy.scope():
+            info = guards.restore_backup(model, backup_dir, model.online_trainable_variables)
+        start_step = int(info["step"])
+        message = f"Resumed from step {start_step} (backup in {backup_dir})"
+        print(message, flush=True)
+        logging.info(message)
 
     # Only now, with the model built, does the run folder appear.
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
+    os.makedirs(write_dir, exist_ok=True)
+    with open(os.path.join(write_dir, CONFIG), "w") as f:
         json.dump(config.to_dict(), f, indent=2)
-    callbacks = [EMAUpdate(total_steps, config.base_tau, config.bn_stats)]
+    state = guards.GuardState()
+    if collapse_threshold is None:
+        collapse_threshold = 0.1 / math.sqrt(config.projection_dim)
+    # Order matters: the EMA update first (a backup must include it), then the
+    # guards (they flag a bad state), then everything that saves or logs.
+    callback_list = [EMAUpdate(total_steps, config.base_tau, config.bn_stats), guards.NaNGuard(state)]
+    if collapse_threshold > 0:
+        callback_list.append(guards.CollapseGuard(state, collapse_threshold, collapse_patience, on_collapse))
+    callback_list += list(callbacks or [])
     if eval_set is not None:
         # Before the loggers: they read the kNN accuracy from the shared logs.
-        callbacks.append(KNNMonitor(train.images, train.labels, eval_set.images, eval_set.labels,
-                                    config.image_size, every_n_epochs=knn_every))
-    os.makedirs(os.path.join(out_dir, "checkpoints"), exist_ok=True)
-    callbacks += [
-        keras.callbacks.BackupAndRestore(os.path.join(out_dir, "backup"),
-                                         save_freq=backup_every_steps or "epoch", delete_checkpoint=True),
-        keras.callbacks.CSVLogger(os.path.join(out_dir, "metrics.csv"), append=True),
-        keras.callbacks.TensorBoard(os.path.join(out_dir, "tensorboard"), update_freq=max(1, steps // 10)),
-        keras.callbacks.ModelCheckpoint(os.path.join(out_dir, "checkpoints", "byol.keras")),
-        keras.callbacks.TerminateOnNaN(),
+        callback_list.append(KNNMonitor(train.images, train.labels, eval_set.images, eval_set.labels,
+                                        config.image_size, every_n_epochs=knn_every))
+    checkpoint = os.path.join(write_dir, "checkpoints", "byol.keras")
+    callback_list += [
+        guards.StepBackup(os.path.join(write_dir, BACKUP), backup_every_steps or steps, steps, state, run_info),
+        keras.callbacks.CSVLogger(os.path.join(write_dir, "metrics.csv"), append=True),
+        keras.callbacks.TensorBoard(os.path.join(write_dir, "tensorboard"), update_freq=max(1, steps // 10)),
+        guards.SafeCheckpoint(checkpoint, state),
     ]
+    if os.path.isfile(checkpoint):
+        # Written at the end of the last whole epoch before the backup.
+        state.last_good["checkpoint"] = {"path": checkpoint, "step": (start_step // steps) * steps,
+                                         "epoch": start_step // steps}
+    if resuming:
+        state.last_good["backup"] = {"path": info["folder"], "step": start_step, "epoch": info.get("epoch")}
+    pause = guards.TestPause.from_env()
+    if pause is not None:
+        callback_list.append(pause)
     logging.info("Pretraining %s on %d images: %d epochs x %d steps, global batch %d, peak lr %.4g",
                  config.backbone, len(train), config.epochs, steps, config.batch_size, config.peak_lr)
-    start = time.time()
-    history = model.fit(dataset, epochs=config.epochs, steps_per_epoch=steps, callbacks=callbacks, verbose=verbose)
-    train_seconds = time.time() - start
 
-    model.encoder.save(os.path.join(out_dir, "encoder.keras"))
+    def fit(first_step, epoch, end_epoch, steps_per_epoch):
+        # The data stream is a pure function of the batch index: batch `first_step` is where to start.
+        dataset = data_lib.pretrain_dataset(train.images, config.batch_size, config.augment, seed=config.seed,
+                                            autotune=autotune, start_batch=first_step)
+        return model.fit(dataset, initial_epoch=epoch, epochs=end_epoch, steps_per_epoch=steps_per_epoch,
+                         callbacks=callback_list, verbose=verbose).history
+
+    start = time.time()
+    history = {}
+    epoch, offset = divmod(start_step, steps)
+    if offset and epoch < config.epochs:
+        # The rest of the interrupted epoch, then whole epochs.
+        history = fit(start_step, epoch, epoch + 1, steps - offset)
+        epoch += 1
+    if epoch < config.epochs and not state.stopped:
+        history = fit(epoch * steps, epoch, config.epochs, steps)
+    train_seconds = time.time() - start
+    steps_done = guards._step(model)
+
     summary = {
         "version": __version__,
+        "status": state.status,
         "preset": config.preset,
         "backbone": config.backbone,
         "image_size": config.image_size,
-        "steps": int(model.optimizer.iterations),
+        "steps": steps_done,
         "total_steps": total_steps,
+        "resumed_from_step": start_step if resuming else None,
         "train_seconds": round(train_seconds, 1),
-        "images_per_sec": round(int(model.optimizer.iterations) * config.batch_size / max(train_seconds, 1e-9), 1),
+        "images_per_sec": round((steps_done - start_step) * config.batch_size / max(train_seconds, 1e-9), 1),
         "num_train_images": len(train),
         "num_skipped": train.num_skipped,
-        "final": {k: float(v[-1]) for k, v in history.history.items()},
+        "strategy": type(strategy).__name__,
+        "replicas": replicas,
+        "final": {k: float(v[-1]) for k, v in history.items() if len(v)},
     }
-    if eval_set is not None:
-        summary["knn_acc"] = knn_eval(model.encoder, config.image_size, train, eval_set)
-        if compare_random_init:
-            summary["knn_acc_random_init"] = knn_eval(random_init_encoder(config), config.image_size, train, eval_set)
-        logging.info("kNN top-1 (k=200): %.4f learned, %s at random init", summary["knn_acc"],
-                     summary.get("knn_acc_random_init", "n/a"))
-    with open(os.path.join(out_dir, SUMMARY), "w") as f:
-        json.dump(summary, f, indent=2)
+    if state.stopped:
+        summary["message"] = state.message
+        summary["last_good"] = state.last_good
+        print(f"{state.message} {state.good_checkpoint_text()}", flush=True)
+        logging.error("%s %s", state.message, state.good_checkpoint_text())
+    else:
+        model.encoder.save(os.path.join(write_dir, "encoder.keras"))
+        if eval_set is not None:
+            summary["knn_acc"] = knn_eval(model.encoder, config.image_size, train, eval_set)
+            if compare_random_init:
+                summary["knn_acc_random_init"] = knn_eval(random_init_encoder(config), config.image_size, train, eval_set)
+            logging.info("kNN top-1 (k=200): %.4f learned, %s at random init", summary["knn_acc"],
+                         summary.get("knn_acc_random_init", "n/a"))
+    guards._atomic_json(os.path.join(write_dir, SUMMARY), summary)
+    if not state.stopped:
+        # Finished: the backup has served its purpose. A stopped run keeps its last good backup.
+        _remove(os.path.join(write_dir, BACKUP))
+    if not chief:
+        shutil.rmtree(write_dir, ignore_errors=True)
     return summary

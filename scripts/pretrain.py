@@ -34,14 +34,27 @@ flags.DEFINE_integer("steps_per_execution", None, "Optimizer steps per compiled 
 flags.DEFINE_integer("limit", None, "Use at most this many training images.")
 flags.DEFINE_integer("knn_every", 1, "kNN monitor every N epochs (with --eval_data).")
 flags.DEFINE_integer("backup_every_steps", None, "Back up for resume every N steps (default: each epoch).")
-flags.DEFINE_boolean("overwrite", False, "Replace a finished run in --out.")
+flags.DEFINE_boolean("overwrite", False, "Replace a finished run in --out (or start over a run folder with another config).")
+flags.DEFINE_boolean("deterministic", False, "Enable TF op determinism and seed everything: the same command gives bit-identical weights, also after a kill and resume.")
+flags.DEFINE_float("collapse_threshold", None, "Collapse guard: per-batch collapse_std below this counts as collapsed (default 0.1/sqrt(projection_dim); 0 = off).")
+flags.DEFINE_integer("collapse_patience", 50, "Collapse guard: consecutive collapsed steps before acting.")
+flags.DEFINE_enum("on_collapse", "stop", ["stop", "warn"], "Collapse guard action.")
+flags.DEFINE_enum("strategy", "auto", ["auto", "default", "one_device", "mirrored", "multi_worker", "tpu"], "tf.distribute strategy (see byol_tf.distribute.get_strategy).")
+flags.DEFINE_integer("cpu_replicas", None, "Split the CPU into this many logical devices (Mirrored on CPU, for testing).")
+flags.DEFINE_enum("precision", None, ["float32", "mixed_bfloat16", "mixed_float16"], "Keras dtype policy.")
+flags.DEFINE_boolean("jit_compile", None, "XLA-compile the train step (default: Keras's 'auto').")
+flags.DEFINE_boolean("sync_bn", True, "Synchronise BatchNorm across replicas when there are several (--nosync_bn: per replica).")
 flags.DEFINE_integer("verbose", 2, "fit verbosity: 0, 1 (progress bar) or 2 (a line per epoch).")
 
 _OVERRIDES = {
     "backbone": "backbone", "image_size": "image_size", "epochs": "epochs", "batch_size": "batch_size",
     "optimizer": "optimizer", "lr": "base_lr", "weight_decay": "weight_decay", "warmup_epochs": "warmup_epochs",
     "base_tau": "base_tau", "loss": "loss", "seed": "seed", "steps_per_execution": "steps_per_execution",
+    "precision": "precision",
 }
+
+# Exit status of a run a guard stopped (NaN loss or collapse).
+EXIT_STOPPED = 3
 
 
 def _config():
@@ -58,6 +71,24 @@ def _config():
         raise app.UsageError(f"{head}Received: --{flag}={value}" if received else str(error))
 
 
+def _check_image_size(config):
+    """Builds the encoder once, so a size the backbone cannot take fails before any work."""
+    import keras
+
+    from byol_tf import backbones
+
+    try:
+        backbones.build_encoder(config.backbone, config.image_size)
+    except Exception as error:  # noqa: BLE001 - backbones fail in many ways on small inputs.
+        raise app.UsageError(
+            f"--image_size is too small (or otherwise unusable) for --backbone={config.backbone} "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
+            f"Received: --image_size={config.image_size}"
+        )
+    finally:
+        keras.backend.clear_session()
+
+
 def main(argv):
     del argv
     if not FLAGS.out:
@@ -70,12 +101,15 @@ def main(argv):
     for name, value in (("data", data), ("eval_data", eval_data)):
         if value and value != "shapes" and not value.startswith("tfds:") and not os.path.exists(value):
             raise app.UsageError(f"--{name} does not exist. Received: --{name}={value}")
-    for name in ("knn_every", "limit", "backup_every_steps"):
+    for name in ("knn_every", "limit", "backup_every_steps", "cpu_replicas", "collapse_patience"):
         value = getattr(FLAGS, name)
         if value is not None and value < 1:
             raise app.UsageError(f"--{name} must be >= 1. Received: --{name}={value}")
+    if FLAGS.collapse_threshold is not None and not FLAGS.collapse_threshold >= 0:
+        raise app.UsageError(f"--collapse_threshold must be >= 0. Received: --collapse_threshold={FLAGS.collapse_threshold}")
 
-    from byol_tf import backbones, training
+    # Importing TensorFlow does not initialise its devices; the first op does.
+    from byol_tf import backbones, distribute, training
 
     try:
         backbones.check_backbone(config.backbone)
@@ -83,16 +117,49 @@ def main(argv):
         raise app.UsageError(str(error).replace("backbone=", "--backbone="))
     try:
         training.check_out_dir(FLAGS.out, FLAGS.overwrite)
+        training.check_resume(FLAGS.out, config, FLAGS.overwrite)
     except ValueError as error:
         raise app.UsageError(str(error).replace("out=", "--out=").replace("overwrite=True (--overwrite)", "--overwrite"))
+
+    # The strategy first of all TF work: --cpu_replicas must split the CPU
+    # before TensorFlow initialises its devices.
+    try:
+        strategy = distribute.get_strategy(FLAGS.strategy, FLAGS.cpu_replicas)
+        distribute.check_global_batch(config.batch_size, strategy)
+        if hasattr(distribute, "check_steps_per_execution"):
+            distribute.check_steps_per_execution(config.steps_per_execution, strategy)
+    except ValueError as error:
+        message = str(error)
+        for name in ("steps_per_execution", "batch_size", "cpu_replicas", "strategy"):
+            message = message.replace(f"Received: {name}=", f"Received: --{name}=").replace(f" {name}=", f" --{name}=")
+        raise app.UsageError(message)
+    if FLAGS.deterministic:
+        import keras
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+        keras.utils.set_random_seed(config.seed)
+    _check_image_size(config)
+
     logging.info("Config: %s", config)
-    train = training.load_source(data, config.image_size, "train", FLAGS.limit)
-    eval_set = training.load_source(eval_data, config.image_size, "test") if eval_data else None
+    try:
+        train = training.load_source(data, config.image_size, "train", FLAGS.limit)
+        eval_set = training.load_source(eval_data, config.image_size, "test") if eval_data else None
+    except ValueError as error:
+        raise app.UsageError(str(error).replace("Received: data=", "Received: --data="))
+    if train.num_skipped:
+        print(f"Skipped {train.num_skipped} unusable files in {train.source} (reasons in the log).", flush=True)
     summary = training.run_pretraining(
         config, train, FLAGS.out, eval_set=eval_set, knn_every=FLAGS.knn_every,
         backup_every_steps=FLAGS.backup_every_steps, verbose=FLAGS.verbose, overwrite=FLAGS.overwrite,
+        strategy=strategy, jit_compile="auto" if FLAGS.jit_compile is None else FLAGS.jit_compile,
+        sync_bn=FLAGS.sync_bn, deterministic=FLAGS.deterministic, collapse_threshold=FLAGS.collapse_threshold,
+        collapse_patience=FLAGS.collapse_patience, on_collapse=FLAGS.on_collapse,
     )
     print(f"Run folder: {FLAGS.out}")
+    if summary["status"] != "finished":
+        print(f"Run stopped ({summary['status']}) after {summary['steps']} steps: see {os.path.join(FLAGS.out, 'summary.json')}")
+        return EXIT_STOPPED
     print(f"Trained {summary['steps']} steps in {summary['train_seconds']} s ({summary['images_per_sec']} img/s)")
     if "knn_acc" in summary:
         line = f"kNN top-1 (k=200): {100 * summary['knn_acc']:.2f}% learned"

@@ -335,6 +335,24 @@ def test_pretrain_dataset_each_epoch_is_a_permutation():
     assert not np.array_equal(epochs[0], epochs[1])
 
 
+def test_pretrain_dataset_start_batch_continues_the_same_stream():
+    # The stream is a pure function of (seed, batch index): starting at batch s
+    # serves exactly batches s, s+1, ... of the stream started at 0, across epochs.
+    images = data.make_shapes(20, image_size=16).images  # 2 batches of 8 an epoch
+    full = _first_batches(data.pretrain_dataset(images, 8, SMALL_AUG, seed=2, autotune=False), 7)
+    for start in (1, 2, 5):
+        part = _first_batches(data.pretrain_dataset(images, 8, SMALL_AUG, seed=2, autotune=False, start_batch=start), 7 - start)
+        for (a1, a2), (b1, b2) in zip(full[start:], part):
+            np.testing.assert_array_equal(a1, b1)
+            np.testing.assert_array_equal(a2, b2)
+    # Far-away positions are computed directly, not by iterating up to them.
+    far = data.pretrain_dataset(images, 8, SMALL_AUG, seed=2, autotune=False, start_batch=10**12)
+    v1, _ = next(iter(far))
+    assert v1.shape == (8, 16, 16, 3)
+    with pytest.raises(ValueError, match="start_batch"):
+        data.pretrain_dataset(images, 8, SMALL_AUG, start_batch=-1)
+
+
 def test_pretrain_dataset_too_small_raises():
     images = np.zeros((5, 8, 8, 3), np.uint8)
     with pytest.raises(ValueError, match=r"len\(images\)=5, batch_size=8"):

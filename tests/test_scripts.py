@@ -45,6 +45,12 @@ def test_pretrain_writes_the_run_folder(demo_run):
         assert key in header
 
 
+def test_run_logs_its_strategy(demo_run):
+    _, result = demo_run
+    assert "strategy=_DefaultDistributionStrategy replicas=1" in result.stdout
+    assert json.load(open(os.path.join(demo_run[0], "summary.json")))["status"] == "finished"
+
+
 def test_finished_run_is_not_overwritten(demo_run):
     out, _ = demo_run
     before = open(os.path.join(out, "summary.json")).read()
@@ -63,11 +69,35 @@ def test_finished_run_is_not_overwritten(demo_run):
         ("--preset=nope", "preset='nope'"),
         ("--data=/no/such/dir", "--data=/no/such/dir"),
         ("--image_size=4", "--image_size=4"),
+        # Too small for the backbone (keras.applications ResNet50 needs 32 px).
+        ("--backbone=resnet50 --image_size=16", "--image_size=16"),
+        ("--backup_every_steps=0", "--backup_every_steps=0"),
+        ("--limit=0", "--limit=0"),
+        ("--cpu_replicas=0", "--cpu_replicas=0"),
+        ("--collapse_patience=0", "--collapse_patience=0"),
+        ("--collapse_threshold=-1", "--collapse_threshold=-1"),
+        ("--on_collapse=maybe", "--on_collapse=maybe"),
+        ("--strategy=nope", "--strategy=nope"),
+        ("--precision=fp8", "--precision=fp8"),
+        # The global batch must split over the replicas.
+        ("--cpu_replicas=2 --batch_size=33", "--batch_size=33"),
     ],
 )
 def test_bad_flags_fail_before_any_work(tmp_path, flag, expected):
     out = str(tmp_path / "run")
-    result = run_script("pretrain.py", *TINY, flag, f"--out={out}", timeout=120)
+    result = run_script("pretrain.py", *TINY, *flag.split(), f"--out={out}", timeout=120)
     assert result.returncode != 0
     assert expected in result.stderr, result.stderr[-2000:]
+    assert not os.path.exists(out)
+
+
+def test_folder_without_usable_image_fails_naming_it(tmp_path):
+    folder = tmp_path / "junk"
+    folder.mkdir()
+    (folder / "a.jpg").write_text("not an image")
+    (folder / "b.png").write_bytes(b"")
+    out = str(tmp_path / "run")
+    result = run_script("pretrain.py", *TINY, f"--data={folder}", f"--out={out}", timeout=120)
+    assert result.returncode != 0
+    assert str(folder) in result.stderr and "could be decoded" in result.stderr, result.stderr[-2000:]
     assert not os.path.exists(out)

@@ -1,0 +1,374 @@
+"""Reliability callbacks: exact resume, NaN and collapse guards, safe saves.
+
+- `StepBackup` saves the whole training state (online and target weights,
+  BatchNorm statistics, tau, optimizer slots and step counter) every N
+  optimizer steps, atomically, and `restore_backup` loads it before `fit`.
+  The step is also the data position: `byol_tf.data.pretrain_dataset` is a
+  pure function of `(seed, batch index)`, so batch `step` is where to resume.
+- `NaNGuard` stops at the first non-finite loss, before anything is saved.
+- `CollapseGuard` watches each batch's `collapse_std` and stops (or warns)
+  after `patience` steps below a threshold.
+- `SafeCheckpoint` writes `checkpoints/byol.keras` each epoch, atomically,
+  and never from a state a guard has flagged.
+
+Keras's own `BackupAndRestore` is not used: in Keras 3.15 it restores only the
+epoch (`model._initial_epoch`), so a mid-epoch backup replays the epoch from
+its first batch with weights that already saw part of it.
+
+All of them share one `GuardState`, which also records the last good
+checkpoint so the run can say where it is.
+"""
+
+import json
+import math
+import os
+import shutil
+import time
+
+import keras
+import numpy as np
+from absl import logging
+
+STATE_FILE = "latest.json"
+WEIGHTS_FILE = "state.weights.h5"
+
+FINISHED = "finished"
+STOPPED_NAN = "stopped_nan"
+STOPPED_COLLAPSE = "stopped_collapse"
+
+# Test hook: pause (sleep) after this optimizer step, after writing the file
+# named by BYOL_TF_TEST_PAUSE_MARKER, so a test can SIGKILL a run at a known point.
+_PAUSE_ENV = "BYOL_TF_TEST_PAUSE_AT_STEP"
+_PAUSE_MARKER_ENV = "BYOL_TF_TEST_PAUSE_MARKER"
+
+
+class GuardState:
+    """What the guards found, shared by the guards and the savers.
+
+    Attributes:
+        status: `FINISHED` (nothing went wrong, so far), `STOPPED_NAN` or
+            `STOPPED_COLLAPSE`.
+        message: what happened, for people.
+        hold_saves: True while the current state is suspect (a collapse
+            streak is running): savers skip, keeping the last good files.
+        last_good: `{"path", "step", "epoch"}` of the newest save known good,
+            per kind ("backup", "checkpoint").
+    """
+
+    def __init__(self):
+        self.status = FINISHED
+        self.message = ""
+        self.hold_saves = False
+        self.last_good = {}
+
+    @property
+    def stopped(self):
+        return self.status != FINISHED
+
+    def trip(self, status, message, model):
+        self.status = status
+        self.message = message
+        model.stop_training = True
+
+    def good_checkpoint_text(self):
+        """Where the newest good saved state is, as a sentence."""
+        if not self.last_good:
+            return "No good checkpoint was saved before this happened."
+        parts = [f"{kind} at step {info['step']}: {info['path']}" for kind, info in
+                 sorted(self.last_good.items(), key=lambda kv: -kv[1]["step"])]
+        return "Last good state (kept): " + "; ".join(parts) + "."
+
+
+def _step(model):
+    return int(model.optimizer.iterations.numpy())
+
+
+def _finite(logs, key="loss"):
+    value = (logs or {}).get(key)
+    if value is None:
+        return True
+    return bool(np.all(np.isfinite(np.asarray(value, dtype=np.float64))))
+
+
+class NaNGuard(keras.callbacks.Callback):
+    """Stops training at the first batch whose loss is NaN or infinite.
+
+    The loss in the batch logs is the epoch's running mean, which stays
+    non-finite once any batch was: this fires on that batch. Put it before
+    the savers in the callback list: they skip once `state.stopped` is set.
+    """
+
+    def __init__(self, state):
+        super().__init__()
+        self.state = state
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.state.stopped or _finite(logs):
+            return
+        step = _step(self.model)
+        loss = (logs or {}).get("loss")
+        self.state.trip(
+            STOPPED_NAN,
+            f"The loss became {float(np.asarray(loss)):.4g} at step {step} (epoch {self._epoch + 1}); "
+            "training stopped and nothing was saved from that state (try a lower --lr).",
+            self.model,
+        )
+        logging.error(self.state.message)
+
+
+class CollapseGuard(keras.callbacks.Callback):
+    """Detects representation collapse from each batch's `collapse_std`.
+
+    The batch value is recovered from the model's `collapse_tracker`
+    (a `keras.metrics.Mean`): the change in its total over the change in its
+    count since the previous batch callback. After `patience` consecutive
+    steps below `threshold`, `action="stop"` stops training and
+    `action="warn"` logs a warning once per streak. While a streak runs the
+    savers hold off (stop mode), so the last saved files predate it.
+
+    Args:
+        state: the shared `GuardState`.
+        threshold: collapse_std below this counts as collapsed (healthy is
+            about `1 / sqrt(projection_dim)`).
+        patience: consecutive collapsed steps before acting.
+        action: "stop" or "warn".
+    """
+
+    def __init__(self, state, threshold, patience=50, action="stop"):
+        super().__init__()
+        if action not in ("stop", "warn"):
+            raise ValueError(f"`action` must be 'stop' or 'warn'. Received: action={action!r}")
+        if patience < 1:
+            raise ValueError(f"`patience` must be >= 1. Received: patience={patience!r}")
+        self.state = state
+        self.threshold = float(threshold)
+        self.patience = int(patience)
+        self.action = action
+        self.streak = 0
+        self.streak_start = None
+        self.values = []  # (step, per-batch collapse_std), for tests and logs
+        self._total = 0.0
+        self._count = 0.0
+        self._epoch = 0
+        self._warned = False
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+        self._total, self._count = 0.0, 0.0
+
+    def _batch_value(self, logs):
+        tracker = getattr(self.model, "collapse_tracker", None)
+        if tracker is not None and hasattr(tracker, "total") and hasattr(tracker, "count"):
+            total, count = float(tracker.total.numpy()), float(tracker.count.numpy())
+            if count < self._count:  # reset between our callbacks
+                self._total, self._count = 0.0, 0.0
+            steps = count - self._count
+            value = (total - self._total) / steps if steps > 0 else None
+            self._total, self._count = total, count
+            return value, max(int(round(steps)), 1)
+        value = (logs or {}).get("collapse_std")
+        return (None if value is None else float(value)), 1
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.state.stopped:
+            return
+        value, steps = self._batch_value(logs)
+        if value is None or not math.isfinite(value):
+            return
+        step = _step(self.model)
+        self.values.append((step, value))
+        if value >= self.threshold:
+            if self.streak:
+                logging.info("collapse_std recovered to %.4g at step %d.", value, step)
+            self.streak, self.streak_start, self._warned = 0, None, False
+            self.state.hold_saves = False
+            return
+        if not self.streak:
+            self.streak_start = step - steps + 1
+            # The savers keep what they have until the streak is resolved.
+            self.state.hold_saves = self.action == "stop" or not self._warned
+        self.streak += steps
+        if self.streak < self.patience:
+            return
+        message = (
+            f"Representation collapse: collapse_std stayed below {self.threshold:.4g} for {self.streak} steps "
+            f"(steps {self.streak_start}-{step}, epoch {self._epoch + 1}; last value {value:.3g}, healthy is about "
+            "1/sqrt(projection_dim))"
+        )
+        if self.action == "stop":
+            self.state.trip(STOPPED_COLLAPSE, message + "; training stopped.", self.model)
+            logging.error(self.state.message)
+        elif not self._warned:
+            self._warned = True
+            self.state.hold_saves = False
+            logging.warning("%s; continuing (--on_collapse=warn). %s", message, self.state.good_checkpoint_text())
+            print(f"WARNING: {message}; continuing (--on_collapse=warn).", flush=True)
+
+
+def _atomic_json(path, value):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class StepBackup(keras.callbacks.Callback):
+    """Backs up the full training state every `every_steps` optimizer steps.
+
+    Each backup goes to a fresh folder `backup_dir/step-XXXXXXXX/` (weights
+    file and a `run.json`); then `backup_dir/latest.json` is replaced
+    atomically to point at it, and older step folders are removed. A kill at
+    any moment leaves `latest.json` pointing at a complete backup.
+
+    The weights file holds every model variable (online and target networks,
+    BatchNorm statistics, tau) and the optimizer's variables, its step counter
+    included; `run.json` holds the step, the epoch and the batch within it
+    (the data position), and `run_info` (data and schedule facts checked on
+    resume).
+
+    Args:
+        backup_dir: folder for the backups.
+        every_steps: optimizer steps between backups.
+        steps_per_epoch: to record epoch and batch.
+        state: the shared `GuardState`; no backup from a stopped or held state.
+        run_info: JSON-able dict stored with every backup.
+    """
+
+    def __init__(self, backup_dir, every_steps, steps_per_epoch, state, run_info=None):
+        super().__init__()
+        if every_steps < 1:
+            raise ValueError(f"`every_steps` must be >= 1. Received: every_steps={every_steps!r}")
+        self.backup_dir = backup_dir
+        self.every_steps = int(every_steps)
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.state = state
+        self.run_info = dict(run_info or {})
+        self._last_saved = None
+
+    def on_train_begin(self, logs=None):
+        self._last_saved = _step(self.model)
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = _step(self.model)
+        if step - self._last_saved < self.every_steps:
+            return
+        if self.state.stopped or self.state.hold_saves or not _finite(logs):
+            return
+        self.save(step)
+
+    def save(self, step):
+        os.makedirs(self.backup_dir, exist_ok=True)
+        name = f"step-{step:08d}"
+        folder = os.path.join(self.backup_dir, name)
+        tmp = os.path.join(self.backup_dir, f".tmp-{name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        self.model.save_weights(os.path.join(tmp, WEIGHTS_FILE))
+        epoch, batch = divmod(step, self.steps_per_epoch)
+        info = {"step": step, "epoch": epoch, "batch_in_epoch": batch, "data_batch_index": step,
+                "time": time.time(), "run_info": self.run_info}
+        _atomic_json(os.path.join(tmp, "run.json"), info)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+        _atomic_json(os.path.join(self.backup_dir, STATE_FILE), {"folder": name, "step": step})
+        for old in os.listdir(self.backup_dir):
+            if old.startswith(("step-", ".tmp-step-")) and old != name:
+                shutil.rmtree(os.path.join(self.backup_dir, old), ignore_errors=True)
+        self._last_saved = step
+        self.state.last_good["backup"] = {"path": folder, "step": step, "epoch": epoch}
+
+
+def read_backup(backup_dir):
+    """The newest complete backup's `run.json` (plus `weights_path`), or None."""
+    pointer = os.path.join(backup_dir, STATE_FILE)
+    if not os.path.isfile(pointer):
+        return None
+    with open(pointer) as f:
+        latest = json.load(f)
+    folder = os.path.join(backup_dir, os.path.basename(str(latest["folder"])))
+    with open(os.path.join(folder, "run.json")) as f:
+        info = json.load(f)
+    info["weights_path"] = os.path.join(folder, WEIGHTS_FILE)
+    info["folder"] = folder
+    return info
+
+
+def restore_backup(model, backup_dir, build_optimizer_on):
+    """Loads the newest backup into a compiled `model`; returns its info or None.
+
+    Args:
+        model: the compiled model, built as when the backup was written.
+        backup_dir: the folder `StepBackup` writes to.
+        build_optimizer_on: the variables the optimizer trains, in the order
+            `train_step` applies gradients to them (its slots are stored in
+            that order).
+    """
+    info = read_backup(backup_dir)
+    if info is None:
+        return None
+    if model.optimizer is not None and not model.optimizer.built:
+        model.optimizer.build(build_optimizer_on)
+    model.load_weights(info["weights_path"])
+    restored = _step(model)
+    if restored != info["step"]:
+        raise ValueError(
+            f"The backup in {backup_dir} says step {info['step']} but its optimizer is at step {restored}; "
+            "it does not belong to this run. Remove it or use a new --out."
+        )
+    return info
+
+
+class SafeCheckpoint(keras.callbacks.Callback):
+    """Saves the whole model (`.keras`) at each epoch end, atomically.
+
+    Written to a temporary file then `os.replace`d, and skipped when the
+    loss is not finite, a guard stopped the run or a collapse streak holds
+    saves: the file on disk is always the last good state.
+    """
+
+    def __init__(self, path, state):
+        super().__init__()
+        self.path = path
+        self.state = state
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.state.stopped or self.state.hold_saves or not _finite(logs):
+            return
+        folder = os.path.dirname(self.path) or "."
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, ".tmp-" + os.path.basename(self.path))
+        self.model.save(tmp)
+        os.replace(tmp, self.path)
+        self.state.last_good["checkpoint"] = {"path": self.path, "step": _step(self.model), "epoch": epoch + 1}
+
+
+class TestPause(keras.callbacks.Callback):
+    """Test hook: sleeps after optimizer step `BYOL_TF_TEST_PAUSE_AT_STEP`.
+
+    Before sleeping it writes the file `BYOL_TF_TEST_PAUSE_MARKER`, so a test
+    knows the run is parked there and can SIGKILL it. Inactive unless the
+    environment variable is set.
+    """
+
+    def __init__(self, step, marker):
+        super().__init__()
+        self.step = int(step)
+        self.marker = marker
+
+    @classmethod
+    def from_env(cls):
+        step = os.environ.get(_PAUSE_ENV)
+        return cls(step, os.environ.get(_PAUSE_MARKER_ENV, "")) if step else None
+
+    def on_train_batch_end(self, batch, logs=None):
+        if _step(self.model) == self.step:
+            if self.marker:
+                _atomic_json(self.marker, {"step": self.step})
+            while True:
+                time.sleep(60)

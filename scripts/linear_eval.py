@@ -1,0 +1,105 @@
+"""Linear evaluation of a frozen BYOL encoder (see `byol_tf.linear`).
+
+    python scripts/linear_eval.py --run_dir=runs/demo
+    python scripts/linear_eval.py --run_dir=runs/demo --label_fraction=0.01
+    python scripts/linear_eval.py --run_dir=runs/demo --random_init
+    python scripts/linear_eval.py --encoder=enc.keras --data=data/c10/train.npz --eval_data=data/c10/test.npz
+
+Prints `top1=... top5=...` and writes the result as JSON into the run folder
+(`linear_eval.json`, `linear_eval_random_init.json`, `linear_eval_frac0.01.json`,
+...) when it is writable, or to `--out`.
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("run_dir", None, "Pretraining run folder: encoder.keras and config.json.")
+flags.DEFINE_string("encoder", None, "A .keras encoder file, instead of RUN/encoder.keras.")
+flags.DEFINE_string("data", None, "Labelled training data (as pretrain.py --data). Default: 'shapes' for a demo run.")
+flags.DEFINE_string("eval_data", None, "Labelled test data. Default: the test split of --data for 'shapes' and tfds.")
+flags.DEFINE_integer("limit", None, "Use at most this many training images.")
+flags.DEFINE_integer("eval_limit", None, "Use at most this many test images.")
+flags.DEFINE_integer("epochs", 100, "Epochs of the linear classifier over the fixed features.")
+flags.DEFINE_integer("batch_size", 256, "Features per SGD step.")
+flags.DEFINE_float("lr", 0.1, "Peak learning rate of the cosine schedule (SGD, momentum 0.9).")
+flags.DEFINE_float("weight_decay", 0.0, "Weight decay of the linear layer.")
+flags.DEFINE_float("label_fraction", 1.0, "Train on a class-balanced subset of this fraction of the labels, e.g. 0.01.")
+flags.DEFINE_integer("seed", 0, "Seeds the label subset, the classifier init and the shuffling.")
+flags.DEFINE_boolean("random_init", False, "Evaluate the run's backbone at random init (from config.json) instead.")
+flags.DEFINE_boolean("flip_augment", False, "Also train on the features of horizontally flipped train images.")
+flags.DEFINE_enum("feature_norm", "standardize", ["standardize", "l2", "none"], "How features are normalised before the linear layer.")
+flags.DEFINE_string("out", None, "Where to write the JSON result. Default: a file in --run_dir.")
+flags.DEFINE_integer("verbose", 0, "fit verbosity.")
+
+
+def result_name(random_init, label_fraction):
+    name = "linear_eval" + ("_random_init" if random_init else "")
+    return name + (f"_frac{label_fraction:g}" if label_fraction < 1 else "") + ".json"
+
+
+def write_result(result, path):
+    try:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)
+    except OSError as error:  # a read-only run folder must not lose the printed figures
+        logging.warning("Could not write %s: %s", path, error)
+        return None
+    return path
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments. Received: {argv[1:]}")
+    if not FLAGS.run_dir and not FLAGS.encoder:
+        raise app.UsageError("Pass --run_dir or --encoder. Received: --run_dir=None, --encoder=None")
+    if FLAGS.run_dir and not os.path.isdir(FLAGS.run_dir):
+        raise app.UsageError(f"--run_dir does not exist. Received: --run_dir={FLAGS.run_dir}")
+    if not 0 < FLAGS.label_fraction <= 1:
+        raise app.UsageError(f"--label_fraction must be in (0, 1]. Received: --label_fraction={FLAGS.label_fraction}")
+    for name in ("epochs", "batch_size", "limit", "eval_limit"):
+        value = getattr(FLAGS, name)
+        if value is not None and value < 1:
+            raise app.UsageError(f"--{name} must be >= 1. Received: --{name}={value}")
+    if FLAGS.lr <= 0:
+        raise app.UsageError(f"--lr must be > 0. Received: --lr={FLAGS.lr}")
+
+    from byol_tf import linear
+
+    try:
+        encoder, config = linear.load_encoder(FLAGS.run_dir, FLAGS.encoder, FLAGS.random_init)
+    except ValueError as error:
+        raise app.UsageError(str(error).replace("run_dir=", "--run_dir=").replace("encoder_path=", "--encoder="))
+    try:
+        data, eval_data = linear.resolve_sources(FLAGS.data, FLAGS.eval_data, config)
+    except ValueError as error:
+        raise app.UsageError(str(error).replace("Received: ", "Received: --").replace(", data=", ", --data="))
+    image_size = linear.encoder_image_size(encoder)
+    train = linear.load_labelled(data, image_size, "train", FLAGS.limit)
+    test = linear.load_labelled(eval_data, image_size, "test", FLAGS.eval_limit)
+    result = linear.linear_eval(
+        encoder, train, test, label_fraction=FLAGS.label_fraction, flip_augment=FLAGS.flip_augment,
+        seed=FLAGS.seed, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size, lr=FLAGS.lr,
+        weight_decay=FLAGS.weight_decay, feature_norm=FLAGS.feature_norm, verbose=FLAGS.verbose,
+    )
+    result.update(encoder="random_init" if FLAGS.random_init else (FLAGS.encoder or "encoder.keras"),
+                  data=data, eval_data=eval_data, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
+                  lr=FLAGS.lr, weight_decay=FLAGS.weight_decay, feature_norm=FLAGS.feature_norm, seed=FLAGS.seed)
+    out = FLAGS.out or (os.path.join(FLAGS.run_dir, result_name(FLAGS.random_init, FLAGS.label_fraction))
+                        if FLAGS.run_dir else None)
+    written = write_result(result, out) if out else None
+    print(f"Linear eval ({result['num_train']} train features, {result['num_test']} test, "
+          f"{result['num_classes']} classes, label_fraction={FLAGS.label_fraction:g}"
+          f"{', random init' if FLAGS.random_init else ''}):")
+    print(f"top1={result['top1']:.4f} top5={result['top5']:.4f}")
+    if written:
+        print(f"Wrote {written}")
+
+
+if __name__ == "__main__":
+    sys.exit(app.run(main))

@@ -1,0 +1,105 @@
+"""scripts/benchmark.py in tiny configurations, and the mixed-precision fast path
+checked against the float32 reference path."""
+
+import os
+import re
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from byol_tf import losses
+from byol_tf.config import get_preset
+from byol_tf.model import build_byol
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--backbone=resnet_tiny", "--image_size=16", "--batch_size=8", "--steps=3", "--warmup=1",
+        "--projector_hidden=32"]
+
+
+def run_benchmark(*args, timeout=300):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "benchmark.py"), *args],
+        capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT,
+    )
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--what=augment", *TINY],
+        ["--what=step", *TINY],
+        ["--what=fit", *TINY[:-2], "--steps=4", "--warmup=2", "--steps_per_execution=2", "--projector_hidden=32"],
+    ],
+    ids=["augment", "step", "fit"],
+)
+def test_benchmark_prints_images_per_sec(args):
+    result = run_benchmark(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    match = re.fullmatch(r"images_per_sec=(\S+)", lines[-1])
+    assert match, result.stdout
+    assert float(match.group(1)) > 0
+    assert re.search(r"^median_step_s=\d+\.\d+$", result.stdout, re.M), result.stdout
+    assert "tensorflow=" in result.stdout and "devices=" in result.stdout
+    assert "backbone=resnet_tiny image_size=16 batch_size=8" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "flag, expected",
+    [
+        ("--what=nope", "--what"),
+        ("--batch_size=0", "--batch_size=0"),
+        ("--steps=0", "--steps=0"),
+        ("--precision=float8", "--precision"),
+        ("--backbone=resnet7", "--backbone='resnet7'"),
+    ],
+)
+def test_bad_flags_fail_naming_the_flag(flag, expected):
+    result = run_benchmark("--what=step", *TINY, flag, timeout=120)
+    assert result.returncode != 0
+    assert expected in result.stderr, result.stderr[-2000:]
+    assert "images_per_sec=" not in result.stdout
+
+
+def _forward_loss(model, view1, view2):
+    """The BYOL loss of `train_step`, through a forward pass only."""
+    z1 = model.target_projector(model.target_encoder(view1, training=True), training=True)
+    z2 = model.target_projector(model.target_encoder(view2, training=True), training=True)
+    p1 = model.predictor(model.projector(model.encoder(view1, training=True), training=True), training=True)
+    p2 = model.predictor(model.projector(model.encoder(view2, training=True), training=True), training=True)
+    return p1, tf.reduce_mean(losses.symmetric_loss(p1, p2, z1, z2))
+
+
+def test_mixed_bfloat16_loss_matches_float32():
+    config = get_preset("imagenet", backbone="resnet_tiny", image_size=16, batch_size=8,
+                        projector_hidden=32, predictor_hidden=32, projection_dim=16)
+    rng = np.random.default_rng(0)
+    view1 = tf.constant(rng.random((8, 16, 16, 3), dtype=np.float32))
+    view2 = tf.constant(np.clip(view1.numpy() + 0.1 * rng.standard_normal(view1.shape), 0, 1).astype(np.float32))
+    results = {}
+    reference_weights = None
+    try:
+        for policy in ("float32", "mixed_bfloat16"):
+            keras.mixed_precision.set_global_policy(policy)
+            keras.utils.set_random_seed(0)
+            model = build_byol(config)
+            if reference_weights is None:
+                reference_weights = model.get_weights()
+            else:
+                # Same model: the variables are float32 under both policies.
+                model.set_weights(reference_weights)
+            results[policy] = _forward_loss(model, view1, view2)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    p_ref, loss_ref = results["float32"]
+    p_fast, loss_fast = results["mixed_bfloat16"]
+    # The fast path really computes in bfloat16, and the loss comes back in float32.
+    assert p_ref.dtype == tf.float32 and p_fast.dtype == tf.bfloat16
+    assert loss_ref.dtype == tf.float32 and loss_fast.dtype == tf.float32
+    assert 0.0 < float(loss_ref) < 8.0
+    np.testing.assert_allclose(float(loss_fast), float(loss_ref), atol=0.05)
