@@ -6,6 +6,7 @@ The run folder holds `config.json`, `metrics.csv`, `tensorboard/`,
 (the final online encoder) and `summary.json` (with the run's `status`).
 """
 
+import csv
 import json
 import math
 import os
@@ -88,6 +89,22 @@ def check_resume(out_dir, config, overwrite=False):
         f"Rerun with the same settings, choose another --out, or pass --overwrite to start over. "
         f"Received: out={out_dir!r}"
     )
+
+
+def _truncate_metrics(path, epoch):
+    """Drops the rows of epochs >= `epoch` (0-based) from `metrics.csv`: a resumed run writes them again."""
+    if not os.path.isfile(path):
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows or "epoch" not in rows[0]:
+        return
+    column = rows[0].index("epoch")
+    keep = [rows[0]] + [r for r in rows[1:] if len(r) > column and r[column].isdigit() and int(r[column]) < epoch]
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        csv.writer(f).writerows(keep)
+    os.replace(tmp, path)
 
 
 def _remove(path):
@@ -222,6 +239,8 @@ def run_pretraining(config, train, out_dir, eval_set=None, knn_every=1, backup_e
         with strategy.scope():
             info = guards.restore_backup(model, backup_dir, model.online_trainable_variables)
         start_step = int(info["step"])
+        if chief:
+            _truncate_metrics(os.path.join(out_dir, "metrics.csv"), start_step // steps)
         message = f"Resumed from step {start_step} (backup in {backup_dir})"
         print(message, flush=True)
         logging.info(message)

@@ -91,6 +91,8 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
         summary = json.load(open(os.path.join(run, "summary.json")))
         assert summary["status"] == "finished" and summary["steps"] == 12
         assert not os.path.exists(os.path.join(run, "backup"))
+        epochs = [line.split(",")[0] for line in open(os.path.join(run, "metrics.csv")).read().split()[1:]]
+        assert epochs == ["0", "1", "2"], epochs  # one row per epoch, none repeated by the resume
     for name in ("checkpoints/byol.keras", "encoder.keras"):
         a, b = _h5_arrays(os.path.join(straight, name)), _h5_arrays(os.path.join(killed, name))
         assert a.keys() == b.keys() and len(a) > 20
@@ -317,3 +319,23 @@ def test_header_sizes_without_decoding(tmp_path):
         Image.fromarray(_rgb(13, 29, 0)).save(path, fmt)
         with open(path, "rb") as f:
             assert data._header_size(f, f.read(32)) == (29, 13), fmt
+
+
+def test_resume_in_process_after_a_nan_stop(tmp_path, tiny_images, capsys):
+    # A NaN at step 6 (0-based) stops the run with its backup of step 6 kept; a
+    # rerun (summary removed, as after a kill) resumes there and finishes, and
+    # the NaN epoch's metrics row is replaced, not repeated.
+    out = str(tmp_path / "run")
+    config = _tiny_config(epochs=2)
+    stopped = training.run_pretraining(config, tiny_images, out, verbose=0, autotune=False,
+                                       backup_every_steps=1, callbacks=[PoisonAt(6)])
+    assert stopped["status"] == "stopped_nan"
+    assert guards.read_backup(os.path.join(out, "backup"))["step"] == 6
+    os.remove(os.path.join(out, "summary.json"))
+    capsys.readouterr()
+    summary = training.run_pretraining(config, tiny_images, out, verbose=0, autotune=False)
+    assert f"Resumed from step 6 (backup in {os.path.join(out, 'backup')})" in capsys.readouterr().out
+    assert summary["status"] == "finished" and summary["steps"] == 8 and summary["resumed_from_step"] == 6
+    rows = open(os.path.join(out, "metrics.csv")).read().split()[1:]
+    assert [r.split(",")[0] for r in rows] == ["0", "1"] and "nan" not in rows[1].lower()
+    assert _all_finite(_h5_arrays(os.path.join(out, "checkpoints", "byol.keras")))
