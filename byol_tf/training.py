@@ -27,6 +27,7 @@ from byol_tf.ema import EMAUpdate
 from byol_tf.evaluation import KNNMonitor, embed, knn_accuracy
 from byol_tf.model import build_byol
 from byol_tf.optim import build_optimizer
+from byol_tf.plots import plot_run
 
 SUMMARY = "summary.json"
 CONFIG = "config.json"
@@ -325,12 +326,20 @@ def run_pretraining(config, train, out_dir, eval_set=None, knn_every=1, backup_e
     else:
         model.encoder.save(os.path.join(write_dir, "encoder.keras"))
         if eval_set is not None:
-            summary["knn_acc"] = knn_eval(model.encoder, config.image_size, train, eval_set)
+            # The monitor always evaluates the last epoch; reuse it rather than embed twice.
+            knn_history = history.get("knn_acc", [])
+            summary["knn_acc"] = float(knn_history[-1]) if knn_history else knn_eval(
+                model.encoder, config.image_size, train, eval_set)
             if compare_random_init:
                 summary["knn_acc_random_init"] = knn_eval(random_init_encoder(config), config.image_size, train, eval_set)
             logging.info("kNN top-1 (k=200): %.4f learned, %s at random init", summary["knn_acc"],
                          summary.get("knn_acc_random_init", "n/a"))
     guards._atomic_json(os.path.join(write_dir, SUMMARY), summary)
+    if chief:
+        try:
+            plot_run(write_dir, None if state.stopped else eval_set, encoder=model.encoder)
+        except Exception as error:  # A plotting failure must not fail a finished run.
+            logging.warning("Plots failed: %s", error)
     if not state.stopped:
         # Finished: the backup has served its purpose. A stopped run keeps its last good backup.
         _remove(os.path.join(write_dir, BACKUP))

@@ -32,11 +32,11 @@ def runs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("dist")
     single = _run(str(folder / "single.npz"))
     mirrored = _run(str(folder / "mirrored.npz"), "--strategy=mirrored", "--cpu_replicas=2")
-    return single, mirrored
+    return single, mirrored, folder
 
 
 def test_mirrored_with_sync_bn_matches_one_device(runs):
-    single, mirrored = runs
+    single, mirrored, _ = runs
     assert int(single["replicas"]) == 1 and int(mirrored["replicas"]) == 2
     # float32 reductions in a different order: agreement to ~1e-5 relative.
     np.testing.assert_allclose(mirrored["loss"], single["loss"], rtol=1e-5, atol=1e-5)
@@ -47,7 +47,7 @@ def test_mirrored_with_sync_bn_matches_one_device(runs):
 
 
 def test_mirrored_variables_identical_on_every_replica(runs):
-    _, mirrored = runs
+    _, mirrored, _ = runs
     assert float(mirrored["replica_spread"]) == 0.0
 
 
@@ -76,8 +76,14 @@ def _free_ports(n):
     return ports
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="Keras 3 fit() under MultiWorkerMirroredStrategy fails with 'Attempt to convert a value "
+    "(PerReplica...)' (keras-team/keras#20585, open; reproduced with Keras 3.15). Strict: when "
+    "Keras fixes it this test passes, fails as XPASS, and the marker must go.",
+)
 def test_multi_worker_on_localhost(tmp_path, runs):
-    single, _ = runs
+    single, _, folder = runs
     ports = _free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
@@ -85,7 +91,7 @@ def test_multi_worker_on_localhost(tmp_path, runs):
     for index in range(2):
         tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
         out = str(tmp_path / f"worker{index}.npz")
-        procs.append(subprocess.Popen([sys.executable, WORKER, out, "--strategy=auto"], env=dict(env, TF_CONFIG=tf_config),
+        procs.append(subprocess.Popen([sys.executable, WORKER, out, "--strategy=auto", f"--init={folder / 'init.weights.h5'}"], env=dict(env, TF_CONFIG=tf_config),
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     try:
         outputs = [p.communicate(timeout=240) for p in procs]

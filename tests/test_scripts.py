@@ -31,7 +31,7 @@ def demo_run(tmp_path_factory):
 
 def test_pretrain_writes_the_run_folder(demo_run):
     out, result = demo_run
-    for name in ("config.json", "metrics.csv", "encoder.keras", "summary.json", "checkpoints/byol.keras"):
+    for name in ("config.json", "metrics.csv", "encoder.keras", "summary.json", "checkpoints/byol.keras", "metrics.png", "embedding_map.png"):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     assert os.listdir(os.path.join(out, "tensorboard"))
     summary = json.load(open(os.path.join(out, "summary.json")))

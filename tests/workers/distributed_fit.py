@@ -22,6 +22,7 @@ parser.add_argument("--steps", type=int, default=3)
 parser.add_argument("--steps_per_execution", type=int, default=1)
 parser.add_argument("--batch", type=int, default=16)
 parser.add_argument("--precision", default="float32")
+parser.add_argument("--init", default=None, help="Initial weights to load (saved there first if missing).")
 args = parser.parse_args()
 
 from byol_tf import distribute
@@ -49,10 +50,10 @@ with strategy.scope():
     # Plain SGD: the comparison is about the distributed step, not the optimizer.
     model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9), steps_per_execution=args.steps_per_execution)
 # Same initial weights whatever the strategy: load them from a shared file if present.
-init = os.path.join(os.path.dirname(args.out), "init.weights.h5")
+init = args.init or os.path.join(os.path.dirname(args.out), "init.weights.h5")
 if os.path.exists(init):
     model.load_weights(init)
-else:
+elif distribute.is_chief():
     model.save_weights(init)
 ds = tf.data.Dataset.from_tensor_slices((x1, x2)).batch(args.batch)
 history = model.fit(ds, epochs=1, steps_per_epoch=args.steps, callbacks=[EMAUpdate(args.steps, 0.9)], verbose=0)
