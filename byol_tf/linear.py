@@ -159,6 +159,28 @@ def load_labelled(source, image_size, split, limit=None):
     return images
 
 
+def load_eval_inputs(run_dir, encoder_path, random_init, data, eval_data, limit=None, eval_limit=None):
+    """The encoder and the labelled train/test sets that an evaluation script needs.
+
+    Returns:
+        `(encoder, config, train, test, data, eval_data)`: the sources as
+        resolved from the run's config when `data`/`eval_data` are None.
+    """
+    encoder, config = load_encoder(run_dir, encoder_path, random_init)
+    data, eval_data = resolve_sources(data, eval_data, config)
+    image_size = encoder_image_size(encoder)
+    train = load_labelled(data, image_size, "train", limit)
+    test = load_labelled(eval_data, image_size, "test", eval_limit)
+    return encoder, config, train, test, data, eval_data
+
+
+def usage_message(error):
+    """A library ValueError reworded with the scripts' flag names."""
+    message = str(error).replace("run_dir=", "--run_dir=").replace("encoder_path=", "--encoder=")
+    return message.replace("Received: data=", "Received: --data=").replace(", data=", ", --data=").replace(
+        "eval_data=", "--eval_data=")
+
+
 # ---------------------------------------------------------------------------
 # The protocol.
 

@@ -62,16 +62,10 @@ def main(argv):
     from byol_tf import finetune, linear
 
     try:
-        encoder, config = linear.load_encoder(FLAGS.run_dir, FLAGS.encoder, FLAGS.init == "random")
+        encoder, _, train, test, _, _ = linear.load_eval_inputs(
+            FLAGS.run_dir, FLAGS.encoder, FLAGS.init == "random", FLAGS.data, FLAGS.eval_data, FLAGS.limit, FLAGS.eval_limit)
     except ValueError as error:
-        raise app.UsageError(str(error).replace("run_dir=", "--run_dir=").replace("encoder_path=", "--encoder="))
-    try:
-        data, eval_data = linear.resolve_sources(FLAGS.data, FLAGS.eval_data, config)
-    except ValueError as error:
-        raise app.UsageError(str(error).replace("Received: ", "Received: --").replace(", data=", ", --data="))
-    image_size = linear.encoder_image_size(encoder)
-    train = linear.load_labelled(data, image_size, "train", FLAGS.limit)
-    test = linear.load_labelled(eval_data, image_size, "test", FLAGS.eval_limit)
+        raise app.UsageError(linear.usage_message(error))
     index = linear.class_balanced_subset(train.labels, FLAGS.label_fraction, FLAGS.seed)
     train = type(train)(images=train.images[index], labels=train.labels[index],
                         class_names=train.class_names, source=train.source)

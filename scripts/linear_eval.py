@@ -72,16 +72,10 @@ def main(argv):
     from byol_tf import linear
 
     try:
-        encoder, config = linear.load_encoder(FLAGS.run_dir, FLAGS.encoder, FLAGS.random_init)
+        encoder, _, train, test, data, eval_data = linear.load_eval_inputs(
+            FLAGS.run_dir, FLAGS.encoder, FLAGS.random_init, FLAGS.data, FLAGS.eval_data, FLAGS.limit, FLAGS.eval_limit)
     except ValueError as error:
-        raise app.UsageError(str(error).replace("run_dir=", "--run_dir=").replace("encoder_path=", "--encoder="))
-    try:
-        data, eval_data = linear.resolve_sources(FLAGS.data, FLAGS.eval_data, config)
-    except ValueError as error:
-        raise app.UsageError(str(error).replace("Received: ", "Received: --").replace(", data=", ", --data="))
-    image_size = linear.encoder_image_size(encoder)
-    train = linear.load_labelled(data, image_size, "train", FLAGS.limit)
-    test = linear.load_labelled(eval_data, image_size, "test", FLAGS.eval_limit)
+        raise app.UsageError(linear.usage_message(error))
     result = linear.linear_eval(
         encoder, train, test, label_fraction=FLAGS.label_fraction, flip_augment=FLAGS.flip_augment,
         seed=FLAGS.seed, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size, lr=FLAGS.lr,
