@@ -6,7 +6,7 @@ value in its error.
 """
 
 import dataclasses
-from typing import Optional, Tuple
+from typing import Tuple
 
 OPTIMIZERS = ("lars", "sgd", "adam", "adamw")
 LOSSES = ("byol", "infonce")

@@ -62,7 +62,7 @@ def main(argv):
     from byol_tf import finetune, linear
 
     try:
-        encoder, _, train, test, _, _ = linear.load_eval_inputs(
+        encoder, _, train, test, data, eval_data = linear.load_eval_inputs(
             FLAGS.run_dir, FLAGS.encoder, FLAGS.init == "random", FLAGS.data, FLAGS.eval_data, FLAGS.limit, FLAGS.eval_limit)
     except ValueError as error:
         raise app.UsageError(linear.usage_message(error))

@@ -1,6 +1,5 @@
 """Tiny BYOL models and data shared by the model, EMA and script tests."""
 
-import keras
 import numpy as np
 import tensorflow as tf
 
