@@ -221,7 +221,7 @@ def _atomic_json(path, value):
 class StepBackup(keras.callbacks.Callback):
     """Backs up the full training state every `every_steps` optimizer steps.
 
-    Each backup goes to a fresh folder `backup_dir/step-XXXXXXXX/` (weights
+    Each backup goes to a fresh folder `backup_dir/step-NNNNNNNN/` (weights
     file and a `run.json`); then `backup_dir/latest.json` is replaced
     atomically to point at it, and older step folders are removed. A kill at
     any moment leaves `latest.json` pointing at a complete backup.
