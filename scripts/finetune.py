@@ -17,14 +17,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags
 
+import eval_flags
+
 FLAGS = flags.FLAGS
-flags.DEFINE_string("run_dir", None, "Pretraining run folder: encoder.keras and config.json.")
-flags.DEFINE_string("encoder", None, "A .keras encoder file, instead of RUN/encoder.keras.")
+eval_flags.define_input_flags()
 flags.DEFINE_enum("init", "pretrained", ["pretrained", "random"], "Start from the pretrained encoder, or from the run's backbone at random init (supervised baseline).")
-flags.DEFINE_string("data", None, "Labelled training data (as pretrain.py --data). Default: 'shapes' for a demo run.")
-flags.DEFINE_string("eval_data", None, "Labelled test data. Default: the test split of --data for 'shapes' and tfds.")
-flags.DEFINE_integer("limit", None, "Use at most this many training images.")
-flags.DEFINE_integer("eval_limit", None, "Use at most this many test images.")
 flags.DEFINE_integer("epochs", 30, "Epochs, frozen ones included.")
 flags.DEFINE_integer("batch_size", 128, "Images per step.")
 flags.DEFINE_float("lr", 0.05, "Peak learning rate of the cosine schedule (SGD, momentum 0.9).")

@@ -16,15 +16,12 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags, logging
+from absl import app, flags
+
+import eval_flags, logging
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("run_dir", None, "Pretraining run folder: encoder.keras and config.json.")
-flags.DEFINE_string("encoder", None, "A .keras encoder file, instead of RUN/encoder.keras.")
-flags.DEFINE_string("data", None, "Labelled training data (as pretrain.py --data). Default: 'shapes' for a demo run.")
-flags.DEFINE_string("eval_data", None, "Labelled test data. Default: the test split of --data for 'shapes' and tfds.")
-flags.DEFINE_integer("limit", None, "Use at most this many training images.")
-flags.DEFINE_integer("eval_limit", None, "Use at most this many test images.")
+eval_flags.define_input_flags()
 flags.DEFINE_integer("epochs", 100, "Epochs of the linear classifier over the fixed features.")
 flags.DEFINE_integer("batch_size", 256, "Features per SGD step.")
 flags.DEFINE_float("lr", 0.1, "Peak learning rate of the cosine schedule (SGD, momentum 0.9).")
