@@ -35,12 +35,7 @@ flags.DEFINE_integer("verbose", 2, "fit verbosity.")
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments. Received: {argv[1:]}")
-    if not FLAGS.run_dir and not FLAGS.encoder:
-        raise app.UsageError("Pass --run_dir or --encoder. Received: --run_dir=None, --encoder=None")
-    if FLAGS.run_dir and not os.path.isdir(FLAGS.run_dir):
-        raise app.UsageError(f"--run_dir does not exist. Received: --run_dir={FLAGS.run_dir}")
+    eval_flags.check_input_flags(argv)
     if not FLAGS.out and not FLAGS.run_dir:
         raise app.UsageError("--out is required without --run_dir. Received: --out=None")
     if not 0 < FLAGS.label_fraction <= 1:

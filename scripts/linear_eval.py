@@ -51,12 +51,7 @@ def write_result(result, path):
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments. Received: {argv[1:]}")
-    if not FLAGS.run_dir and not FLAGS.encoder:
-        raise app.UsageError("Pass --run_dir or --encoder. Received: --run_dir=None, --encoder=None")
-    if FLAGS.run_dir and not os.path.isdir(FLAGS.run_dir):
-        raise app.UsageError(f"--run_dir does not exist. Received: --run_dir={FLAGS.run_dir}")
+    eval_flags.check_input_flags(argv)
     if not 0 < FLAGS.label_fraction <= 1:
         raise app.UsageError(f"--label_fraction must be in (0, 1]. Received: --label_fraction={FLAGS.label_fraction}")
     for name in ("epochs", "batch_size", "limit", "eval_limit"):
