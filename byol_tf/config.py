@@ -110,6 +110,10 @@ class PretrainConfig:
         seed: seeds data order, augmentation and initialisation.
         steps_per_execution: optimizer steps per compiled call.
         precision: a Keras dtype policy name.
+        probe: train an online linear probe on the labels alongside BYOL
+            (logged as `probe_acc`; the data must be labelled). It never
+            changes the encoder.
+        probe_lr: the probe's Adam learning rate.
     """
 
     preset: str = "custom"
@@ -133,6 +137,8 @@ class PretrainConfig:
     seed: int = 0
     steps_per_execution: int = 1
     precision: str = "float32"
+    probe: bool = False
+    probe_lr: float = 1e-3
 
     def __post_init__(self):
         _check(self.image_size >= 8, "image_size", self.image_size, "must be >= 8")
@@ -147,6 +153,8 @@ class PretrainConfig:
                f"must be in [0, epochs] with epochs {self.epochs}")
         _check(0.0 <= self.base_tau <= 1.0, "base_tau", self.base_tau, "must be in [0, 1]")
         _check(self.temperature > 0, "temperature", self.temperature, "must be > 0")
+        _check(self.probe_lr > 0, "probe_lr", self.probe_lr, "must be > 0")
+        _check(isinstance(self.probe, bool), "probe", self.probe, "must be True or False")
         _check(self.steps_per_execution >= 1, "steps_per_execution", self.steps_per_execution, "must be >= 1")
         for name in ("projector_hidden", "projection_dim", "predictor_hidden"):
             _check(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")

@@ -201,6 +201,7 @@ def pretrain_dataset(
     shuffle_buffer: Optional[int] = None,
     autotune: bool = True,
     start_batch: int = 0,
+    labels=None,
 ) -> tf.data.Dataset:
     """An infinite dataset of BYOL view pairs from in-memory images.
 
@@ -228,11 +229,14 @@ def pretrain_dataset(
         start_batch: index of the first batch served; batch `i` of the
             stream started at `start_batch=s` is batch `s + i` of the stream
             started at 0, computed directly (nothing is skipped over).
+        labels: optional integer array `[num_images]`; then every element is
+            `((view1, view2), labels)`, for the online linear probe.
 
     Returns:
         A `tf.data.Dataset` of `(view1, view2)` float32 tensors, each
-        `[batch_size, image_size, image_size, 3]` in `[0, 1]`. It repeats
-        forever: pass `steps_per_epoch` to `fit`.
+        `[batch_size, image_size, image_size, 3]` in `[0, 1]` (with their
+        int64 labels, see `labels`). It repeats forever: pass
+        `steps_per_epoch` to `fit`.
     """
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3:
@@ -251,6 +255,15 @@ def pretrain_dataset(
     if isinstance(start_batch, bool) or not isinstance(start_batch, (int, np.integer)) or start_batch < 0:
         raise ValueError(f"`start_batch` must be an integer >= 0. Received: start_batch={start_batch!r}")
 
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(
+                f"`labels` must be integers, one per image, shape ({len(images)},). "
+                f"Received: labels with dtype={labels.dtype} and shape={labels.shape}"
+            )
+        labels_t = tf.constant(labels.astype(np.int64))
+
     num_images = len(images)
     steps = steps_per_epoch(num_images, batch_size)
     seed_const = tf.constant(int(seed), tf.int64)
@@ -265,7 +278,10 @@ def pretrain_dataset(
         )
         chosen = order[position * batch_size:(position + 1) * batch_size]
         batch = tf.ensure_shape(tf.gather(images_t, chosen), element_shape)
-        return augment_pair(batch, tf.stack([seed_const, index]), augment_config)
+        views = augment_pair(batch, tf.stack([seed_const, index]), augment_config)
+        if labels is None:
+            return views
+        return views, tf.ensure_shape(tf.gather(labels_t, chosen), [int(batch_size)])
 
     # The batch index (int64) counts across epochs, so every batch gets its own seed.
     ds = tf.data.Dataset.counter(start=int(start_batch), dtype=tf.int64)

@@ -37,6 +37,15 @@ class BYOL(keras.Model):
         predictor: the predictor head (an `MLPHead`).
         loss: "byol" (the paper's regression loss) or "infonce".
         temperature: InfoNCE temperature.
+        probe_classes: number of classes of the online linear probe, or
+            `None` for no probe. The probe is a linear classifier on the
+            online encoder's features of the first view, trained alongside
+            BYOL on `((view1, view2), labels)` batches with its own Adam
+            optimizer (as solo-learn's online classifier). The features are
+            stop-gradient: the probe never changes the encoder. It logs
+            `probe_acc` in training and, on `(images, labels)` validation
+            data, in `evaluate` (`val_probe_acc` in `fit`).
+        probe_learning_rate: the probe's Adam learning rate.
         **kwargs: passed to `keras.Model`.
 
     Example:
@@ -49,10 +58,16 @@ class BYOL(keras.Model):
     >>> model.compile(optimizer="sgd")
     """
 
-    def __init__(self, encoder, projector, predictor, loss="byol", temperature=0.1, **kwargs):
+    def __init__(self, encoder, projector, predictor, loss="byol", temperature=0.1, probe_classes=None,
+                 probe_learning_rate=1e-3, **kwargs):
         super().__init__(**kwargs)
         if loss not in losses.LOSSES:
             raise ValueError(f"Unknown loss; expected one of {sorted(losses.LOSSES)}. Received: loss={loss!r}")
+        if probe_classes is not None and (isinstance(probe_classes, bool) or not isinstance(probe_classes, int)
+                                          or probe_classes < 2):
+            raise ValueError(f"`probe_classes` must be None or an integer >= 2. Received: probe_classes={probe_classes!r}")
+        if not probe_learning_rate > 0:
+            raise ValueError(f"`probe_learning_rate` must be > 0. Received: probe_learning_rate={probe_learning_rate!r}")
         self.encoder = encoder
         self.projector = projector
         self.predictor = predictor
@@ -78,12 +93,24 @@ class BYOL(keras.Model):
         self.ema_in_step = False
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.collapse_tracker = keras.metrics.Mean(name="collapse_std")
+        self.probe_classes = probe_classes
+        self.probe_learning_rate = probe_learning_rate
+        self.probe = None
+        if probe_classes is not None:
+            # float32 under mixed precision too: its optimizer has no loss scaling.
+            self.probe = keras.layers.Dense(probe_classes, dtype="float32", name="probe")
+            self.probe.build((None, feature_dim))
+            self.probe_optimizer = keras.optimizers.Adam(probe_learning_rate, name="probe_adam")
+            # Built now so that saved weights load into it before the first step.
+            self.probe_optimizer.build(self.probe.trainable_variables)
+            self.probe_accuracy = keras.metrics.SparseCategoricalAccuracy(name="probe_acc")
         # Every sub-network is built above.
         self.built = True
 
     @property
     def metrics(self):
-        return [self.loss_tracker, self.collapse_tracker]
+        extra = [self.probe_accuracy] if self.probe is not None else []
+        return [self.loss_tracker, self.collapse_tracker, *extra]
 
     @property
     def online_trainable_variables(self):
@@ -96,19 +123,47 @@ class BYOL(keras.Model):
         return self.target_projector(self.target_encoder(images, training=True), training=True)
 
     def _online(self, images):
-        z = self.projector(self.encoder(images, training=True), training=True)
-        return z, self.predictor(z, training=True)
+        h = self.encoder(images, training=True)
+        z = self.projector(h, training=True)
+        return h, z, self.predictor(z, training=True)
+
+    def compile(self, *args, **kwargs):
+        super().compile(*args, **kwargs)
+        # On the online variables only: `fit` would otherwise build it on all
+        # trainable variables, the probe's included, which it never updates.
+        if self.optimizer is not None and not self.optimizer.built:
+            self.optimizer.build(self.online_trainable_variables)
+
+    def _unpack(self, data):
+        """`(view1, view2)` or `((view1, view2), labels)` -> views, labels or None."""
+        if len(data) == 2 and isinstance(data[0], (tuple, list)):
+            (view1, view2), labels = data
+            return view1, view2, labels
+        return data[0], data[1], None
+
+    def _train_probe(self, features, labels):
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        features = tf.stop_gradient(tf.cast(features, tf.float32))
+        with tf.GradientTape() as tape:
+            logits = self.probe(features)
+            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True))
+            loss = loss / replicas
+        variables = self.probe.trainable_variables
+        self.probe_optimizer.apply(tape.gradient(loss, variables), variables)
+        self.probe_accuracy.update_state(labels, logits)
 
     def train_step(self, data):
-        view1, view2 = data[0], data[1]
+        view1, view2, labels = self._unpack(data)
+        if labels is not None and self.probe is None:
+            raise ValueError("The batches carry labels, but this BYOL has no probe. Received: probe_classes=None")
         # Each view goes through the networks on its own, as in the paper: a
         # concatenated batch would change the BatchNorm statistics.
         z1_target = tf.stop_gradient(self._target(view1))
         z2_target = tf.stop_gradient(self._target(view2))
         variables = self.online_trainable_variables
         with tf.GradientTape() as tape:
-            z1, p1 = self._online(view1)
-            _, p2 = self._online(view2)
+            h1, z1, p1 = self._online(view1)
+            _, _, p2 = self._online(view2)
             loss = tf.reduce_mean(
                 losses.symmetric_loss(p1, p2, z1_target, z2_target, self.loss_name, self.temperature)
             )
@@ -127,19 +182,33 @@ class BYOL(keras.Model):
             tau = self.ema_schedule.tau_at(self.optimizer.iterations - 1)
         self.loss_tracker.update_state(loss)
         self.collapse_tracker.update_state(collapse_std(z1))
-        return {
+        logs = {
             "loss": self.loss_tracker.result(),
             "collapse_std": self.collapse_tracker.result(),
             "tau": tf.identity(tau),
             "lr": lr,
         }
+        if labels is not None:
+            self._train_probe(h1, labels)
+            logs["probe_acc"] = self.probe_accuracy.result()
+        return logs
+
+    def test_step(self, data):
+        """The probe's top-1 on `(images, labels)`: `val_probe_acc` in `fit`."""
+        if self.probe is None:
+            raise ValueError(
+                "Evaluation data needs the online linear probe: build BYOL with `probe_classes`. Received: probe_classes=None"
+            )
+        images, labels = data[0], data[1]
+        features = tf.cast(self.encoder(images, training=False), tf.float32)
+        self.probe_accuracy.update_state(labels, self.probe(features))
+        return {"probe_acc": self.probe_accuracy.result()}
 
     def compile_from_config(self, config):
-        super().compile_from_config(config)
-        # Build the optimizer on the online variables only, so that a reloaded
-        # model gets its optimizer state back.
-        if self.optimizer is not None and not self.optimizer.built:
-            self.optimizer.build(self.online_trainable_variables)
+        # Keras skips `compile` on load when a model overrides it; ours only
+        # adds the optimizer build, so a reloaded model gets its optimizer
+        # state back.
+        self.compile(**keras.saving.deserialize_keras_object(config))
 
     def get_config(self):
         config = super().get_config()
@@ -149,6 +218,8 @@ class BYOL(keras.Model):
             predictor=keras.saving.serialize_keras_object(self.predictor),
             loss=self.loss_name,
             temperature=self.temperature,
+            probe_classes=self.probe_classes,
+            probe_learning_rate=self.probe_learning_rate,
         )
         return config
 
@@ -170,7 +241,7 @@ def collapse_std(z):
     return tf.reduce_mean(tf.math.reduce_std(z, axis=0))
 
 
-def build_byol(config, strategy_replicas=1, backbone=None):
+def build_byol(config, strategy_replicas=1, backbone=None, probe_classes=None):
     """Builds a `BYOL` model from a `byol_tf.config.PretrainConfig`.
 
     Args:
@@ -178,6 +249,8 @@ def build_byol(config, strategy_replicas=1, backbone=None):
         strategy_replicas: replicas of the current strategy; BatchNorm is
             synchronised across them when there are several.
         backbone: optional `keras.Model` to use instead of `config.backbone`.
+        probe_classes: classes of the online linear probe (`None`: no probe);
+            it trains with `config.probe_lr`.
     """
     from byol_tf.backbones import build_encoder
 
@@ -185,4 +258,5 @@ def build_byol(config, strategy_replicas=1, backbone=None):
     encoder = build_encoder(backbone if backbone is not None else config.backbone, config.image_size, synchronized=sync)
     projector = MLPHead(config.projector_hidden, config.projection_dim, synchronized=sync, name="projector")
     predictor = MLPHead(config.predictor_hidden, config.projection_dim, synchronized=sync, name="predictor")
-    return BYOL(encoder, projector, predictor, loss=config.loss, temperature=config.temperature, name="byol")
+    return BYOL(encoder, projector, predictor, loss=config.loss, temperature=config.temperature,
+                probe_classes=probe_classes, probe_learning_rate=config.probe_lr, name="byol")

@@ -1,6 +1,7 @@
 """PNG plots of a pretraining run: its training curves and an embedding map.
 
-- `metrics.png`: loss, tau, lr, collapse_std and knn_acc against the epoch,
+- `metrics.png`: loss, tau, lr, collapse_std, knn_acc and (with the online
+  probe) probe_acc and val_probe_acc against the epoch,
   read from `RUN/metrics.csv`. Empty and `NA` cells (epochs without a kNN
   evaluation) are skipped; after a resume, a repeated epoch keeps its last row.
 - `embedding_map.png`: the encoder's features of labelled images projected
@@ -19,7 +20,7 @@ import numpy as np
 
 from byol_tf.evaluation import embed
 
-METRICS = ("loss", "tau", "lr", "collapse_std", "knn_acc")
+METRICS = ("loss", "tau", "lr", "collapse_std", "knn_acc", "probe_acc", "val_probe_acc")
 
 
 def _new_figure(width, height):

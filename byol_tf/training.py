@@ -15,6 +15,7 @@ import tempfile
 import time
 
 import keras
+import numpy as np
 import tensorflow as tf
 from absl import logging
 
@@ -22,6 +23,7 @@ from byol_tf import __version__
 from byol_tf import data as data_lib
 from byol_tf import distribute, guards
 from byol_tf.backbones import build_encoder
+from byol_tf.config import PretrainConfig
 from byol_tf.ema import EMAUpdate
 from byol_tf.evaluation import KNNMonitor, embed, knn_accuracy
 from byol_tf.model import build_byol
@@ -65,6 +67,14 @@ def config_differences(old, new):
     return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
+def probe_classes(train, eval_set=None):
+    """Classes for the online linear probe: the training set's class names, or enough for every label seen."""
+    labels = [int(np.max(s.labels)) + 1 for s in (train, eval_set) if s is not None and s.labels is not None]
+    count = max([len(train.class_names or [])] + labels)
+    # A probe needs two classes; a one-class set still gets a valid (if trivial) probe.
+    return max(2, count)
+
+
 def check_resume(out_dir, config, overwrite=False):
     """Refuses to resume `out_dir` with a configuration other than the one in its `config.json`.
 
@@ -78,6 +88,11 @@ def check_resume(out_dir, config, overwrite=False):
         return has_backup
     with open(path) as f:
         old = json.load(f)
+    try:
+        # Fields added since the run began take their defaults.
+        old = PretrainConfig.from_dict(old).to_dict()
+    except (TypeError, ValueError):
+        pass  # An unreadable old config differs in every field below.
     differences = config_differences(old, config.to_dict())
     if not differences:
         return has_backup
@@ -180,6 +195,10 @@ def run_pretraining(config, train, out_dir, eval_set=None, knn_every=1, backup_e
         raise ValueError(
             f"kNN evaluation uses the training images as memory, so they need labels. Received: data={train.source!r} (unlabelled)"
         )
+    if config.probe and train.labels is None:
+        raise ValueError(
+            f"The online linear probe (probe=True) trains on labels. Received: data={train.source!r} (unlabelled)"
+        )
     if on_collapse not in ("stop", "warn"):
         raise ValueError(f"`on_collapse` must be 'stop' or 'warn'. Received: on_collapse={on_collapse!r}")
     if collapse_patience < 1:
@@ -221,7 +240,8 @@ def run_pretraining(config, train, out_dir, eval_set=None, knn_every=1, backup_e
     keras.utils.set_random_seed(config.seed)
 
     with strategy.scope():
-        model = build_byol(config, replicas if sync_bn else 1, backbone=backbone)
+        model = build_byol(config, replicas if sync_bn else 1, backbone=backbone,
+                           probe_classes=probe_classes(train, eval_set) if config.probe else None)
         model.compile(optimizer=build_optimizer(config, steps), steps_per_execution=config.steps_per_execution,
                       jit_compile=jit_compile)
 
@@ -281,12 +301,21 @@ def run_pretraining(config, train, out_dir, eval_set=None, knn_every=1, backup_e
     logging.info("Pretraining %s on %d images: %d epochs x %d steps, global batch %d, peak lr %.4g",
                  config.backbone, len(train), config.epochs, steps, config.batch_size, config.peak_lr)
 
+    validation = {}
+    if config.probe and eval_set is not None:
+        # The probe is validated on the kNN monitor's epochs (`val_probe_acc`).
+        validation = dict(
+            validation_data=data_lib.eval_dataset(eval_set.images, eval_set.labels, config.image_size, 256),
+            validation_freq=[e for e in range(1, config.epochs + 1) if e % knn_every == 0 or e == config.epochs],
+        )
+
     def fit(first_step, epoch, end_epoch, steps_per_epoch):
         # The data stream is a pure function of the batch index: batch `first_step` is where to start.
         dataset = data_lib.pretrain_dataset(train.images, config.batch_size, config.augment, seed=config.seed,
-                                            autotune=autotune, start_batch=first_step)
+                                            autotune=autotune, start_batch=first_step,
+                                            labels=train.labels if config.probe else None)
         return model.fit(dataset, initial_epoch=epoch, epochs=end_epoch, steps_per_epoch=steps_per_epoch,
-                         callbacks=callback_list, verbose=verbose).history
+                         callbacks=callback_list, verbose=verbose, **validation).history
 
     start = time.time()
     history = {}

@@ -44,13 +44,15 @@ flags.DEFINE_integer("cpu_replicas", None, "Split the CPU into this many logical
 flags.DEFINE_enum("precision", None, ["float32", "mixed_bfloat16", "mixed_float16"], "Keras dtype policy.")
 flags.DEFINE_boolean("jit_compile", None, "XLA-compile the train step (default: Keras's 'auto').")
 flags.DEFINE_boolean("sync_bn", True, "Synchronise BatchNorm across replicas when there are several (--nosync_bn: per replica).")
+flags.DEFINE_boolean("probe", None, "Online linear probe: a stop-gradient linear classifier trained on the labels alongside BYOL, logged as probe_acc (and val_probe_acc on --eval_data). Needs labelled --data.")
+flags.DEFINE_float("probe_lr", None, "The online probe's Adam learning rate.")
 flags.DEFINE_integer("verbose", 2, "fit verbosity: 0, 1 (progress bar) or 2 (a line per epoch).")
 
 _OVERRIDES = {
     "backbone": "backbone", "image_size": "image_size", "epochs": "epochs", "batch_size": "batch_size",
     "optimizer": "optimizer", "lr": "base_lr", "weight_decay": "weight_decay", "warmup_epochs": "warmup_epochs",
     "base_tau": "base_tau", "loss": "loss", "seed": "seed", "steps_per_execution": "steps_per_execution",
-    "precision": "precision",
+    "precision": "precision", "probe": "probe", "probe_lr": "probe_lr",
 }
 
 # Exit status of a run a guard stopped (NaN loss or collapse).
@@ -147,6 +149,8 @@ def main(argv):
         eval_set = training.load_source(eval_data, config.image_size, "test") if eval_data else None
     except ValueError as error:
         raise app.UsageError(str(error).replace("Received: data=", "Received: --data="))
+    if config.probe and train.labels is None:
+        raise app.UsageError(f"--probe trains a classifier on the labels, but --data has none. Received: --data={data}")
     if train.num_skipped:
         print(f"Skipped {train.num_skipped} unusable files in {train.source} (reasons in the log).", flush=True)
     summary = training.run_pretraining(
@@ -161,6 +165,12 @@ def main(argv):
         print(f"Run stopped ({summary['status']}) after {summary['steps']} steps: see {os.path.join(FLAGS.out, 'summary.json')}")
         return EXIT_STOPPED
     print(f"Trained {summary['steps']} steps in {summary['train_seconds']} s ({summary['images_per_sec']} img/s)")
+    final = summary.get("final", {})
+    if "probe_acc" in final:
+        line = f"Online linear probe: {100 * final['probe_acc']:.2f}% on the last epoch's training views"
+        if "val_probe_acc" in final:
+            line += f", {100 * final['val_probe_acc']:.2f}% on --eval_data"
+        print(line)
     if "knn_acc" in summary:
         line = f"kNN top-1 (k=200): {100 * summary['knn_acc']:.2f}% learned"
         if "knn_acc_random_init" in summary:

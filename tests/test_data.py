@@ -317,17 +317,28 @@ def test_pretrain_dataset_deterministic_and_fresh_each_epoch():
     assert not np.allclose(first[0][0], other[0][0])
 
 
+# Every augmentation off: the views are the images themselves.
+IDENTITY_AUG = AugmentConfig(
+    image_size=8, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_prob=0.0,
+    jitter_prob=0.0, grayscale_prob=0.0, blur_prob=(0.0, 0.0), solarize_prob=(0.0, 0.0),
+)
+
+
+def _id_images(num):
+    """Images whose red channel is 20 x their index, so a view shows which image it is."""
+    images = np.zeros((num, 8, 8, 3), np.uint8)
+    images[:, :, :, 0] = (np.arange(num) * 20)[:, None, None]
+    return images
+
+
+def _ids(view):
+    return np.round(view[:, 4, 4, 0].numpy() * 255 / 20).astype(int)
+
+
 def test_pretrain_dataset_each_epoch_is_a_permutation():
-    # With every augmentation off the views are the images themselves, so the
-    # id written in each image shows the order the pipeline serves them in.
-    identity = AugmentConfig(
-        image_size=8, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_prob=0.0,
-        jitter_prob=0.0, grayscale_prob=0.0, blur_prob=(0.0, 0.0), solarize_prob=(0.0, 0.0),
-    )
-    images = np.zeros((11, 8, 8, 3), np.uint8)
-    images[:, :, :, 0] = (np.arange(11) * 20)[:, None, None]
-    ds = data.pretrain_dataset(images, 5, identity, seed=0, autotune=False)
-    ids = [np.round(v1[:, 4, 4, 0].numpy() * 255 / 20).astype(int) for v1, _ in ds.take(6)]
+    # The id written in each image shows the order the pipeline serves them in.
+    ds = data.pretrain_dataset(_id_images(11), 5, IDENTITY_AUG, seed=0, autotune=False)
+    ids = [_ids(v1) for v1, _ in ds.take(6)]
     epochs = [np.concatenate(ids[0:2]), np.concatenate(ids[2:4]), np.concatenate(ids[4:6])]
     for epoch in epochs:
         # 2 full batches per epoch; the 11th image is the dropped remainder.
@@ -351,6 +362,25 @@ def test_pretrain_dataset_start_batch_continues_the_same_stream():
     assert v1.shape == (8, 16, 16, 3)
     with pytest.raises(ValueError, match="start_batch"):
         data.pretrain_dataset(images, 8, SMALL_AUG, start_batch=-1)
+
+
+def test_pretrain_dataset_labels_follow_their_images():
+    images = _id_images(11)
+    labels = (np.arange(11) * 7) % 4  # any labels, known per image
+    plain = data.pretrain_dataset(images, 5, SMALL_AUG, seed=0, autotune=False)
+    labelled = data.pretrain_dataset(images, 5, SMALL_AUG, seed=0, autotune=False, labels=labels)
+    for (v1, v2), ((l1, l2), y) in zip(plain.take(4), labelled.take(4)):
+        # Labels change nothing in the views.
+        np.testing.assert_array_equal(v1.numpy(), l1.numpy())
+        np.testing.assert_array_equal(v2.numpy(), l2.numpy())
+        assert y.dtype == tf.int64 and y.shape == (5,)
+    identity = data.pretrain_dataset(images, 5, IDENTITY_AUG, seed=0, autotune=False, labels=labels)
+    for (v1, _), y in identity.take(4):
+        np.testing.assert_array_equal(y.numpy(), labels[_ids(v1)])
+    with pytest.raises(ValueError, match=r"labels with dtype=float64 and shape=\(11,\)"):
+        data.pretrain_dataset(images, 5, SMALL_AUG, labels=np.zeros(11))
+    with pytest.raises(ValueError, match=r"shape=\(3,\)"):
+        data.pretrain_dataset(images, 5, SMALL_AUG, labels=np.zeros(3, int))
 
 
 def test_pretrain_dataset_too_small_raises():

@@ -3,11 +3,12 @@ import os
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from byol_tf import build_byol, get_preset
 from byol_tf.ema import EMAUpdate
 from byol_tf.model import BYOL, collapse_std
-from helpers_model import tiny_byol, view_dataset, weights
+from helpers_model import colour_classes, labelled_view_dataset, tiny_byol, view_dataset, weights
 
 
 def test_target_starts_equal_and_is_not_trainable():
@@ -97,3 +98,82 @@ def test_build_byol_from_preset_uses_paper_heads():
 def test_unknown_loss():
     with pytest.raises(ValueError, match="loss='l2'"):
         tiny_byol(loss="l2")
+
+
+# The online linear probe.
+
+
+def test_probe_never_changes_the_encoder():
+    x, labels = colour_classes()
+    runs = {}
+    for probe in (None, 3):
+        keras.utils.set_random_seed(0)
+        model = tiny_byol(probe_classes=probe, probe_learning_rate=0.05)
+        model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9))
+        probe_before = weights(model.probe.weights) if probe else None
+        data = labelled_view_dataset(x, labels) if probe else labelled_view_dataset(x, labels).map(lambda v, y: v)
+        model.fit(data, steps_per_epoch=3, epochs=1, callbacks=[EMAUpdate(3, 0.99)], verbose=0)
+        runs[probe] = model
+    with_probe, without = runs[3], runs[None]
+    # Same online and target weights, step for step: the probe's features are stop-gradient.
+    for a, b in zip(with_probe.online_trainable_variables + with_probe.target_ema_variables,
+                    without.online_trainable_variables + without.target_ema_variables):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6, err_msg=a.path)
+    assert not np.allclose(probe_before[0], with_probe.probe.kernel.numpy())
+    # The BYOL optimizer holds no state for the probe; the probe has its own.
+    main = {id(v) for v in with_probe.optimizer._trainable_variables}
+    assert main == {id(v) for v in with_probe.online_trainable_variables}
+    assert int(with_probe.probe_optimizer.iterations) == 3
+
+
+def test_probe_learns_a_separable_task_and_validates():
+    x, labels = colour_classes(num=96)
+    model = tiny_byol(probe_classes=3, probe_learning_rate=0.05)
+    model.compile(optimizer=keras.optimizers.SGD(0.01))
+    val = tf.data.Dataset.from_tensor_slices((x, labels)).batch(32)
+    history = model.fit(labelled_view_dataset(x, labels, batch=16), steps_per_epoch=12, epochs=3,
+                        validation_data=val, callbacks=[EMAUpdate(36, 0.99)], verbose=0)
+    assert history.history["probe_acc"][-1] > history.history["probe_acc"][0] or history.history["probe_acc"][0] > 0.9
+    assert history.history["probe_acc"][-1] > 0.9
+    assert history.history["val_probe_acc"][-1] > 0.9
+    # Chance is 1/3; a probe on shuffled labels cannot do this well.
+    shuffled = np.random.default_rng(0).permutation(labels)
+    result = model.evaluate(tf.data.Dataset.from_tensor_slices((x, shuffled)).batch(32), verbose=0, return_dict=True)
+    assert result["probe_acc"] < 0.7
+
+
+def test_probe_round_trips_through_config_save_and_weights(tmp_path):
+    x, labels = colour_classes()
+    model = tiny_byol(probe_classes=3, probe_learning_rate=0.02)
+    model.compile(optimizer=keras.optimizers.SGD(0.05))
+    model.fit(labelled_view_dataset(x, labels), steps_per_epoch=2, epochs=1, callbacks=[EMAUpdate(2, 0.9)], verbose=0)
+    config = BYOL.from_config(model.get_config()).get_config()
+    assert config["probe_classes"] == 3 and config["probe_learning_rate"] == 0.02
+    path = os.path.join(tmp_path, "byol.keras")
+    model.save(path)
+    reloaded = keras.saving.load_model(path, safe_mode=True)
+    # What a resume uses: the weights file, probe optimizer included.
+    fresh = tiny_byol(probe_classes=3, probe_learning_rate=0.02)
+    fresh.compile(optimizer=keras.optimizers.SGD(0.05))
+    model.save_weights(os.path.join(tmp_path, "w.weights.h5"))
+    fresh.load_weights(os.path.join(tmp_path, "w.weights.h5"))
+    for other in (reloaded, fresh):
+        np.testing.assert_array_equal(model.probe.kernel.numpy(), other.probe.kernel.numpy())
+        for a, b in zip(model.probe_optimizer.variables, other.probe_optimizer.variables):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert int(other.probe_optimizer.iterations) == 2
+        assert len(other.optimizer.variables) == len(model.optimizer.variables)
+
+
+def test_probe_misuse_is_named():
+    with pytest.raises(ValueError, match="probe_classes=1"):
+        tiny_byol(probe_classes=1)
+    with pytest.raises(ValueError, match="probe_learning_rate=0"):
+        tiny_byol(probe_classes=3, probe_learning_rate=0)
+    x, labels = colour_classes()
+    model = tiny_byol()
+    model.compile(optimizer=keras.optimizers.SGD(0.05))
+    with pytest.raises(ValueError, match="probe_classes=None"):
+        model.fit(labelled_view_dataset(x, labels), steps_per_epoch=1, epochs=1, verbose=0)
+    with pytest.raises(ValueError, match="probe_classes=None"):
+        model.evaluate(tf.data.Dataset.from_tensor_slices((x, labels)).batch(8), verbose=0)

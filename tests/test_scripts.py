@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,7 +25,8 @@ TINY = ["--preset=demo", "--epochs=2", "--limit=256", "--batch_size=64", "--verb
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("runs") / "demo")
-    result = run_script("pretrain.py", *TINY, f"--out={out}")
+    # With the online linear probe: the demo's shapes are labelled.
+    result = run_script("pretrain.py", *TINY, "--probe", f"--out={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result
 
@@ -41,8 +43,11 @@ def test_pretrain_writes_the_run_folder(demo_run):
     assert 0.0 <= summary["knn_acc"] <= 1.0 and 0.0 <= summary["knn_acc_random_init"] <= 1.0
     assert "kNN top-1 (k=200)" in result.stdout
     header = open(os.path.join(out, "metrics.csv")).readline()
-    for key in ("loss", "tau", "lr", "collapse_std", "knn_acc"):
+    for key in ("loss", "tau", "lr", "collapse_std", "knn_acc", "probe_acc", "val_probe_acc"):
         assert key in header
+    # The probe is validated with the kNN monitor: every epoch here (--knn_every=1).
+    assert 0.0 <= summary["final"]["probe_acc"] <= 1.0 and 0.0 <= summary["final"]["val_probe_acc"] <= 1.0
+    assert "Online linear probe:" in result.stdout
 
 
 def test_run_logs_its_strategy(demo_run):
@@ -79,6 +84,7 @@ def test_finished_run_is_not_overwritten(demo_run):
         ("--on_collapse=maybe", "--on_collapse=maybe"),
         ("--strategy=nope", "--strategy=nope"),
         ("--precision=fp8", "--precision=fp8"),
+        ("--probe_lr=0", "--probe_lr=0"),
         # The global batch must split over the replicas.
         ("--cpu_replicas=2 --batch_size=33", "--batch_size=33"),
     ],
@@ -88,6 +94,16 @@ def test_bad_flags_fail_before_any_work(tmp_path, flag, expected):
     result = run_script("pretrain.py", *TINY, *flag.split(), f"--out={out}", timeout=120)
     assert result.returncode != 0
     assert expected in result.stderr, result.stderr[-2000:]
+    assert not os.path.exists(out)
+
+
+def test_probe_on_unlabelled_data_fails_naming_it(tmp_path):
+    path = str(tmp_path / "x.npz")
+    np.savez(path, x=np.zeros((256, 32, 32, 3), np.uint8))
+    out = str(tmp_path / "run")
+    result = run_script("pretrain.py", *TINY, "--probe", f"--data={path}", f"--out={out}", timeout=120)
+    assert result.returncode != 0
+    assert f"--data={path}" in result.stderr and "--probe" in result.stderr, result.stderr[-2000:]
     assert not os.path.exists(out)
 
 
