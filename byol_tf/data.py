@@ -290,6 +290,9 @@ def pretrain_dataset(
     options = tf.data.Options()
     options.autotune.enabled = bool(autotune)
     options.deterministic = True
+    # Multi-worker: there are no files to shard, so every worker makes the
+    # same batches and keeps its share of each (the global batch is unchanged).
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return ds.with_options(options)
 
 

@@ -103,7 +103,7 @@ class BYOL(keras.Model):
             self.probe_optimizer = keras.optimizers.Adam(probe_learning_rate, name="probe_adam")
             # Built now so that saved weights load into it before the first step.
             self.probe_optimizer.build(self.probe.trainable_variables)
-            self.probe_accuracy = keras.metrics.SparseCategoricalAccuracy(name="probe_acc")
+            self.probe_accuracy = keras.metrics.Mean(name="probe_acc")
         # Every sub-network is built above.
         self.built = True
 
@@ -134,6 +134,17 @@ class BYOL(keras.Model):
         if self.optimizer is not None and not self.optimizer.built:
             self.optimizer.build(self.online_trainable_variables)
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras traces a sample batch here to build what is unbuilt, first
+        # reducing it across replicas for its shapes, which fails under
+        # MultiWorkerMirroredStrategy ("Attempt to convert a value
+        # (PerReplica...)", keras-team/keras#20585). BYOL builds its networks
+        # in `__init__` and its optimizers in `compile`: nothing is left to trace.
+        ready = self.optimizer is None or self.optimizer.built
+        if ready and all(layer.built for layer in self._flatten_layers()):
+            return
+        super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
     def _unpack(self, data):
         """`(view1, view2)` or `((view1, view2), labels)` -> views, labels or None."""
         if len(data) == 2 and isinstance(data[0], (tuple, list)):
@@ -150,7 +161,14 @@ class BYOL(keras.Model):
             loss = loss / replicas
         variables = self.probe.trainable_variables
         self.probe_optimizer.apply(tape.gradient(loss, variables), variables)
-        self.probe_accuracy.update_state(labels, logits)
+        self._update_probe_accuracy(labels, logits)
+
+    def _update_probe_accuracy(self, labels, logits):
+        correct = tf.cast(tf.equal(tf.argmax(logits, axis=-1), tf.cast(labels, tf.int64)), tf.float32)
+        # The global fraction, the same on every replica: exact also when the
+        # replicas' last validation batches differ in size.
+        total = _replica_sum(tf.cast(tf.size(correct), tf.float32))
+        self.probe_accuracy.update_state(_replica_sum(tf.reduce_sum(correct)) / tf.maximum(total, 1.0), total)
 
     def train_step(self, data):
         view1, view2, labels = self._unpack(data)
@@ -191,7 +209,7 @@ class BYOL(keras.Model):
         if labels is not None:
             self._train_probe(h1, labels)
             logs["probe_acc"] = self.probe_accuracy.result()
-        return logs
+        return _for_keras_reduction(logs)
 
     def test_step(self, data):
         """The probe's top-1 on `(images, labels)`: `val_probe_acc` in `fit`."""
@@ -201,8 +219,8 @@ class BYOL(keras.Model):
             )
         images, labels = data[0], data[1]
         features = tf.cast(self.encoder(images, training=False), tf.float32)
-        self.probe_accuracy.update_state(labels, self.probe(features))
-        return {"probe_acc": self.probe_accuracy.result()}
+        self._update_probe_accuracy(labels, self.probe(features))
+        return _for_keras_reduction({"probe_acc": self.probe_accuracy.result()})
 
     def compile_from_config(self, config):
         # Keras skips `compile` on load when a model overrides it; ours only
@@ -229,6 +247,27 @@ class BYOL(keras.Model):
         for key in ("encoder", "projector", "predictor"):
             config[key] = keras.saving.deserialize_keras_object(config[key])
         return cls(**config)
+
+
+def _for_keras_reduction(logs):
+    """`logs` in the shape Keras can average over the replicas.
+
+    Under a multi-worker `MultiWorkerMirroredStrategy`, Keras averages each
+    log with `strategy.reduce("MEAN", value, axis=0)`, which rejects scalars
+    (keras-team/keras#20585); a `[1]` vector averages to the same scalar.
+    """
+    strategy = tf.distribute.get_strategy()
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and strategy.extended._in_multi_worker_mode():
+        return {name: tf.reshape(value, [1]) for name, value in logs.items()}
+    return logs
+
+
+def _replica_sum(value):
+    """The sum of `value` over the replicas, inside a replica context."""
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return value
+    return context.all_reduce("SUM", value)
 
 
 def collapse_std(z):
