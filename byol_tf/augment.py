@@ -74,7 +74,7 @@ def augment_view(images, seed, config: AugmentConfig, view: int) -> tf.Tensor:
         else:
             # Blur only the chosen images: at p=0.1 that skips 90% of the work.
             picked = tf.where(chance(7, blur_prob))
-            blurred = _gaussian_blur(tf.gather_nd(x, picked), tf.gather_nd(sigma, picked), config)
+            blurred = _on_subset(lambda x, sigma: _gaussian_blur(x, sigma, config), picked, x, sigma)
             x = tf.tensor_scatter_nd_update(x, picked, blurred)
     solarize_prob = config.solarize_prob[view]
     if solarize_prob > 0:
@@ -187,6 +187,7 @@ def _adjust_hue(x, delta):
 # rounding. XLA compiles once per batch size (the number of images whose
 # hue stage it is varies), then reuses it.
 _adjust_hue_xla = tf.function(_adjust_hue, jit_compile=True)
+_SUBSET_PAD = 16
 
 
 def _color_jitter(x, apply, key, config):
@@ -211,36 +212,108 @@ def _color_jitter(x, apply, key, config):
     for stage in range(len(ops)):
         op = tf.gather(ops, order[:, stage])
         amount = tf.where(apply, tf.gather(amounts, order[:, stage], batch_dims=1), 0.0)
-        gray = _gray(x)
-        mean = tf.reduce_mean(gray, axis=[1, 2, 3], keepdims=True)
-        is_op = lambda i: tf.cast(op == i, x.dtype)[:, None, None, None]
-        target = is_op(1) * mean + is_op(2) * gray
-        factor = 1.0 + tf.where(op == 3, 0.0, amount)[:, None, None, None]
-        x = tf.clip_by_value(factor * x + (1.0 - factor) * target, 0.0, 1.0)
+        x = _blend_xla(x, op, amount)
         if 3 in ops:
             picked = tf.where(apply & (op == 3))
-            shifted = _adjust_hue_xla(tf.gather_nd(x, picked), tf.gather_nd(amount, picked))
-            x = tf.tensor_scatter_nd_update(x, picked, shifted)
+            x = tf.tensor_scatter_nd_update(x, picked, _on_subset(_adjust_hue_xla, picked, x, amount))
     return x
+
+
+def _on_subset(fn, picked, *tensors):
+    """`fn` applied to the images `picked` (`[n, 1]` indices) of `tensors`.
+
+    The subset is padded with copies of image 0 to a multiple of
+    `_SUBSET_PAD` images (computed, then dropped): XLA compiles once per
+    shape, so this keeps it to a handful of sizes, and never an empty batch.
+    """
+    index = picked[:, 0]
+    count = tf.shape(index)[0]
+    padded = tf.maximum(count + _SUBSET_PAD - 1, _SUBSET_PAD) // _SUBSET_PAD * _SUBSET_PAD
+    index = tf.pad(index, [[0, padded - count]])
+    return fn(*[tf.gather(t, index) for t in tensors])[:count]
+
+
+def _blend(x, op, amount):
+    """One jitter stage's brightness, contrast or saturation: `f * x + (1 - f) * target`.
+
+    `op` (`[batch]`, 0-3) picks each image's op; op 3 (hue) and an `amount` of
+    0 leave the image as it is.
+    """
+    gray = _gray(x)
+    mean = tf.reduce_mean(gray, axis=[1, 2, 3], keepdims=True)
+    is_op = lambda i: tf.cast(op == i, x.dtype)[:, None, None, None]
+    target = is_op(1) * mean + is_op(2) * gray
+    factor = 1.0 + tf.where(op == 3, 0.0, amount)[:, None, None, None]
+    return tf.clip_by_value(factor * x + (1.0 - factor) * target, 0.0, 1.0)
+
+
+# XLA fuses the blend's elementwise ops into one pass: 3.4x faster on CPU
+# (3.5 vs 11.9 ms for 128 images at 96 px), and without randomness its
+# output matches `_blend` to float32 rounding.
+_blend_xla = tf.function(_blend, jit_compile=True)
 
 
 def _gaussian_blur(x, sigma, config):
     """Separable Gaussian blur with a per-image sigma and reflect padding.
 
-    Each image's 1-D blur, padding included, is a `[size, size]` matrix, so
-    blurring the batch is two batched matmuls: one for rows, one for columns.
+    Kernels of up to `_TAPS_MAX_KERNEL` taps (views up to about 110 px) run
+    as a sum of shifted images compiled by XLA (`_blur_taps`); larger ones as
+    two batched matmuls (`_blur_matmul`), which are faster there. Both give
+    the same result to float32 rounding.
     """
     size = config.image_size
     kernel = max(3, int(config.blur_kernel_fraction * size))
     kernel = min(kernel + 1 - kernel % 2, 2 * size - 1)
+    taps = np.arange(kernel) - kernel // 2
+    weights = tf.exp(-0.5 * (tf.constant(taps, tf.float32) / sigma[:, None]) ** 2)
+    weights /= tf.reduce_sum(weights, axis=1, keepdims=True)
+    if kernel <= _TAPS_MAX_KERNEL:
+        return _blur_taps_xla(x, weights)
+    return _blur_matmul(x, weights)
+
+
+def _blur_matmul(x, weights):
+    """Blurs with per-image 1-D kernels `weights` `[batch, taps]` as matmuls.
+
+    Each image's 1-D blur, padding included, is a `[size, size]` matrix, so
+    blurring the batch is two batched matmuls: one for rows, one for columns.
+    """
+    size, kernel = x.shape[1], weights.shape[1]
     taps = np.arange(kernel) - kernel // 2
     # Source pixel of every (output pixel, tap), reflected at the borders
     # (torchvision pads with "reflect"); a half-width < size needs one fold.
     source = np.abs(np.arange(size)[:, None] + taps)
     source = np.where(source > size - 1, 2 * (size - 1) - source, source)
     one_hot = tf.constant(np.eye(size, dtype=np.float32)[source])  # [size, kernel, size]
-    weights = tf.exp(-0.5 * (tf.constant(taps, tf.float32) / sigma[:, None]) ** 2)
-    weights /= tf.reduce_sum(weights, axis=1, keepdims=True)
     blur = tf.einsum("bt,ptq->bpq", weights, one_hot)  # [batch, size, size]
     x = tf.einsum("bpq,bqwc->bpwc", blur, x)
     return tf.einsum("bpq,bhqc->bhpc", blur, x)
+
+
+def _blur_taps(x, weights):
+    """Blurs with per-image 1-D kernels `weights` `[batch, taps]` as a sum of shifted images."""
+    size, kernel = x.shape[1], weights.shape[1]
+    w = weights[:, :, None, None, None]
+    padded = _reflect_pad(x, kernel // 2, axis=1)
+    x = tf.add_n([w[:, t] * padded[:, t:t + size] for t in range(kernel)])
+    padded = _reflect_pad(x, kernel // 2, axis=2)
+    return tf.add_n([w[:, t] * padded[:, :, t:t + size] for t in range(kernel)])
+
+
+def _reflect_pad(x, half, axis):
+    """Pads `half` pixels on both sides of `axis`, reflected without repeating the edge.
+
+    torchvision's "reflect" padding, built from two reversed edge strips
+    rather than `tf.pad`: XLA's mirror pad rejects empty batches.
+    """
+    size = x.shape[axis]
+    before = tf.reverse(tf.gather(x, tf.range(1, half + 1), axis=axis), [axis])
+    after = tf.reverse(tf.gather(x, tf.range(size - 1 - half, size - 1), axis=axis), [axis])
+    return tf.concat([before, x, after], axis=axis)
+
+
+# XLA fuses the taps into one pass per direction: at 128 images, 1.45 vs
+# 4.2 ms (matmuls) at 32 px and 15.5 vs 27 ms at 96 px, but 208 vs 173 ms
+# at 224 px (22 taps), hence the threshold.
+_blur_taps_xla = tf.function(_blur_taps, jit_compile=True)
+_TAPS_MAX_KERNEL = 11

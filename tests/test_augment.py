@@ -149,15 +149,19 @@ def test_hue_is_one_shift_per_image_in_range():
     assert np.all(np.abs(per_image) <= config.hue + 1e-6) and np.ptp(per_image) > 0.02
 
 
-def test_blur_matches_reference():
-    size, sigma = 64, 1.5
+# 64 px: a 7-tap kernel (int(0.1 * 64) = 6, made odd), blurred by the XLA
+# sum of shifted images; 128 px: 13 taps, by the batched matmuls.
+@pytest.mark.parametrize("size, kernel_size", [(64, 7), (128, 13)])
+def test_blur_matches_reference(size, kernel_size):
+    sigma = 1.5
     config = dataclasses.replace(PLAIN, image_size=size, blur_prob=(1.0, 1.0), blur_sigma=(sigma, sigma))
     image = np.random.default_rng(1).uniform(size=(1, size, size, 3)).astype(np.float32)
     out = augment_view(image, _seed(0), config, 0).numpy()[0]
-    taps = np.arange(7) - 3  # int(0.1 * 64) = 6, made odd
+    half = kernel_size // 2
+    taps = np.arange(kernel_size) - half
     kernel = np.exp(-0.5 * (taps / sigma) ** 2)
     kernel /= kernel.sum()
-    padded = np.pad(image[0], ((3, 3), (3, 3), (0, 0)), mode="reflect")
+    padded = np.pad(image[0], ((half, half), (half, half), (0, 0)), mode="reflect")
     rows = sum(k * padded[i : i + size] for i, k in enumerate(kernel))
     expected = sum(k * rows[:, i : i + size] for i, k in enumerate(kernel))
     np.testing.assert_allclose(out, expected, atol=1e-5)
@@ -233,3 +237,22 @@ def test_xla_hue_matches_the_plain_ops(batch):
     x = tf.constant(rng.random((batch, 12, 12, 3)), tf.float32)
     delta = tf.constant(rng.uniform(-0.5, 0.5, batch), tf.float32)
     np.testing.assert_allclose(augment._adjust_hue_xla(x, delta).numpy(), augment._adjust_hue(x, delta).numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [0, 1, 9])
+def test_xla_blur_taps_match_the_matmuls(batch):
+    # The two blur paths, on a 9-tap kernel: sums of shifted images (XLA) and matmuls.
+    rng = np.random.default_rng(batch)
+    x = tf.constant(rng.random((batch, 20, 20, 3)), tf.float32)
+    weights = rng.random((batch, 9)).astype(np.float32)
+    weights = tf.constant(weights / weights.sum(axis=1, keepdims=True))
+    np.testing.assert_allclose(augment._blur_taps_xla(x, weights).numpy(), augment._blur_matmul(x, weights).numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [1, 9])
+def test_xla_blend_matches_the_plain_ops(batch):
+    rng = np.random.default_rng(batch)
+    x = tf.constant(rng.random((batch, 12, 12, 3)), tf.float32)
+    op = tf.constant(rng.integers(0, 4, batch), tf.int32)
+    amount = tf.constant(rng.uniform(-0.4, 0.4, batch), tf.float32)
+    np.testing.assert_allclose(augment._blend_xla(x, op, amount).numpy(), augment._blend(x, op, amount).numpy(), atol=1e-5)
