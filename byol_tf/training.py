@@ -75,6 +75,17 @@ def probe_classes(train, eval_set=None):
     return max(2, count)
 
 
+def _with_defaults(values):
+    """A saved config dict with the fields added since it was written at their defaults.
+
+    One that no longer parses is returned as it is, to be reported field by field.
+    """
+    try:
+        return PretrainConfig.from_dict(values).to_dict()
+    except (TypeError, ValueError):
+        return values
+
+
 def check_resume(out_dir, config, overwrite=False):
     """Refuses to resume `out_dir` with a configuration other than the one in its `config.json`.
 
@@ -87,12 +98,7 @@ def check_resume(out_dir, config, overwrite=False):
     if not os.path.isfile(path):
         return has_backup
     with open(path) as f:
-        old = json.load(f)
-    try:
-        # Fields added since the run began take their defaults.
-        old = PretrainConfig.from_dict(old).to_dict()
-    except (TypeError, ValueError):
-        pass  # An unreadable old config differs in every field below.
+        old = _with_defaults(json.load(f))
     differences = config_differences(old, config.to_dict())
     if not differences:
         return has_backup

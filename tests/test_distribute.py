@@ -53,10 +53,13 @@ def test_mirrored_variables_identical_on_every_replica(runs):
     assert float(mirrored["replica_spread"]) == 0.0
 
 
-def test_multi_step_execution_is_refused_with_several_replicas():
-    class TwoReplicas:
-        num_replicas_in_sync = 2
+class TwoReplicas:
+    """Stands in for a strategy with 2 replicas."""
 
+    num_replicas_in_sync = 2
+
+
+def test_multi_step_execution_is_refused_with_several_replicas():
     with pytest.raises(ValueError, match="steps_per_execution=2"):
         distribute.check_steps_per_execution(2, TwoReplicas())
     distribute.check_steps_per_execution(1, TwoReplicas())
@@ -136,12 +139,16 @@ def test_multi_worker_on_localhost(tmp_path, runs):
         np.testing.assert_array_equal(workers[0][key], workers[1][key], err_msg=key)
 
 
-def test_pretrain_script_on_two_workers_writes_one_run_folder(tmp_path):
+def _tiny_pretrain_args(tmp_path):
+    """`pretrain.py` and its flags for 2 epochs of 4 steps on 256 random unlabelled images."""
     data = tmp_path / "x.npz"
     np.savez(data, x=np.random.default_rng(0).integers(0, 256, (256, 32, 32, 3), dtype=np.uint8))
-    script = os.path.join(ROOT, "scripts", "pretrain.py")
-    args = [script, "--preset=demo", "--epochs=2", f"--data={data}", "--batch_size=64", "--verbose=0",
-            "--warmup_epochs=0", "--backup_every_steps=3"]
+    return [os.path.join(ROOT, "scripts", "pretrain.py"), "--preset=demo", "--epochs=2", f"--data={data}",
+            "--batch_size=64", "--verbose=0", "--warmup_epochs=0", "--backup_every_steps=3"]
+
+
+def test_pretrain_script_on_two_workers_writes_one_run_folder(tmp_path):
+    args = _tiny_pretrain_args(tmp_path)
     single = subprocess.run([sys.executable, *args, f"--out={tmp_path / 'single'}"], capture_output=True, text=True,
                             timeout=300, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT))
     assert single.returncode == 0, single.stderr[-3000:]
@@ -170,12 +177,8 @@ def test_pretrain_script_on_two_workers_writes_one_run_folder(tmp_path):
 
 @pytest.mark.slow
 def test_pretrain_on_two_workers_resumes_from_the_chiefs_backup(tmp_path):
-    data = tmp_path / "x.npz"
-    np.savez(data, x=np.random.default_rng(0).integers(0, 256, (256, 32, 32, 3), dtype=np.uint8))
     run = tmp_path / "multi"
-    args = [os.path.join(ROOT, "scripts", "pretrain.py"), "--preset=demo", "--epochs=2", f"--data={data}",
-            "--batch_size=64", "--verbose=0", "--warmup_epochs=0", "--backup_every_steps=3",
-            "--strategy=multi_worker", f"--out={run}"]
+    args = [*_tiny_pretrain_args(tmp_path), "--strategy=multi_worker", f"--out={run}"]
     marker = str(tmp_path / "paused.json")
     # Both workers park after step 5 (the chief's backup is from step 3); kill them there.
     _cluster(args, tmp_path, env={"BYOL_TF_TEST_PAUSE_AT_STEP": "5", "BYOL_TF_TEST_PAUSE_MARKER": marker},
@@ -191,9 +194,6 @@ def test_pretrain_on_two_workers_resumes_from_the_chiefs_backup(tmp_path):
 
 
 def test_batch_must_divide_by_replicas():
-    class TwoReplicas:
-        num_replicas_in_sync = 2
-
     with pytest.raises(ValueError, match="batch_size=7"):
         distribute.check_global_batch(7, TwoReplicas())
     distribute.check_global_batch(8, TwoReplicas())

@@ -339,3 +339,14 @@ def test_resume_in_process_after_a_nan_stop(tmp_path, tiny_images, capsys):
     rows = open(os.path.join(out, "metrics.csv")).read().split()[1:]
     assert [r.split(",")[0] for r in rows] == ["0", "1"] and "nan" not in rows[1].lower()
     assert _all_finite(_h5_arrays(os.path.join(out, "checkpoints", "byol.keras")))
+
+
+def test_resume_accepts_a_config_written_before_newer_fields(tmp_path):
+    config = get_preset("demo")
+    saved = config.to_dict()
+    # A run folder from before the online probe existed.
+    del saved["probe"], saved["probe_lr"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert training.check_resume(str(tmp_path), config) is False  # nothing to resume, and no refusal
+    with pytest.raises(ValueError, match="epochs: 12 in .* vs 13 now"):
+        training.check_resume(str(tmp_path), get_preset("demo", epochs=13))
