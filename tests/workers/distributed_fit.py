@@ -8,7 +8,6 @@ TF_CONFIG must be set before TensorFlow starts):
 
 import argparse
 import os
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
