@@ -54,6 +54,13 @@ def test_shape_dtype_range_and_input_dtypes(view, shape):
     np.testing.assert_allclose(out_float, out, atol=1e-5)
 
 
+@pytest.mark.parametrize("view", [0, 1])
+def test_empty_batch_gives_empty_views(view):
+    # Every stage, the XLA ones included, takes a batch of 0 images.
+    out = augment_view(_images(0, 40, 40), _seed(1), dataclasses.replace(BASE, blur_prob=(1.0, 0.5)), view)
+    assert out.shape == (0, SIZE, SIZE, 3)
+
+
 def test_view_must_be_0_or_1():
     with pytest.raises(ValueError, match="view"):
         augment_view(_images(2), _seed(0), BASE, 2)
