@@ -163,6 +163,11 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, **kwa
     return float(np.mean(preds == test_labels))
 
 
+def is_monitor_epoch(epoch, every_n_epochs, last_epoch):
+    """Whether a monitor runs after 1-based `epoch`: every `every_n_epochs`, and after the last."""
+    return epoch % every_n_epochs == 0 or epoch == last_epoch
+
+
 class KNNMonitor(keras.callbacks.Callback):
     """Logs the kNN accuracy of the online encoder's frozen features.
 
@@ -226,8 +231,7 @@ class KNNMonitor(keras.callbacks.Callback):
                             k=self.k, temperature=self.temperature)
 
     def on_epoch_end(self, epoch, logs=None):
-        last = (self.params or {}).get("epochs")
-        if (epoch + 1) % self.every_n_epochs and epoch + 1 != last:
+        if not is_monitor_epoch(epoch + 1, self.every_n_epochs, (self.params or {}).get("epochs")):
             return
         acc = self.evaluate()
         if logs is not None:

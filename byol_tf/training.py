@@ -25,7 +25,7 @@ from byol_tf import distribute, guards
 from byol_tf.backbones import build_encoder
 from byol_tf.config import PretrainConfig
 from byol_tf.ema import EMAUpdate
-from byol_tf.evaluation import KNNMonitor, embed, knn_accuracy
+from byol_tf.evaluation import KNNMonitor, embed, is_monitor_epoch, knn_accuracy
 from byol_tf.model import build_byol
 from byol_tf.optim import build_optimizer
 from byol_tf.plots import plot_run
@@ -312,7 +312,7 @@ def run_pretraining(config, train, out_dir, eval_set=None, knn_every=1, backup_e
         # The probe is validated on the kNN monitor's epochs (`val_probe_acc`).
         validation = dict(
             validation_data=data_lib.eval_dataset(eval_set.images, eval_set.labels, config.image_size, 256),
-            validation_freq=[e for e in range(1, config.epochs + 1) if e % knn_every == 0 or e == config.epochs],
+            validation_freq=[e for e in range(1, config.epochs + 1) if is_monitor_epoch(e, knn_every, config.epochs)],
         )
 
     def fit(first_step, epoch, end_epoch, steps_per_epoch):
