@@ -114,6 +114,8 @@ class PretrainConfig:
             (logged as `probe_acc`; the data must be labelled). It never
             changes the encoder.
         probe_lr: the probe's Adam learning rate.
+        fast_kernels: train with `byol_tf.kernels`' fused BatchNorm and
+            convolution paths (the same maths, faster on CPUs).
     """
 
     preset: str = "custom"
@@ -139,6 +141,7 @@ class PretrainConfig:
     precision: str = "float32"
     probe: bool = False
     probe_lr: float = 1e-3
+    fast_kernels: bool = True
 
     def __post_init__(self):
         _check(self.image_size >= 8, "image_size", self.image_size, "must be >= 8")
@@ -155,6 +158,7 @@ class PretrainConfig:
         _check(self.temperature > 0, "temperature", self.temperature, "must be > 0")
         _check(self.probe_lr > 0, "probe_lr", self.probe_lr, "must be > 0")
         _check(isinstance(self.probe, bool), "probe", self.probe, "must be True or False")
+        _check(isinstance(self.fast_kernels, bool), "fast_kernels", self.fast_kernels, "must be True or False")
         _check(self.steps_per_execution >= 1, "steps_per_execution", self.steps_per_execution, "must be >= 1")
         for name in ("projector_hidden", "projection_dim", "predictor_hidden"):
             _check(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")

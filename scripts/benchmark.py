@@ -40,6 +40,7 @@ flags.DEFINE_enum("precision", "float32", ["float32", "mixed_bfloat16", "mixed_f
 flags.DEFINE_boolean("jit_compile", None, "XLA: passed to compile. Unset: Keras' 'auto', as scripts/pretrain.py uses.")
 flags.DEFINE_string("strategy", "default", "A byol_tf.distribute strategy name.")
 flags.DEFINE_integer("cpu_replicas", None, "Split the CPU into this many logical devices (to try 'mirrored' without GPUs).")
+flags.DEFINE_boolean("fast_kernels", None, "byol_tf.kernels' fused BatchNorm and convolution paths (default: the preset's, on).")
 flags.DEFINE_integer("steps_per_execution", 1, "Optimizer steps per compiled call.")
 flags.DEFINE_integer("projector_hidden", None, "Override the projector's hidden width.")
 flags.DEFINE_integer("predictor_hidden", None, "Override the predictor's hidden width (default: --projector_hidden if set).")
@@ -50,7 +51,7 @@ flags.DEFINE_integer("seed", 0, "Seed for the model, the random images and the a
 _OVERRIDES = {
     "backbone": "backbone", "image_size": "image_size", "batch_size": "batch_size", "precision": "precision",
     "steps_per_execution": "steps_per_execution", "projector_hidden": "projector_hidden",
-    "predictor_hidden": "predictor_hidden", "seed": "seed",
+    "predictor_hidden": "predictor_hidden", "seed": "seed", "fast_kernels": "fast_kernels",
 }
 
 
@@ -204,7 +205,7 @@ def main(argv):
         print(f"tensorflow={tf.__version__} keras={keras.__version__}")
         print(f"what={FLAGS.what} preset={config.preset} backbone={config.backbone} image_size={config.image_size} "
               f"batch_size={config.batch_size} steps={FLAGS.steps} warmup={FLAGS.warmup}")
-        print(f"precision={config.precision} steps_per_execution={config.steps_per_execution} "
+        print(f"precision={config.precision} fast_kernels={config.fast_kernels} steps_per_execution={config.steps_per_execution} "
               f"projector_hidden={config.projector_hidden} predictor_hidden={config.predictor_hidden} "
               f"projection_dim={config.projection_dim}")
         print(f"strategy={type(strategy).__name__} ({FLAGS.strategy}) replicas={strategy.num_replicas_in_sync}")

@@ -45,6 +45,7 @@ flags.DEFINE_enum("precision", None, ["float32", "mixed_bfloat16", "mixed_float1
 flags.DEFINE_boolean("jit_compile", None, "XLA-compile the train step (default: Keras's 'auto').")
 flags.DEFINE_boolean("sync_bn", True, "Synchronise BatchNorm across replicas when there are several (--nosync_bn: per replica).")
 flags.DEFINE_boolean("probe", None, "Online linear probe: a stop-gradient linear classifier trained on the labels alongside BYOL, logged as probe_acc (and val_probe_acc on --eval_data). Needs labelled --data.")
+flags.DEFINE_boolean("fast_kernels", None, "Fused BatchNorm and faster convolution gradients (byol_tf.kernels; the same maths). --nofast_kernels: Keras's own layers' paths.")
 flags.DEFINE_float("probe_lr", None, "The online probe's Adam learning rate.")
 flags.DEFINE_integer("verbose", 2, "fit verbosity: 0, 1 (progress bar) or 2 (a line per epoch).")
 
@@ -53,6 +54,7 @@ _OVERRIDES = {
     "optimizer": "optimizer", "lr": "base_lr", "weight_decay": "weight_decay", "warmup_epochs": "warmup_epochs",
     "base_tau": "base_tau", "loss": "loss", "seed": "seed", "steps_per_execution": "steps_per_execution",
     "precision": "precision", "probe": "probe", "probe_lr": "probe_lr",
+    "fast_kernels": "fast_kernels",
 }
 
 # Exit status of a run a guard stopped (NaN loss or collapse).

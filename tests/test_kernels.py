@@ -1,0 +1,163 @@
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from byol_tf import kernels
+from byol_tf.backbones import build_encoder
+from byol_tf.model import BYOL
+from helpers_model import tiny_byol, view_dataset
+
+
+def _grads(fn, x, kernel):
+    with tf.GradientTape() as tape:
+        tape.watch([x, kernel])
+        y = fn(x, kernel)
+        # A non-linear loss, so every gradient entry gets its own weight.
+        loss = tf.reduce_sum(y * tf.sin(y))
+    return (y, *tape.gradient(loss, [x, kernel]))
+
+
+def _op_types(fn, *args):
+    return {op.type for op in tf.function(fn).get_concrete_function(*args).graph.get_operations()}
+
+
+# (map size, in, out, kernel, stride, padding): 1x1 maps (the centre-tap
+# product), tiny outputs (the patch product), and larger maps (plain conv).
+CONV_CASES = [
+    (1, 6, 4, 3, 1, "SAME"),
+    (2, 5, 7, 3, 1, "SAME"),
+    (4, 5, 7, 3, 2, "SAME"),
+    (3, 5, 7, 3, 2, "SAME"),
+    (2, 4, 6, 1, 2, "VALID"),
+    (2, 4, 6, 1, 2, "SAME"),
+    (5, 3, 4, 3, 2, "VALID"),
+    (3, 3, 8, 7, 2, "SAME"),
+    (9, 3, 4, 3, 1, "SAME"),
+]
+
+
+@pytest.mark.parametrize("size,cin,cout,k,stride,padding", CONV_CASES)
+@pytest.mark.parametrize("as_matmul", [True, False])
+def test_conv2d_matches_tf_conv_and_its_gradients(size, cin, cout, k, stride, padding, as_matmul):
+    x = tf.random.normal((3, size, size, cin), seed=1)
+    kernel = tf.random.normal((k, k, cin, cout), seed=2)
+    expected = _grads(lambda a, w: tf.nn.conv2d(a, w, stride, padding), x, kernel)
+    got = _grads(lambda a, w: kernels.conv2d(a, w, (stride, stride), padding, as_matmul), x, kernel)
+    for e, g in zip(expected, got):
+        np.testing.assert_allclose(g.numpy(), e.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_filter_gradient_is_a_matmul_on_tiny_maps_only():
+    def grad_of(size, as_matmul):
+        x = tf.random.normal((2, size, size, 4))
+        kernel = tf.random.normal((3, 3, 4, 5))
+
+        def fn(a, w):
+            with tf.GradientTape() as tape:
+                tape.watch(w)
+                y = kernels.conv2d(a, w, (1, 1), "SAME", as_matmul)
+            return tape.gradient(y, w)
+
+        return _op_types(fn, x, kernel)
+
+    assert "Conv2DBackpropFilter" not in grad_of(2, True)
+    assert "Conv2DBackpropFilter" in grad_of(2, False)
+    assert "Conv2DBackpropFilter" in grad_of(3, True)  # 9 output pixels: the plain kernel is faster
+
+
+def test_a_1x1_map_convolves_with_the_centre_tap_only():
+    ops = _op_types(lambda a, w: kernels.conv2d(a, w), tf.zeros((2, 1, 1, 4)), tf.zeros((3, 3, 4, 5)))
+    assert "MatMul" in ops and "Conv2D" not in ops
+
+
+def _bn_pair(shape, **kwargs):
+    plain = keras.layers.BatchNormalization(momentum=0.8, epsilon=1e-3, **kwargs)
+    fast = keras.layers.BatchNormalization(momentum=0.8, epsilon=1e-3, **kwargs)
+    for layer in (plain, fast):
+        layer.build((None, *shape[1:]))
+    rng = np.random.default_rng(0)
+    for p, f in zip(plain.weights, fast.weights):
+        value = rng.uniform(0.5, 1.5, p.shape).astype("float32")
+        p.assign(value)
+        f.assign(value)
+    assert kernels.install_fast_kernels(fast) == 1
+    return plain, fast
+
+
+@pytest.mark.parametrize("shape", [(6, 4), (3, 5, 5, 4)])
+@pytest.mark.parametrize("center,scale", [(True, True), (False, False)])
+def test_fused_batch_norm_matches_keras(shape, center, scale):
+    plain, fast = _bn_pair(shape, center=center, scale=scale)
+    x = tf.random.normal(shape, mean=2.0, seed=3)
+    results = []
+    for layer in (plain, fast):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = tf.function(lambda a, layer=layer: layer(a, training=True))(x)
+            loss = tf.reduce_sum(y * tf.sin(y))
+        results.append([y, *tape.gradient(loss, [x] + layer.trainable_weights), *layer.non_trainable_weights])
+    for e, g in zip(*results):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-4, atol=1e-5)
+    # Inference uses the moving statistics, through Keras's own path.
+    np.testing.assert_allclose(fast(x, training=False).numpy(), plain(x, training=False).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_install_switches_plain_layers_only_and_keeps_them_plain(tmp_path):
+    class Standardised(keras.layers.Conv2D):
+        def convolution_op(self, inputs, kernel):
+            return super().convolution_op(inputs, kernel - tf.reduce_mean(kernel))
+
+    encoder = build_encoder("resnet_tiny", 16)
+    inputs = keras.Input((16, 16, 3))
+    model = keras.Model(inputs, Standardised(2, 1)(keras.layers.Reshape((1, 1, -1))(encoder(inputs))))
+    before = model.get_config()
+    counts = [sum(isinstance(l, cls) for l in encoder._flatten_layers()) for cls in (keras.layers.Conv2D, keras.layers.BatchNormalization)]
+    assert kernels.install_fast_kernels(model) == sum(counts)
+    assert kernels.install_fast_kernels(model) == sum(counts)  # again: harmless
+    assert model.get_config() == before
+    standardised = model.layers[-1]
+    assert "convolution_op" not in vars(standardised)
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    reloaded = keras.saving.load_model(path, custom_objects={"Standardised": Standardised})
+    assert not any("convolution_op" in vars(l) or "call" in vars(l) for l in reloaded._flatten_layers())
+    x = tf.random.uniform((2, 16, 16, 3))
+    np.testing.assert_allclose(reloaded(x).numpy(), model(x).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def _one_step(fast, precision="float32"):
+    keras.mixed_precision.set_global_policy(precision)
+    try:
+        keras.utils.set_random_seed(0)
+        model = tiny_byol(image_size=16, fast_kernels=fast)
+        model.compile(optimizer=keras.optimizers.SGD(0.1))
+        logs = model.train_step(next(iter(view_dataset(batch=16))))
+        return float(logs["loss"]), [v.numpy() for v in model.online_ema_variables]
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def test_byol_step_is_the_same_with_fast_kernels():
+    loss, weights = _one_step(fast=True)
+    ref_loss, ref_weights = _one_step(fast=False)
+    assert abs(loss - ref_loss) < 1e-5
+    for a, b in zip(weights, ref_weights):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_byol_step_in_bfloat16_stays_as_close_to_float32_as_keras():
+    ref_loss, _ = _one_step(fast=False)
+    keras_gap = abs(_one_step(fast=False, precision="mixed_bfloat16")[0] - ref_loss)
+    fast_gap = abs(_one_step(fast=True, precision="mixed_bfloat16")[0] - ref_loss)
+    assert fast_gap < max(2 * keras_gap, 0.01 * abs(ref_loss))
+
+
+def test_byol_config_round_trips_fast_kernels():
+    model = tiny_byol(fast_kernels=False)
+    assert not any("call" in vars(l) for l in model._flatten_layers())
+    clone = BYOL.from_config(model.get_config())
+    assert clone.fast_kernels is False
+    fast = tiny_byol()
+    assert fast.get_config()["fast_kernels"] is True
+    assert any("call" in vars(l) for l in fast.target_encoder._flatten_layers())
