@@ -40,6 +40,9 @@ def main(argv):
     sigma = tf.constant(rng.uniform(*config.blur_sigma, batch), tf.float32)
     delta = tf.constant(rng.uniform(-config.hue, config.hue, batch), tf.float32)
     no_hue = dataclasses.replace(config, hue=0.0)
+    ops, amounts = augment._jitter_params(batch, key, config)
+    weights = augment._blur_weights(sigma, config)
+    threshold = tf.where(tf.constant(rng.random(batch) < 0.2), 0.5, 2.0)
     boxes = tf.tile([[0.1, 0.1, 0.9, 0.9]], [batch, 1])
     stages = [
         ("both views (augment_pair)", lambda: augment.augment_pair(images, seed, config)),
@@ -49,9 +52,11 @@ def main(argv):
         ("colour jitter", lambda: augment._color_jitter(x, apply, key, config)),
         ("colour jitter without hue", lambda: augment._color_jitter(x, apply, key, no_hue)),
         ("hue shift, all images", lambda: augment._adjust_hue(x, delta)),
-        ("hue shift, all images, XLA", lambda: augment._adjust_hue_xla(x, delta)),
+        ("jitter chain, all images, XLA", lambda: augment._JITTER_CHAINS[1](x, ops, amounts)),
         ("grayscale", lambda: augment._gray(x)),
-        ("Gaussian blur, all images", lambda: augment._gaussian_blur(x, sigma, config)),
+        ("Gaussian blur, all images, XLA", lambda: augment._finish(x, None, weights, None)),
+        ("grey+blur+clip, all, XLA", lambda: augment._finish(x, apply, weights, None)),
+        ("grey+solarize+clip, all, XLA", lambda: augment._finish(x, apply, None, threshold)),
     ]
     for name, stage in stages:
         fn = tf.function(stage)

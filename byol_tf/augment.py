@@ -64,24 +64,20 @@ def augment_view(images, seed, config: AugmentConfig, view: int) -> tf.Tensor:
 
     if config.jitter_prob > 0:
         x = _color_jitter(x, chance(3, config.jitter_prob), keys[4], config)
-    if config.grayscale_prob > 0:
-        x = _where(chance(5, config.grayscale_prob), tf.tile(_gray(x), [1, 1, 1, 3]), x)
-    blur_prob = config.blur_prob[view]
-    if blur_prob > 0:
-        sigma = draw(6, minval=config.blur_sigma[0], maxval=config.blur_sigma[1])
-        if blur_prob >= 1:
-            x = _gaussian_blur(x, sigma, config)
-        else:
-            # Blur only the chosen images: at p=0.1 that skips 90% of the work.
-            picked = tf.where(chance(7, blur_prob))
-            blurred = _on_subset(lambda x, sigma: _gaussian_blur(x, sigma, config), picked, x, sigma)
-            x = tf.tensor_scatter_nd_update(x, picked, blurred)
+    gray = chance(5, config.grayscale_prob) if config.grayscale_prob > 0 else None
     solarize_prob = config.solarize_prob[view]
-    if solarize_prob > 0:
-        # Images left alone get a threshold no pixel reaches.
-        threshold = tf.where(chance(8, solarize_prob), config.solarize_threshold, 2.0)
-        x = tf.where(x >= threshold[:, None, None, None], 1.0 - x, x)
-    return tf.clip_by_value(x, 0.0, 1.0)
+    # Images left alone get a threshold no pixel reaches.
+    threshold = tf.where(chance(8, solarize_prob), config.solarize_threshold, 2.0) if solarize_prob > 0 else None
+    blur_prob = config.blur_prob[view]
+    if blur_prob <= 0:
+        return _finish(x, gray, None, threshold)
+    weights = _blur_weights(draw(6, minval=config.blur_sigma[0], maxval=config.blur_sigma[1]), config)
+    if blur_prob >= 1:
+        return _finish(x, gray, weights, threshold)
+    # Blur only the chosen images: at p=0.1 that skips 90% of the work.
+    picked = tf.where(chance(7, blur_prob))
+    blurred = _on_subset(_finish, picked, x, gray, weights, threshold)
+    return tf.tensor_scatter_nd_update(_finish(x, gray, None, threshold), picked, blurred)
 
 
 def augment_pair(images, seed, config: AugmentConfig):
@@ -116,14 +112,6 @@ def preprocess_eval(images, image_size: int) -> tf.Tensor:
     if images.dtype == tf.uint8:
         x = x / 255.0
     return tf.clip_by_value(x, 0.0, 1.0)
-
-
-def _where(mask, a, b):
-    """Picks `a` for the images where the `[batch]` mask is true, else `b`."""
-    # Arithmetic, not tf.where: broadcasting selects are several times slower
-    # on CPU, and 1 * a + 0 * b is still exact for finite values.
-    mask = tf.cast(mask, a.dtype)[:, None, None, None]
-    return mask * a + (1.0 - mask) * b
 
 
 def _crop_boxes(images, tries, offsets, config):
@@ -181,46 +169,71 @@ def _adjust_hue(x, delta):
     return tf.clip_by_value(tf.image.hsv_to_rgb(tf.concat([hue, hsv[..., 1:]], -1)), 0.0, 1.0)
 
 
-# The same function compiled by XLA, which fuses the HSV round trip into one
-# loop: 5-7x faster on CPU, where it was the largest cost of the views at
-# 96 px. It has no randomness, so its output matches `_adjust_hue` to
-# float32 rounding. XLA compiles once per batch size, so the subsets it gets
-# are padded (`_on_subset`).
-_adjust_hue_xla = tf.function(_adjust_hue, jit_compile=True)
-_SUBSET_PAD = 16
+def _jitter_params(batch, key, config):
+    """Each image's jitter op and amount at every stage, `[batch, stages]` each, or None.
+
+    Each image draws a permutation of the ops (argsort of uniforms); factors
+    are 1 +- strength (amounts are the +- part), the hue shift is +- hue of
+    the circle. Ops of strength 0 are identities and are left out.
+    """
+    strengths = (config.brightness, config.contrast, config.saturation, config.hue)
+    ops = [i for i, strength in enumerate(strengths) if strength > 0]
+    if not ops:
+        return None
+    factor_key, order_key = tf.unstack(tf.random.experimental.stateless_split(key, num=2))
+    shape = tf.stack([batch, len(ops)])
+    amounts = tf.random.stateless_uniform(shape, factor_key, -1.0, 1.0) * [strengths[i] for i in ops]
+    order = tf.argsort(tf.random.stateless_uniform(shape, order_key), axis=1)
+    return tf.gather(ops, order), tf.gather(amounts, order, batch_dims=1)
 
 
 def _color_jitter(x, apply, key, config):
     """torchvision's ColorJitter on the images in `apply`, ops in a random order per image.
 
-    Each image draws a permutation of the ops (argsort of uniforms). At every
-    stage, brightness, contrast and saturation are one blend `f * x + (1 - f) *
-    target` with a per-image factor and target (black, the mean grey, the grey
-    image), so each stage costs one blend however the images' ops differ; the
-    hue shift runs only on the images whose stage it is. Images left alone get
-    f = 1, which is exact. Ops of strength 0 are identities and are left out.
+    Brightness, contrast and saturation are each a blend `f * x + (1 - f) *
+    target` with a per-image factor and target (black, the mean grey, the
+    grey image). The images are grouped by the stage of their hue shift, and
+    each group runs its whole chain (blends, and the hue shift at its stage)
+    as one XLA call, which fuses it; images left alone are not touched.
     """
-    strengths = (config.brightness, config.contrast, config.saturation, config.hue)
-    ops = [i for i, strength in enumerate(strengths) if strength > 0]
-    if not ops:
+    params = _jitter_params(tf.shape(x)[0], key, config)
+    if params is None:
         return x
-    factor_key, order_key = tf.unstack(tf.random.experimental.stateless_split(key, num=2))
-    shape = tf.stack([tf.shape(x)[0], len(ops)])
-    # Factors are 1 +- strength; the hue shift is +- hue of the circle.
-    amounts = tf.random.stateless_uniform(shape, factor_key, -1.0, 1.0) * [strengths[i] for i in ops]
-    order = tf.argsort(tf.random.stateless_uniform(shape, order_key), axis=1)
-    for stage in range(len(ops)):
-        op = tf.gather(ops, order[:, stage])
-        amount = tf.where(apply, tf.gather(amounts, order[:, stage], batch_dims=1), 0.0)
-        x = _blend_xla(x, op, amount)
-        if 3 in ops:
-            picked = tf.where(apply & (op == 3))
-            x = tf.tensor_scatter_nd_update(x, picked, _on_subset(_adjust_hue_xla, picked, x, amount))
+    stage_ops, stage_amounts = params
+    has_hue = config.hue > 0
+    # The stage of each image's hue shift (all in group 0 without hue).
+    group = tf.argmax(tf.cast(stage_ops == 3, tf.int32), axis=1, output_type=tf.int32)
+    picked, results = [], []
+    for hue_stage in range(stage_ops.shape[1]) if has_hue else [None]:
+        chosen = tf.where(apply & (group == (hue_stage or 0)))
+        results.append(_on_subset(_JITTER_CHAINS[hue_stage], chosen, x, stage_ops, stage_amounts))
+        picked.append(chosen)
+    return tf.tensor_scatter_nd_update(x, tf.concat(picked, 0), tf.concat(results, 0))
+
+
+def _jitter_chain(x, stage_ops, stage_amounts, hue_stage):
+    """One group's jitter: a blend at every stage but `hue_stage`, where the hue shifts."""
+    for stage in range(stage_ops.shape[1]):
+        if stage == hue_stage:
+            x = _adjust_hue(x, stage_amounts[:, stage])
+        else:
+            x = _blend(x, stage_ops[:, stage], stage_amounts[:, stage])
     return x
 
 
+# One XLA function per hue stage (None: no hue op). XLA fuses the HSV round
+# trip and the blends into a few loops; there is no randomness inside, so
+# the output matches the plain ops to float32 rounding. It compiles once per
+# batch size, so the subsets it gets are padded (`_on_subset`).
+_SUBSET_PAD = 16
+_JITTER_CHAINS = {
+    stage: tf.function(lambda x, o, a, stage=stage: _jitter_chain(x, o, a, stage), jit_compile=True)
+    for stage in (None, 0, 1, 2, 3)
+}
+
+
 def _on_subset(fn, picked, *tensors):
-    """`fn` applied to the images `picked` (`[n, 1]` indices) of `tensors`.
+    """`fn` applied to the images `picked` (`[n, 1]` indices) of `tensors` (None passes as None).
 
     The subset is padded with copies of image 0 to a multiple of
     `_SUBSET_PAD` images (computed, then dropped): XLA compiles once per
@@ -230,7 +243,7 @@ def _on_subset(fn, picked, *tensors):
     count = tf.shape(index)[0]
     padded = (count + _SUBSET_PAD - 1) // _SUBSET_PAD * _SUBSET_PAD
     index = tf.pad(index, [[0, padded - count]])
-    return fn(*[tf.gather(t, index) for t in tensors])[:count]
+    return fn(*[None if t is None else tf.gather(t, index) for t in tensors])[:count]
 
 
 def _blend(x, op, amount):
@@ -247,29 +260,49 @@ def _blend(x, op, amount):
     return tf.clip_by_value(factor * x + (1.0 - factor) * target, 0.0, 1.0)
 
 
-# XLA fuses the blend's elementwise ops into one pass: 3.4x faster on CPU
-# (3.5 vs 11.9 ms for 128 images at 96 px), and without randomness its
-# output matches `_blend` to float32 rounding.
-_blend_xla = tf.function(_blend, jit_compile=True)
+def _blur_weights(sigma, config):
+    """Per-image normalised 1-D Gaussian kernels `[batch, taps]` for the view size.
 
-
-def _gaussian_blur(x, sigma, config):
-    """Separable Gaussian blur with a per-image sigma and reflect padding.
-
-    Kernels of up to `_TAPS_MAX_KERNEL` taps (views up to about 110 px) run
-    as a sum of shifted images compiled by XLA (`_blur_taps`); larger ones as
-    two batched matmuls (`_blur_matmul`), which are faster there. Both give
-    the same result to float32 rounding.
+    The blur is separable, with reflect padding (`_blur_taps`, `_blur_matmul`).
     """
     size = config.image_size
     kernel = max(3, int(config.blur_kernel_fraction * size))
     kernel = min(kernel + 1 - kernel % 2, 2 * size - 1)
     taps = np.arange(kernel) - kernel // 2
     weights = tf.exp(-0.5 * (tf.constant(taps, tf.float32) / sigma[:, None]) ** 2)
-    weights /= tf.reduce_sum(weights, axis=1, keepdims=True)
-    if kernel <= _TAPS_MAX_KERNEL:
-        return _blur_taps_xla(x, weights)
-    return _blur_matmul(x, weights)
+    return weights / tf.reduce_sum(weights, axis=1, keepdims=True)
+
+
+def _finish_ops(x, gray, weights, threshold):
+    """The view's last stages in torchvision's order, then the final clip.
+
+    Args:
+        x: `[batch, h, w, 3]` images in [0, 1].
+        gray: `[batch]` bools, the images to turn grey, or None.
+        weights: `[batch, taps]` blur kernels for every image, or None.
+        threshold: `[batch]` solarize thresholds (> 1: left alone), or None.
+    """
+    if gray is not None:
+        mask = tf.cast(gray, x.dtype)[:, None, None, None]
+        # Arithmetic, not a select: 1 * a + 0 * b is exact for finite values.
+        x = mask * _gray(x) + (1.0 - mask) * x
+    if weights is not None:
+        x = _blur_taps(x, weights) if weights.shape[1] <= _TAPS_MAX_KERNEL else _blur_matmul(x, weights)
+    if threshold is not None:
+        x = tf.where(x >= threshold[:, None, None, None], 1.0 - x, x)
+    return tf.clip_by_value(x, 0.0, 1.0)
+
+
+# XLA fuses grayscale, a taps-sized blur, solarize and the clip into a few
+# passes over the batch (benchmarks/augment_*_2026-11-28.log).
+_finish_xla = tf.function(_finish_ops, jit_compile=True)
+
+
+def _finish(x, gray, weights, threshold):
+    """`_finish_ops`, compiled by XLA unless the blur needs the matmuls."""
+    if weights is not None and weights.shape[1] > _TAPS_MAX_KERNEL:
+        return _finish_ops(x, gray, weights, threshold)
+    return _finish_xla(x, gray, weights, threshold)
 
 
 def _blur_matmul(x, weights):
@@ -312,8 +345,8 @@ def _reflect_pad(x, half, axis):
     return tf.concat([before, x, after], axis=axis)
 
 
-# XLA fuses the taps into one pass per direction: at 128 images, 1.45 vs
-# 4.2 ms (matmuls) at 32 px and 15.5 vs 27 ms at 96 px, but 208 vs 173 ms
-# at 224 px (22 taps), hence the threshold.
-_blur_taps_xla = tf.function(_blur_taps, jit_compile=True)
+# Blurs of up to this many taps (views up to about 110 px) run as a sum of
+# shifted images inside `_finish_xla`: at 128 images, 1.45 vs 4.2 ms (the
+# matmuls) at 32 px and 15.5 vs 27 ms at 96 px, but 208 vs 173 ms at 224 px
+# (22 taps), where the batched matmuls stay.
 _TAPS_MAX_KERNEL = 11

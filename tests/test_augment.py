@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from byol_tf import augment
 from byol_tf.augment import augment_pair, augment_view, preprocess_eval
-from byol_tf.config import AugmentConfig
+from byol_tf.config import AugmentConfig, get_preset
 
 SIZE = 32
 BASE = AugmentConfig(image_size=SIZE)
@@ -237,29 +237,66 @@ def test_preprocess_eval():
 
 
 @pytest.mark.parametrize("batch", [0, 1, 7])
-def test_xla_hue_matches_the_plain_ops(batch):
-    # The fast path (XLA-compiled HSV round trip) against the reference ops,
-    # for subset sizes the jitter hands it, the empty one included.
+@pytest.mark.parametrize("hue_stage", [None, 0, 3])
+def test_xla_jitter_chain_matches_the_plain_ops(batch, hue_stage):
+    # The fast path (one XLA call per group) against the same chain in plain
+    # ops, for subset sizes the jitter hands it, the empty one included.
     rng = np.random.default_rng(batch)
     x = tf.constant(rng.random((batch, 12, 12, 3)), tf.float32)
-    delta = tf.constant(rng.uniform(-0.5, 0.5, batch), tf.float32)
-    np.testing.assert_allclose(augment._adjust_hue_xla(x, delta).numpy(), augment._adjust_hue(x, delta).numpy(), atol=1e-5)
+    # Each image's blend ops in a random order, with the hue shift (op 3) at `hue_stage`.
+    rows = [list(rng.permutation(3)) for _ in range(batch)]
+    if hue_stage is not None:
+        rows = [row[:hue_stage] + [3] + row[hue_stage:] for row in rows]
+    stages = 3 if hue_stage is None else 4
+    ops = np.array(rows, np.int32).reshape(batch, stages)
+    amounts = tf.constant(rng.uniform(-0.4, 0.4, (batch, stages)), tf.float32)
+    fast = augment._JITTER_CHAINS[hue_stage](x, tf.constant(ops), amounts)
+    plain = augment._jitter_chain(x, tf.constant(ops), amounts, hue_stage)
+    np.testing.assert_allclose(fast.numpy(), plain.numpy(), atol=1e-5)
+
+
+def test_grouped_jitter_matches_stage_by_stage_jitter():
+    # Grouping images by the stage of their hue shift must give what applying
+    # the four stages to the whole batch in turn gives.
+    config = get_preset("imagenet").augment
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.random((40, 12, 12, 3)), tf.float32)
+    apply = tf.constant(rng.random(40) < 0.8)
+    key = tf.constant([3, 4], tf.int64)
+    ops, amounts = augment._jitter_params(40, key, config)
+    expected = x
+    for stage in range(4):
+        op = ops[:, stage]
+        amount = tf.where(apply, amounts[:, stage], 0.0)
+        expected = augment._blend(expected, tf.where(apply, op, 3), amount)
+        hue = augment._adjust_hue(expected, amount)
+        expected = tf.where((apply & (op == 3))[:, None, None, None], hue, expected)
+    got = augment._color_jitter(x, apply, key, config)
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-5)
+    untouched = ~apply.numpy()
+    np.testing.assert_array_equal(got.numpy()[untouched], x.numpy()[untouched])
 
 
 @pytest.mark.parametrize("batch", [0, 1, 9])
-def test_xla_blur_taps_match_the_matmuls(batch):
-    # The two blur paths, on a 9-tap kernel: sums of shifted images (XLA) and matmuls.
+@pytest.mark.parametrize("gray,blur,solarize", [(True, True, False), (True, False, True), (False, False, False)])
+def test_xla_finish_matches_the_plain_ops(batch, gray, blur, solarize):
+    rng = np.random.default_rng(batch)
+    x = tf.constant(rng.random((batch, 20, 20, 3)), tf.float32)
+    weights = rng.random((batch, 9)).astype(np.float32)
+    args = (
+        x,
+        tf.constant(rng.random(batch) < 0.5) if gray else None,
+        tf.constant(weights / weights.sum(axis=1, keepdims=True)) if blur else None,
+        tf.constant(np.where(rng.random(batch) < 0.5, 0.5, 2.0), tf.float32) if solarize else None,
+    )
+    np.testing.assert_allclose(augment._finish_xla(*args).numpy(), augment._finish_ops(*args).numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [0, 1, 9])
+def test_blur_taps_match_the_matmuls(batch):
+    # The two blur paths, on a 9-tap kernel: sums of shifted images and matmuls.
     rng = np.random.default_rng(batch)
     x = tf.constant(rng.random((batch, 20, 20, 3)), tf.float32)
     weights = rng.random((batch, 9)).astype(np.float32)
     weights = tf.constant(weights / weights.sum(axis=1, keepdims=True))
-    np.testing.assert_allclose(augment._blur_taps_xla(x, weights).numpy(), augment._blur_matmul(x, weights).numpy(), atol=1e-5)
-
-
-@pytest.mark.parametrize("batch", [1, 9])
-def test_xla_blend_matches_the_plain_ops(batch):
-    rng = np.random.default_rng(batch)
-    x = tf.constant(rng.random((batch, 12, 12, 3)), tf.float32)
-    op = tf.constant(rng.integers(0, 4, batch), tf.int32)
-    amount = tf.constant(rng.uniform(-0.4, 0.4, batch), tf.float32)
-    np.testing.assert_allclose(augment._blend_xla(x, op, amount).numpy(), augment._blend(x, op, amount).numpy(), atol=1e-5)
+    np.testing.assert_allclose(augment._blur_taps(x, weights).numpy(), augment._blur_matmul(x, weights).numpy(), atol=1e-5)
