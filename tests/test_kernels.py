@@ -161,3 +161,15 @@ def test_byol_config_round_trips_fast_kernels():
     fast = tiny_byol()
     assert fast.get_config()["fast_kernels"] is True
     assert any("call" in vars(l) for l in fast.target_encoder._flatten_layers())
+
+
+def test_an_encoder_with_fast_kernels_exports_and_serves_the_same(tmp_path):
+    from byol_tf.export import export_encoder
+
+    # At 8 px resnet_tiny reaches 2x2 and 1x1 maps: every fast path is in the graph.
+    encoder = tiny_byol(image_size=8).encoder
+    export_encoder(encoder, str(tmp_path / "1"), 8)
+    served = tf.saved_model.load(str(tmp_path / "1")).signatures["serving_default"]
+    x = np.random.default_rng(0).uniform(0, 255, (3, 8, 8, 3)).astype("float32")
+    expected = encoder(x / 255.0, training=False).numpy()
+    np.testing.assert_allclose(served(images=tf.constant(x))["embedding"].numpy(), expected, atol=1e-5)
