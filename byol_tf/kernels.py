@@ -26,7 +26,7 @@ import keras
 import tensorflow as tf
 
 # Output maps of at most this many pixels get their filter gradient as a
-# matrix product (benchmarks/kernels_*.log: it loses from 4x4 on).
+# matrix product (benchmarks/conv_filter_grad.py: it loses from 4x4 on).
 _MATMUL_GRAD_MAX_PIXELS = 4
 
 
