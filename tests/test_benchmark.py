@@ -32,7 +32,7 @@ def run_benchmark(*args, timeout=300):
     "args",
     [
         ["--what=augment", *TINY],
-        ["--what=step", *TINY],
+        ["--what=step", *TINY, "--nofast_kernels"],
         ["--what=fit", *TINY[:-2], "--steps=4", "--warmup=2", "--steps_per_execution=2", "--projector_hidden=32"],
     ],
     ids=["augment", "step", "fit"],
@@ -47,6 +47,7 @@ def test_benchmark_prints_images_per_sec(args):
     assert re.search(r"^median_step_s=\d+\.\d+$", result.stdout, re.M), result.stdout
     assert "tensorflow=" in result.stdout and "devices=" in result.stdout
     assert "backbone=resnet_tiny image_size=16 batch_size=8" in result.stdout
+    assert f"fast_kernels={'--nofast_kernels' not in args}" in result.stdout
 
 
 @pytest.mark.parametrize(
