@@ -5,10 +5,10 @@ Keras 3 on TensorFlow leaves speed on the table in BYOL's training step:
 - `BatchNormalization` normalises with `tf.nn.moments` and a chain of
   element-wise ops (and, under mixed precision, casts to float32 and back);
   TensorFlow's `FusedBatchNormV3` does the same in one kernel each way.
-- oneDNN's filter gradient (`Conv2DBackpropFilter`) is 2-6x slower than one
-  matrix product over the image patches when the output map is tiny (2x2 or
-  1x1, as in the last stages of an ImageNet-stem ResNet on 32 px images),
-  and in bfloat16 more so. On GPUs cuDNN has no such weakness, so this path
+- oneDNN's filter gradient (`Conv2DBackpropFilter`) is 1.3-4.6x slower than
+  one matrix product over the image patches when the output map is tiny
+  (2x2 or 1x1, as in the last stages of an ImageNet-stem ResNet on 32 px
+  images), in bfloat16 most. On GPUs cuDNN has no such weakness, so this path
   is for CPUs only.
 - A 3x3 "same" convolution of a 1x1 map only ever multiplies its centre tap
   by data: the other taps see padding. It is a matrix product with the
