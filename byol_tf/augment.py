@@ -200,13 +200,15 @@ def _color_jitter(x, apply, key, config):
     if params is None:
         return x
     stage_ops, stage_amounts = params
-    has_hue = config.hue > 0
-    # The stage of each image's hue shift (all in group 0 without hue).
-    group = tf.argmax(tf.cast(stage_ops == 3, tf.int32), axis=1, output_type=tf.int32)
+    if config.hue > 0:
+        hue_stage = tf.argmax(tf.cast(stage_ops == 3, tf.int32), axis=1, output_type=tf.int32)
+        groups = [(stage, apply & (hue_stage == stage)) for stage in range(stage_ops.shape[1])]
+    else:
+        groups = [(None, apply)]
     picked, results = [], []
-    for hue_stage in range(stage_ops.shape[1]) if has_hue else [None]:
-        chosen = tf.where(apply & (group == (hue_stage or 0)))
-        results.append(_on_subset(_JITTER_CHAINS[hue_stage], chosen, x, stage_ops, stage_amounts))
+    for stage, members in groups:
+        chosen = tf.where(members)
+        results.append(_on_subset(_JITTER_CHAINS[stage], chosen, x, stage_ops, stage_amounts))
         picked.append(chosen)
     return tf.tensor_scatter_nd_update(x, tf.concat(picked, 0), tf.concat(results, 0))
 
@@ -294,7 +296,7 @@ def _finish_ops(x, gray, weights, threshold):
 
 
 # XLA fuses grayscale, a taps-sized blur, solarize and the clip into a few
-# passes over the batch (benchmarks/augment_*_2026-11-28.log).
+# passes over the batch (benchmarks/augment_grouped_2026-11-28.log).
 _finish_xla = tf.function(_finish_ops, jit_compile=True)
 
 
