@@ -44,11 +44,13 @@ def main(argv):
     weights = augment._blur_weights(sigma, config)
     threshold = tf.where(tf.constant(rng.random(batch) < 0.2), 0.5, 2.0)
     boxes = tf.tile([[0.1, 0.1, 0.9, 0.9]], [batch, 1])
+    unit = augment._unit_float(images)  # what both views are cropped from
     stages = [
         ("both views (augment_pair)", lambda: augment.augment_pair(images, seed, config)),
         ("view 1 (blur p=1)", lambda: augment.augment_view(images, seed, config, 0)),
         ("view 2 (blur p=0.1, solarize)", lambda: augment.augment_view(images, seed, config, 1)),
-        ("crop and resize", lambda: tf.image.crop_and_resize(images, boxes, tf.range(batch), [size, size])),
+        ("uint8 to float32", lambda: augment._unit_float(images)),
+        ("crop and resize (float32)", lambda: tf.image.crop_and_resize(unit, boxes, tf.range(batch), [size, size])),
         ("colour jitter", lambda: augment._color_jitter(x, apply, key, config)),
         ("colour jitter without hue", lambda: augment._color_jitter(x, apply, key, no_hue)),
         ("hue shift, all images", lambda: augment._adjust_hue(x, delta)),
