@@ -311,24 +311,7 @@ def _blur_weights(sigma, config):
     return weights / tf.reduce_sum(weights, axis=1, keepdims=True)
 
 
-def _finish_ops(x, gray, weights, threshold):
-    """The view's last stages in torchvision's order, then the final clip.
-
-    The plain-ops reference of `_finish`.
-
-    Args:
-        x: `[batch, h, w, 3]` images in [0, 1].
-        gray: `[batch]` bools, the images to turn grey, or None.
-        weights: `[batch, taps]` blur kernels for every image, or None.
-        threshold: `[batch]` solarize thresholds (> 1: left alone), or None.
-    """
-    x = _grey(x, gray)
-    if weights is not None:
-        x = _valid_taps(_pad_and_blur_height(x, weights), weights, axis=2)
-    return _solarize_and_clip(x, threshold)
-
-
-def _grey(x, gray):
+def _grayscale(x, gray):
     """Turns the images picked by `gray` (`[batch]` bools, or None) grey."""
     if gray is None:
         return x
@@ -384,15 +367,22 @@ def _reflect_pad(x, half, axis):
 # the split, which stores the vertical pass once, is faster: for 128 images
 # on one thread 14 vs 22-27 ms at 96 px and 164 ms at 224 px, where the
 # batched-matmul blur this replaced took 467 ms.
-_finish_xla = tf.function(lambda x, gray, threshold: _solarize_and_clip(_grey(x, gray), threshold), jit_compile=True)
-_grey_and_blur_height_xla = tf.function(lambda x, gray, w: _pad_and_blur_height(_grey(x, gray), w), jit_compile=True)
+_finish_xla = tf.function(lambda x, gray, threshold: _solarize_and_clip(_grayscale(x, gray), threshold), jit_compile=True)
+_gray_and_blur_height_xla = tf.function(lambda x, gray, w: _pad_and_blur_height(_grayscale(x, gray), w), jit_compile=True)
 _blur_width_and_finish_xla = tf.function(
     lambda x, w, threshold: _solarize_and_clip(_valid_taps(x, w, axis=2), threshold), jit_compile=True
 )
 
 
 def _finish(x, gray, weights, threshold):
-    """`_finish_ops` compiled by XLA, in one call without a blur and two with it."""
+    """The view's last stages in torchvision's order, then the final clip, as XLA calls.
+
+    Args:
+        x: `[batch, h, w, 3]` images in [0, 1].
+        gray: `[batch]` bools, the images to turn grey, or None.
+        weights: `[batch, taps]` blur kernels for every image, or None.
+        threshold: `[batch]` solarize thresholds (> 1: left alone), or None.
+    """
     if weights is None:
         return _finish_xla(x, gray, threshold)
-    return _blur_width_and_finish_xla(_grey_and_blur_height_xla(x, gray, weights), weights, threshold)
+    return _blur_width_and_finish_xla(_gray_and_blur_height_xla(x, gray, weights), weights, threshold)
