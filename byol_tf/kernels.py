@@ -94,9 +94,9 @@ def fused_batch_norm(layer, inputs):
     x = inputs if inputs.shape.rank == 4 else tf.reshape(inputs, [-1, 1, 1, inputs.shape[-1]])
     if x.dtype == tf.float64:
         x = tf.cast(x, tf.float32)
-    ones = tf.ones([inputs.shape[-1]], tf.float32)
-    gamma = tf.cast(layer.gamma, tf.float32) if layer.scale else ones
-    beta = tf.cast(layer.beta, tf.float32) if layer.center else 0.0 * ones
+    channels = [inputs.shape[-1]]
+    gamma = tf.cast(layer.gamma, tf.float32) if layer.scale else tf.ones(channels)
+    beta = tf.cast(layer.beta, tf.float32) if layer.center else tf.zeros(channels)
     y, mean, variance = tf.compat.v1.nn.fused_batch_norm(x, gamma, beta, epsilon=layer.epsilon, is_training=True)[:3]
     # The fused kernel returns the unbiased variance; Keras averages the biased one.
     count = tf.cast(tf.size(x) // tf.shape(x)[-1], tf.float32)
