@@ -25,7 +25,9 @@ def augment_view(images, seed, config: AugmentConfig, view: int) -> tf.Tensor:
 
     The ops run in torchvision's order: random resized crop, horizontal flip,
     colour jitter (its four ops in a random order per image), grayscale,
-    Gaussian blur and solarization.
+    Gaussian blur and solarization. The crop is taken from the images as
+    given (in-memory arrays); streamed photos are cropped one by one from
+    their original size (`byol_tf.data`) and then go through `finish_view`.
 
     Args:
         images: uint8 (0..255) or float (0..1) tensor of shape
@@ -38,27 +40,67 @@ def augment_view(images, seed, config: AugmentConfig, view: int) -> tf.Tensor:
         float32 tensor of shape `[batch, config.image_size,
         config.image_size, 3]` with values in `[0, 1]`.
     """
-    if view not in (0, 1):
-        raise ValueError(f"`view` must be 0 or 1. Received: view={view!r}")
+    _check_view(view)
     images = _unit_float(images)
-    # The RNG's output depends on the seed's dtype; fix it so int32 and int64 agree.
-    keys = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=9)
+    keys = _view_keys(seed)
     batch = tf.shape(images)[0]
-
-    def draw(i, shape=(), minval=0.0, maxval=1.0):
-        return tf.random.stateless_uniform(tf.stack([batch, *shape]), keys[i], minval, maxval)
-
-    def chance(i, prob):
-        return draw(i) < prob
-
+    height = tf.fill([batch], tf.cast(tf.shape(images)[1], tf.float32))
+    width = tf.fill([batch], tf.cast(tf.shape(images)[2], tf.float32))
+    tries = tf.random.stateless_uniform(tf.stack([batch, _CROP_TRIES, 2]), keys[0])
+    offsets = tf.random.stateless_uniform(tf.stack([batch, 2]), keys[1])
+    top, left, h, w = crop_window(height, width, tries, offsets, config)
     # Flipping is free here: a box with x1 > x2 samples the crop mirrored.
-    boxes = _crop_boxes(images, draw(0, [_CROP_TRIES, 2]), draw(1, [2]), config)
-    y1, x1, y2, x2 = tf.unstack(boxes, axis=1)
-    flip = chance(2, config.flip_prob)
+    y1, x1, y2, x2 = tf.unstack(_window_boxes(top, left, h, w, height, width, config.image_size), axis=1)
+    flip = tf.random.stateless_uniform(tf.stack([batch]), keys[2]) < config.flip_prob
     boxes = tf.stack([y1, tf.where(flip, x2, x1), y2, tf.where(flip, x1, x2)], axis=1)
     # Bilinear samples of 0..1 stay in 0..1 (to a rounding error that the
     # view's last op, a clip, removes), so the crop is not clipped here.
     x = tf.image.crop_and_resize(images, boxes, tf.range(batch), [config.image_size] * 2)
+    return _colour_and_finish(x, keys, config, view)
+
+
+def finish_view(crops, seed, config: AugmentConfig, view: int) -> tf.Tensor:
+    """The stages of `augment_view` after the crop and flip, on a batch of crops.
+
+    Args:
+        crops: uint8 or float (0..1) `[batch, image_size, image_size, 3]`,
+            already cropped and flipped.
+        seed: int32 or int64 tensor of shape `[2]`.
+        config: an `AugmentConfig`.
+        view: 0 or 1.
+
+    Returns:
+        float32 `[batch, image_size, image_size, 3]` in `[0, 1]`.
+    """
+    _check_view(view)
+    return _colour_and_finish(_unit_float(crops), _view_keys(seed), config, view)
+
+
+def finish_pair(crops1, crops2, seed, config: AugmentConfig):
+    """`finish_view` for both views, from the seeds `augment_pair` gives them."""
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=2)
+    return finish_view(crops1, seeds[0], config, 0), finish_view(crops2, seeds[1], config, 1)
+
+
+def _check_view(view):
+    if view not in (0, 1):
+        raise ValueError(f"`view` must be 0 or 1. Received: view={view!r}")
+
+
+def _view_keys(seed):
+    # The RNG's output depends on the seed's dtype; fix it so int32 and int64 agree.
+    return tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=9)
+
+
+def _colour_and_finish(x, keys, config, view):
+    """Colour jitter, grayscale, blur and solarize of float views `x`, from `keys[3:]`."""
+    batch = tf.shape(x)[0]
+
+    def draw(i, minval=0.0, maxval=1.0):
+        return tf.random.stateless_uniform(tf.stack([batch]), keys[i], minval, maxval)
+
+    def chance(i, prob):
+        return draw(i) < prob
 
     if config.jitter_prob > 0:
         x = _color_jitter(x, chance(3, config.jitter_prob), keys[4], config)
@@ -107,42 +149,76 @@ def _unit_float(images):
     return tf.cast(images, tf.float32)
 
 
-def preprocess_eval(images, image_size: int) -> tf.Tensor:
-    """Resizes images deterministically for evaluation.
+def eval_resize_side(image_size: int, crop_fraction: float) -> int:
+    """The short side images are resized to before the evaluation centre crop."""
+    # floor, as timm's `crop_pct`; 224 / 0.875 = 256, the ImageNet protocol.
+    return int(math.floor(image_size / crop_fraction + 1e-6))
+
+
+def preprocess_eval(images, image_size: int, crop_fraction: float = 1.0) -> tf.Tensor:
+    """The one evaluation preprocessing: short side to `image_size / crop_fraction`, centre crop.
+
+    torchvision's `Resize(side)` then `CenterCrop(image_size)`: the short side
+    becomes `eval_resize_side(image_size, crop_fraction)`, the long side
+    `int(side * long / short)`, resized bilinearly with antialiasing; the
+    crop starts at `round((size - image_size) / 2)`. The kNN monitor, linear
+    evaluation, fine-tuning and the serving signatures all use it.
 
     Args:
         images: uint8 (0..255) or float (0..1) tensor, `[batch, height, width, 3]`
-            or `[height, width, 3]`.
+            or `[height, width, 3]`, of any size.
         image_size: side of the square output.
+        crop_fraction: in (0, 1]; 1 keeps the whole short side (CIFAR), 0.875
+            is the ImageNet protocol (resize to 256, crop 224).
 
     Returns:
         float32 tensor of side `image_size` with values in `[0, 1]`.
     """
+    if not 0.0 < crop_fraction <= 1.0:
+        raise ValueError(f"`crop_fraction` must be in (0, 1]. Received: crop_fraction={crop_fraction!r}")
     images = tf.convert_to_tensor(images)
-    x = tf.image.resize(images, [image_size, image_size], method="bilinear", antialias=True)
-    x = tf.cast(x, tf.float32)
-    if images.dtype == tf.uint8:
-        x = x / 255.0
-    return tf.clip_by_value(x, 0.0, 1.0)
+    scale = 255.0 if images.dtype == tf.uint8 else 1.0
+    shape = tf.shape(images)
+    height, width = shape[-3], shape[-2]
+    side = eval_resize_side(image_size, crop_fraction)
+    short = tf.minimum(height, width)
+    # torchvision: int(side * long / short) for the long side, exactly side for the short one.
+    def scaled(length):
+        return tf.where(length == short, side, tf.cast(side * length // short, tf.int32))
+
+    new_h, new_w = scaled(height), scaled(width)
+    x = tf.image.resize(tf.cast(images, tf.float32), tf.stack([new_h, new_w]), method="bilinear", antialias=True)
+    top = tf.cast(tf.round(tf.cast(new_h - image_size, tf.float32) / 2.0), tf.int32)
+    left = tf.cast(tf.round(tf.cast(new_w - image_size, tf.float32) / 2.0), tf.int32)
+    x = x[..., top:top + image_size, left:left + image_size, :]
+    x = tf.ensure_shape(x, [*images.shape[:-3], image_size, image_size, 3])
+    return tf.clip_by_value(x / scale, 0.0, 1.0)
 
 
-def _crop_boxes(images, tries, offsets, config):
-    """torchvision's RandomResizedCrop boxes, normalised for crop_and_resize.
+def crop_window(height, width, tries, offsets, config: AugmentConfig):
+    """torchvision's RandomResizedCrop window, `(top, left, h, w)` in pixels of the original image.
 
-    All tries are drawn at once (`tries`: uniforms `[batch, tries, 2]`) and the
-    first valid one per image is kept; images with none get torchvision's
-    fallback, the centre crop with its aspect ratio clamped into `crop_ratio`.
-    `offsets` (uniforms `[batch, 2]`) place the crop.
+    All tries are drawn at once and the first valid one is kept; where none
+    is valid, torchvision's fallback: the centre crop with its aspect ratio
+    clamped into `crop_ratio`.
+
+    Args:
+        height, width: image sizes `[n]`, one per image.
+        tries: uniforms `[n, tries, 2]` (area, log-ratio).
+        offsets: uniforms `[n, 2]` placing the crop.
+        config: its `crop_scale` and `crop_ratio`.
+
+    Returns:
+        Four float32 `[n]` tensors of whole pixel counts.
     """
-    height = tf.cast(tf.shape(images)[1], tf.float32)
-    width = tf.cast(tf.shape(images)[2], tf.float32)
+    height, width = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
     (s_lo, s_hi), (r_lo, r_hi) = config.crop_scale, config.crop_ratio
-    area = height * width * (s_lo + (s_hi - s_lo) * tries[..., 0])
+    area = (height * width)[:, None] * (s_lo + (s_hi - s_lo) * tries[..., 0])
     log_lo, log_hi = math.log(r_lo), math.log(r_hi)
     ratio = tf.exp(log_lo + (log_hi - log_lo) * tries[..., 1])
     w = tf.round(tf.sqrt(area * ratio))
     h = tf.round(tf.sqrt(area / ratio))
-    valid = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    valid = (w > 0) & (w <= width[:, None]) & (h > 0) & (h <= height[:, None])
     first = tf.argmax(tf.cast(valid, tf.int32), axis=1)
     found = tf.reduce_any(valid, axis=1)
     in_ratio = width / height
@@ -152,11 +228,16 @@ def _crop_boxes(images, tries, offsets, config):
     h = tf.where(found, tf.gather(h, first, batch_dims=1), fallback_h)
     top = tf.where(found, tf.floor(offsets[:, 0] * (height - h + 1)), tf.floor((height - h) / 2))
     left = tf.where(found, tf.floor(offsets[:, 1] * (width - w + 1)), tf.floor((width - w) / 2))
+    return top, left, h, w
+
+
+def _window_boxes(top, left, h, w, height, width, image_size):
+    """Pixel windows as normalised `crop_and_resize` boxes `[n, 4]`."""
     # crop_and_resize puts the box edges on pixel centres (align-corners).
     # Shrinking them by half an output pixel samples like tf.image.resize
     # (half-pixel centres) when downscaling; when upscaling that would reach
     # past the crop, so keep the edges on its outer pixels, as resize clamps.
-    size = float(config.image_size)
+    size = float(image_size)
 
     def edges(start, length, extent):
         inset = tf.maximum(0.5 * length / size - 0.5, 0.0)

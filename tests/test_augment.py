@@ -223,16 +223,40 @@ def test_tf_data_pipeline():
         np.testing.assert_allclose(v2, eager[1], atol=1e-5)
 
 
-def test_preprocess_eval():
-    images = _images(2, 40, 48)
-    out = preprocess_eval(images, 24)
-    assert out.shape == (2, 24, 24, 3) and out.dtype == tf.float32
-    assert 0.0 <= float(tf.reduce_min(out)) and float(tf.reduce_max(out)) <= 1.0
-    expected = tf.image.resize(images / 255.0, [24, 24], antialias=True)
+def _pil_resize(image, width, height):
+    """PIL's antialiased bilinear resize of each channel, in float (the reference torchvision uses)."""
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.fromarray(image[..., c].astype(np.float32), mode="F").resize(
+        (width, height), Image.BILINEAR)) for c in range(image.shape[-1])], -1)
+
+
+@pytest.mark.parametrize("shape, size, fraction, resized, top_left", [
+    # torchvision Resize(side) + CenterCrop(size), worked out by hand:
+    # side = floor(24 / 0.875) = 27; long side int(27 * 48 / 40) = 32; crop at round(3/2)=2, round(8/2)=4.
+    ((40, 48), 24, 0.875, (27, 32), (2, 4)),
+    # side 16; long int(16 * 50 / 30) = 26; crop at round(10/2) = 5, 0.
+    ((50, 30), 16, 1.0, (26, 16), (5, 0)),
+    # Upscaling: side 40; long int(40 * 50 / 30) = 66; crop at 13, 0.
+    ((50, 30), 40, 1.0, (66, 40), (13, 0)),
+])
+def test_preprocess_eval_is_torchvision_resize_and_centre_crop(shape, size, fraction, resized, top_left):
+    image = np.random.default_rng(0).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    (h, w), (top, left) = resized, top_left
+    expected = _pil_resize(image, w, h)[top:top + size, left:left + size] / 255.0
+    out = preprocess_eval(image, size, fraction)
+    assert out.shape == (size, size, 3) and out.dtype == tf.float32
+    # TF's antialiased bilinear is PIL's triangle filter: float32 rounding apart.
     np.testing.assert_allclose(out, expected, atol=1e-5)
-    single = preprocess_eval(images[0].astype(np.float32) / 255.0, 24)
-    assert single.shape == (24, 24, 3)
-    np.testing.assert_allclose(single, out[0], atol=1e-5)
+    batch = preprocess_eval(np.stack([image, image[::-1]]), size, fraction)
+    np.testing.assert_allclose(batch[0], out, atol=1e-6)
+    # float input in [0, 1] gives the same as uint8.
+    np.testing.assert_allclose(preprocess_eval(image.astype(np.float32) / 255.0, size, fraction), out, atol=1e-6)
+
+
+def test_preprocess_eval_rejects_a_bad_crop_fraction():
+    with pytest.raises(ValueError, match="crop_fraction=1.5"):
+        preprocess_eval(np.zeros((8, 8, 3), np.uint8), 8, 1.5)
 
 
 @pytest.mark.parametrize("batch", [0, 1, 7])
