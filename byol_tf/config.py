@@ -116,6 +116,11 @@ class PretrainConfig:
         probe_lr: the probe's Adam learning rate.
         fast_kernels: train with `byol_tf.kernels`' fused BatchNorm and
             convolution paths (the same maths, faster on CPUs).
+        eval_crop_fraction: the evaluation preprocessing (kNN, linear
+            evaluation, fine-tuning, serving) resizes the short side to
+            `image_size / eval_crop_fraction` and centre-crops `image_size`:
+            0.875 is the paper's ImageNet protocol (256 -> 224), 1.0 keeps the
+            whole short side (CIFAR).
     """
 
     preset: str = "custom"
@@ -142,6 +147,7 @@ class PretrainConfig:
     probe: bool = False
     probe_lr: float = 1e-3
     fast_kernels: bool = True
+    eval_crop_fraction: float = 0.875
 
     def __post_init__(self):
         _check(self.image_size >= 8, "image_size", self.image_size, "must be >= 8")
@@ -159,6 +165,7 @@ class PretrainConfig:
         _check(self.probe_lr > 0, "probe_lr", self.probe_lr, "must be > 0")
         _check(isinstance(self.probe, bool), "probe", self.probe, "must be True or False")
         _check(isinstance(self.fast_kernels, bool), "fast_kernels", self.fast_kernels, "must be True or False")
+        _check(0.0 < self.eval_crop_fraction <= 1.0, "eval_crop_fraction", self.eval_crop_fraction, "must be in (0, 1]")
         _check(self.steps_per_execution >= 1, "steps_per_execution", self.steps_per_execution, "must be >= 1")
         for name in ("projector_hidden", "projection_dim", "predictor_hidden"):
             _check(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
@@ -214,6 +221,7 @@ PRESETS = {
         # The shapes' colours are random, so colour says nothing about the class:
         # full-strength hue and saturation jitter and frequent grayscale make
         # colour useless to BYOL too, and crops of at least 40% keep the shape in view.
+        eval_crop_fraction=1.0,
         augment=dataclasses.replace(
             _CIFAR_AUGMENT, crop_scale=(0.6, 1.0), jitter_prob=1.0, brightness=0.6, contrast=0.6,
             saturation=0.9, hue=0.5, grayscale_prob=0.5,
@@ -231,6 +239,7 @@ PRESETS = {
         weight_decay=1e-5,
         warmup_epochs=10,
         base_tau=0.99,
+        eval_crop_fraction=1.0,
         augment=_CIFAR_AUGMENT,
     ),
     # The best this 2-core CPU reaches in 20 minutes of wall time: see BENCHMARKS.md.
@@ -255,7 +264,29 @@ PRESETS = {
         projector_hidden=1024,
         projection_dim=128,
         predictor_hidden=1024,
+        eval_crop_fraction=1.0,
         augment=dataclasses.replace(_CIFAR_AUGMENT, crop_scale=(0.2, 1.0)),
+    ),
+    # Real photos at 96 px, 20 CPU-minutes (BENCHMARKS.md, "Photo folders"):
+    #   python scripts/pretrain.py --preset=photos96_cpu20 --data=imagewoof/train --eval_data=imagewoof/val --out=runs/woof
+    # A tiny ResNet whose stem downsamples 4x (24x24 maps at 96 px, the cost of
+    # CIFAR at 32 px), the paper's views with crops of at least 20%, and the
+    # short-run tau and LARS settings of cifar10_cpu20.
+    "photos96_cpu20": PretrainConfig(
+        preset="photos96_cpu20",
+        backbone="resnet_tiny_stem4",
+        image_size=96,
+        batch_size=128,
+        epochs=60,
+        optimizer="lars",
+        base_lr=2.0,
+        weight_decay=1e-5,
+        warmup_epochs=3,
+        base_tau=0.97,
+        projector_hidden=1024,
+        projection_dim=128,
+        predictor_hidden=1024,
+        augment=AugmentConfig(image_size=96, crop_scale=(0.2, 1.0)),
     ),
     # The paper's ImageNet recipe (Grill et al. 2020, Section 3.2).
     "imagenet": PretrainConfig(

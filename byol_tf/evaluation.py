@@ -57,6 +57,24 @@ def _run_embed_fn(fn, images, batch_size):
     return np.concatenate(out)
 
 
+def embed_dataset(encoder, dataset):
+    """Embeds an evaluation dataset of `(images, labels)` batches (`byol_tf.data.eval_dataset`).
+
+    Returns:
+        `(features, labels)`: float32 `[N, D]` and int64 `[N]` numpy arrays.
+    """
+    size = dataset.element_spec[0].shape[1]
+    fn = tf.function(lambda x: encoder(x, training=False), input_signature=[tf.TensorSpec([None, size, size, 3])],
+                     reduce_retracing=True)
+    features, labels = [], []
+    for images, batch_labels in dataset:
+        features.append(np.asarray(fn(images), np.float32))
+        labels.append(batch_labels.numpy())
+    if not features:
+        raise ValueError("The evaluation dataset is empty. Received: dataset with no batches")
+    return np.concatenate(features), np.concatenate(labels)
+
+
 def embed(encoder, images, image_size, batch_size=512):
     """Embeds uint8 images with a frozen encoder (inference mode).
 
@@ -178,8 +196,10 @@ class KNNMonitor(keras.callbacks.Callback):
     per evaluation, not one per epoch.
 
     Args:
-        train_images, train_labels: uint8 [N, H, W, 3] bank images and labels.
-        test_images, test_labels: uint8 [M, H, W, 3] query images and labels.
+        train_images, train_labels: uint8 [N, H, W, 3] bank images and labels,
+            or an evaluation dataset of `(images, labels)` batches
+            (`byol_tf.data.eval_dataset`; then `train_labels` is None).
+        test_images, test_labels: the queries, in the same form.
         image_size: side the images are resized to before the encoder.
         every_n_epochs: evaluate when `(epoch + 1) % every_n_epochs == 0`,
             and always after the last epoch of `fit`.
@@ -202,9 +222,15 @@ class KNNMonitor(keras.callbacks.Callback):
         if not isinstance(every_n_epochs, int) or every_n_epochs < 1:
             raise ValueError(f"Expected every_n_epochs >= 1. Received: every_n_epochs={every_n_epochs}")
         _check_knn_args(k, temperature)  # fail now, not after the first epochs
-        self.train_images, self.test_images = np.asarray(train_images), np.asarray(test_images)
-        self.train_labels = _check_labels("train_labels", train_labels, len(self.train_images))
-        self.test_labels = _check_labels("test_labels", test_labels, len(self.test_images))
+        self.streamed = isinstance(train_images, tf.data.Dataset)
+        if self.streamed:
+            if not isinstance(test_images, tf.data.Dataset):
+                raise ValueError(f"Pass both sets as datasets or both as arrays. Received: test_images={test_images!r}")
+            self.train_images, self.test_images = train_images, test_images
+        else:
+            self.train_images, self.test_images = np.asarray(train_images), np.asarray(test_images)
+            self.train_labels = _check_labels("train_labels", train_labels, len(self.train_images))
+            self.test_labels = _check_labels("test_labels", test_labels, len(self.test_images))
         self.image_size, self.every_n_epochs = image_size, every_n_epochs
         self.k, self.temperature, self.encoder_fn = k, temperature, encoder_fn
         self.batch_size, self.name = batch_size, name
@@ -221,12 +247,16 @@ class KNNMonitor(keras.callbacks.Callback):
     def evaluate(self):
         """Returns the current kNN top-1 accuracy of the online encoder."""
         encoder = self._encoder()
-        if self._fn_cache[0] is not encoder:
-            self._fn_cache = (encoder, _make_embed_fn(encoder, self.image_size))
-        # One batch size for both sets, so both reuse a single trace.
-        bs = min(self.batch_size, max(len(self.train_images), len(self.test_images)))
-        train = _run_embed_fn(self._fn_cache[1], self.train_images, bs)
-        test = _run_embed_fn(self._fn_cache[1], self.test_images, bs)
+        if self.streamed:
+            train, self.train_labels = embed_dataset(encoder, self.train_images)
+            test, self.test_labels = embed_dataset(encoder, self.test_images)
+        else:
+            if self._fn_cache[0] is not encoder:
+                self._fn_cache = (encoder, _make_embed_fn(encoder, self.image_size))
+            # One batch size for both sets, so both reuse a single trace.
+            bs = min(self.batch_size, max(len(self.train_images), len(self.test_images)))
+            train = _run_embed_fn(self._fn_cache[1], self.train_images, bs)
+            test = _run_embed_fn(self._fn_cache[1], self.test_images, bs)
         return knn_accuracy(train, self.train_labels, test, self.test_labels,
                             k=self.k, temperature=self.temperature)
 

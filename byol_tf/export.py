@@ -21,10 +21,10 @@ Signatures (all return `{"embedding": float32 [batch, D]}`):
 - `serve_image_bytes`: `image_bytes`, string `[batch]` of encoded JPEG, PNG, BMP
   or GIF (the first frame); grayscale and RGBA are converted to RGB.
 
-Any batch size and image size is accepted: images are resized to the training
-resolution as `byol_tf.augment.preprocess_eval` does (bilinear with
-antialiasing), divided by 255, and the encoder applies the ImageNet mean/std
-itself. A bad shape fails with an `InvalidArgumentError` naming the expected
+Any batch size and image size is accepted: images go through the one
+evaluation preprocessing, `byol_tf.augment.preprocess_eval` (short side to
+`image_size / crop_fraction`, centre crop), as in kNN and linear evaluation,
+and the encoder applies the ImageNet mean/std itself. A bad shape fails with an `InvalidArgumentError` naming the expected
 shape; undecodable bytes fail in the decoder with an `InvalidArgumentError`.
 """
 
@@ -40,6 +40,8 @@ import keras
 import tensorflow as tf
 
 from byol_tf import __version__
+from byol_tf.augment import preprocess_eval
+from byol_tf.data.crops import eval_image
 
 METADATA_FILE = "byol_metadata.json"
 EXTRA_DIR = "assets.extra"
@@ -72,23 +74,23 @@ def existing_versions(out_dir):
 class _ServingModule(tf.Module):
     """The encoder plus the serving functions that tf.saved_model.save traces."""
 
-    def __init__(self, encoder, image_size, metadata_json):
+    def __init__(self, encoder, image_size, metadata_json, crop_fraction=1.0):
         super().__init__(name="byol_encoder")
         self.encoder = encoder
         self._image_size = int(image_size)
+        self._crop_fraction = float(crop_fraction)
         self._metadata_json = metadata_json
 
-    def _embed_resized(self, pixels):
-        """[B, S, S, 3] float32 in [0, 255] -> {"embedding": [B, D]}."""
-        x = tf.clip_by_value(pixels / 255.0, 0.0, 1.0)
+    def _embed_resized(self, x):
+        """[B, S, S, 3] float32 in [0, 1] -> {"embedding": [B, D]}."""
         # training=False: BatchNorm must use its moving statistics, so an image's
         # embedding does not depend on the rest of the request's batch.
         features = self.encoder(x, training=False)
         return {"embedding": tf.cast(features, tf.float32)}
 
-    def _resize(self, pixels):
-        # The same op as preprocess_eval, so served and Keras embeddings agree.
-        return tf.image.resize(pixels, [self._image_size] * 2, method="bilinear", antialias=True)
+    def _resize(self, images):
+        # The evaluation pipeline's own function, so served and evaluated embeddings agree.
+        return preprocess_eval(images, self._image_size, self._crop_fraction)
 
     def _embed_pixels(self, images):
         """Checks the shape of a batch in [0, 255], resizes it and embeds it."""
@@ -109,7 +111,7 @@ class _ServingModule(tf.Module):
         )
         with tf.control_dependencies([check]):
             images = tf.identity(images)
-        return self._embed_resized(self._resize(tf.cast(images, tf.float32)))
+        return self._embed_resized(self._resize(tf.cast(images, tf.float32) / 255.0))
 
     @tf.function(input_signature=[tf.TensorSpec(None, tf.float32, name="images")])
     def serve_float(self, images):
@@ -122,11 +124,8 @@ class _ServingModule(tf.Module):
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
     def serve_image_bytes(self, image_bytes):
         def decode(data):
-            # channels=3 turns grayscale and RGBA into RGB; expand_animations=False
-            # keeps the first GIF frame, so every image is [h, w, 3].
-            image = tf.io.decode_image(data, channels=3, expand_animations=False)
-            image = tf.ensure_shape(image, [None, None, 3])
-            return self._resize(tf.cast(image, tf.float32))
+            # The evaluation pipeline's decoder: grayscale and RGBA become RGB, a GIF its first frame.
+            return eval_image(data, self._image_size, self._crop_fraction)
 
         # Images of different sizes cannot be stacked before resizing, hence map_fn.
         spec = tf.TensorSpec([self._image_size, self._image_size, 3], tf.float32)
@@ -139,7 +138,7 @@ class _ServingModule(tf.Module):
         return tf.constant(self._metadata_json)
 
 
-def export_encoder(encoder, export_dir, image_size, metadata=None):
+def export_encoder(encoder, export_dir, image_size, metadata=None, crop_fraction=1.0):
     """Writes `encoder` as a SavedModel with the serving signatures.
 
     Args:
@@ -149,6 +148,8 @@ def export_encoder(encoder, export_dir, image_size, metadata=None):
         export_dir: the SavedModel folder to create; it must not exist.
         image_size: the resolution served images are resized to.
         metadata: a dict of JSON-serialisable extra metadata (preset, steps, ...).
+        crop_fraction: the evaluation preprocessing's (`preprocess_eval`);
+            a run's `eval_crop_fraction`.
 
     Returns:
         The metadata dict that was written.
@@ -168,6 +169,7 @@ def export_encoder(encoder, export_dir, image_size, metadata=None):
     embedding = f"float32 [batch, {embedding_dim or 'D'}]"
     metadata.update(
         image_size=image_size,
+        crop_fraction=float(crop_fraction),
         embedding_dim=None if embedding_dim is None else int(embedding_dim),
         normalisation=NORMALISATION,
         signatures={
@@ -182,7 +184,7 @@ def export_encoder(encoder, export_dir, image_size, metadata=None):
         exported_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
     metadata_json = json.dumps(metadata, indent=2, sort_keys=True)
-    module = _ServingModule(encoder, image_size, metadata_json)
+    module = _ServingModule(encoder, image_size, metadata_json, crop_fraction)
     signatures = {
         "serving_default": module.serve_float.get_concrete_function(),
         "serve_uint8": module.serve_uint8.get_concrete_function(),
@@ -269,7 +271,8 @@ def export_run(run_dir, out_dir, version=None):
     # A dot-folder: TF Serving ignores non-integer names, so it never sees this.
     tmp = tempfile.mkdtemp(prefix=".export-", dir=out_dir)
     try:
-        export_encoder(encoder, os.path.join(tmp, "saved_model"), image_size, metadata)
+        export_encoder(encoder, os.path.join(tmp, "saved_model"), image_size, metadata,
+                       crop_fraction=config.get("eval_crop_fraction", 1.0))
         # A byte copy of the run's file, which load_model(safe_mode=True) just read.
         shutil.copyfile(encoder_path, os.path.join(tmp, "encoder.keras"))
         # Re-check: another export may have claimed the version meanwhile. os.rename

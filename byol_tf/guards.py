@@ -238,9 +238,12 @@ class StepBackup(keras.callbacks.Callback):
         steps_per_epoch: to record epoch and batch.
         state: the shared `GuardState`; no backup from a stopped or held state.
         run_info: JSON-able dict stored with every backup.
+        position_fn: `step -> stream position` after that many steps, stored
+            as `data_position` (streamed sources skip failed files, so the
+            position is not `step * batch_size`).
     """
 
-    def __init__(self, backup_dir, every_steps, steps_per_epoch, state, run_info=None):
+    def __init__(self, backup_dir, every_steps, steps_per_epoch, state, run_info=None, position_fn=None):
         super().__init__()
         if every_steps < 1:
             raise ValueError(f"`every_steps` must be >= 1. Received: every_steps={every_steps!r}")
@@ -249,6 +252,7 @@ class StepBackup(keras.callbacks.Callback):
         self.steps_per_epoch = int(steps_per_epoch)
         self.state = state
         self.run_info = dict(run_info or {})
+        self.position_fn = position_fn
         self._last_saved = None
 
     def on_train_begin(self, logs=None):
@@ -273,6 +277,8 @@ class StepBackup(keras.callbacks.Callback):
         epoch, batch = divmod(step, self.steps_per_epoch)
         info = {"step": step, "epoch": epoch, "batch_in_epoch": batch, "data_batch_index": step,
                 "time": time.time(), "run_info": self.run_info}
+        if self.position_fn is not None:
+            info["data_position"] = self.position_fn(step)
         _atomic_json(os.path.join(tmp, "run.json"), info)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)

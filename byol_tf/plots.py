@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from byol_tf.evaluation import embed
+from byol_tf.evaluation import embed_dataset
 
 METRICS = ("loss", "tau", "lr", "collapse_std", "knn_acc", "probe_acc", "val_probe_acc")
 
@@ -130,29 +130,35 @@ def pca_2d(features):
     return coords.astype(np.float32)
 
 
-def plot_embedding_map(encoder, eval_set, out_path, max_points=2000, seed=0):
+def plot_embedding_map(encoder, eval_set, out_path, max_points=2000, seed=0, crop_fraction=1.0):
     """Scatter plot of the PCA of the encoder's features, coloured by label.
 
     Args:
         encoder: images in [0, 1] `[B, S, S, 3]` -> features `[B, D]`.
-        eval_set: a labelled `byol_tf.data.ImageSet`.
+        eval_set: a labelled `byol_tf.data.ImageSet` or source.
         out_path: the PNG to write.
         max_points: embed and plot at most this many images (a fixed random
-            subset), to keep the plot readable and quick.
+            subset in memory, the first ones of a streamed source), to keep
+            the plot readable and quick.
         seed: seeds that subset.
+        crop_fraction: the evaluation preprocessing's (`preprocess_eval`).
 
     Returns:
         `out_path`.
     """
-    if eval_set.labels is None:
-        raise ValueError(f"The embedding map is coloured by label. Received: eval_set from {eval_set.source!r} (unlabelled)")
-    index = np.arange(len(eval_set))
-    if len(index) > max_points:
-        index = np.sort(np.random.default_rng(seed).choice(index, max_points, replace=False))
-    features = embed(encoder, eval_set.images[index], int(encoder.input_shape[1]))
-    coords, labels = pca_2d(features), eval_set.labels[index]
+    from byol_tf import data
+
+    source = data.open_source(eval_set)
+    if not source.labelled:
+        raise ValueError(f"The embedding map is coloured by label. Received: eval_set from {source.name!r} (unlabelled)")
+    if isinstance(source, data.ArraySource) and source.num_examples > max_points:
+        index = np.sort(np.random.default_rng(seed).choice(source.num_examples, max_points, replace=False))
+        source = data.ArraySource(data.ImageSet(source.images[index], source.labels[index], source.class_names))
+    batches = data.eval_dataset(source, int(encoder.input_shape[1]), crop_fraction, batch_size=250)
+    features, labels = embed_dataset(encoder, batches.take(-(-max_points // 250)))
+    coords, labels = pca_2d(features[:max_points]), labels[:max_points]
     classes = np.unique(labels)
-    names = eval_set.class_names
+    names = source.class_names
     figure = _new_figure(7.0, 6.0)
     axes = figure.add_subplot(1, 1, 1)
     from matplotlib import colormaps
@@ -164,7 +170,7 @@ def plot_embedding_map(encoder, eval_set, out_path, max_points=2000, seed=0):
         axes.scatter(coords[mask, 0], coords[mask, 1], s=6, alpha=0.7, color=cmap(i % cmap.N), label=label)
     if len(classes) <= 20:  # beyond that a legend hides the plot
         axes.legend(markerscale=2, fontsize=7, loc="best")
-    axes.set_title(f"PCA of encoder features ({len(index)} images)")
+    axes.set_title(f"PCA of encoder features ({len(labels)} images)")
     axes.set_xlabel("PC 1")
     axes.set_ylabel("PC 2")
     figure.tight_layout()
@@ -172,7 +178,7 @@ def plot_embedding_map(encoder, eval_set, out_path, max_points=2000, seed=0):
     return out_path
 
 
-def plot_run(run_dir, eval_set=None, encoder=None, max_points=2000):
+def plot_run(run_dir, eval_set=None, encoder=None, max_points=2000, crop_fraction=1.0):
     """Writes a run's plots into its folder.
 
     Args:
@@ -182,7 +188,7 @@ def plot_run(run_dir, eval_set=None, encoder=None, max_points=2000):
             `embedding_map.png` is written too.
         encoder: the encoder to embed with; default `RUN/encoder.keras`
             (pass the in-memory one to skip reloading it).
-        max_points: see `plot_embedding_map`.
+        max_points, crop_fraction: see `plot_embedding_map`.
 
     Returns:
         A dict `name -> path` of the PNGs written.
@@ -198,5 +204,5 @@ def plot_run(run_dir, eval_set=None, encoder=None, max_points=2000):
 
             encoder = keras.saving.load_model(os.path.join(run_dir, "encoder.keras"))
         written["embedding_map"] = plot_embedding_map(encoder, eval_set, os.path.join(run_dir, "embedding_map.png"),
-                                                      max_points=max_points)
+                                                      max_points=max_points, crop_fraction=crop_fraction)
     return written

@@ -25,7 +25,7 @@ from byol_tf import distribute, guards
 from byol_tf.backbones import build_encoder
 from byol_tf.config import PretrainConfig
 from byol_tf.ema import EMAUpdate
-from byol_tf.evaluation import KNNMonitor, embed, is_monitor_epoch, knn_accuracy
+from byol_tf.evaluation import KNNMonitor, embed_dataset, is_monitor_epoch, knn_accuracy
 from byol_tf.model import build_byol
 from byol_tf.optim import build_optimizer
 from byol_tf.plots import plot_run
@@ -68,9 +68,10 @@ def config_differences(old, new):
 
 
 def probe_classes(train, eval_set=None):
-    """Classes for the online linear probe: the training set's class names, or enough for every label seen."""
-    labels = [int(np.max(s.labels)) + 1 for s in (train, eval_set) if s is not None and s.labels is not None]
-    count = max([len(train.class_names or [])] + labels)
+    """Classes for the online linear probe: the class names, or enough for every label of in-memory sets."""
+    labels = [int(np.max(s.labels)) + 1 for s in (train, eval_set)
+              if s is not None and getattr(s, "labels", None) is not None and len(s.labels)]
+    count = max([len(s.class_names or []) for s in (train, eval_set) if s is not None] + labels)
     # A probe needs two classes; a one-class set still gets a valid (if trivial) probe.
     return max(2, count)
 
@@ -135,20 +136,21 @@ def _remove(path):
         os.remove(path)
 
 
-def load_source(spec, image_size, split="train", limit=None):
-    """Loads `spec` as a `data.ImageSet`; `shapes` generates the demo set."""
-    if spec == "shapes":
-        # 10k generated training images, 2k held out with another seed.
-        num, seed = (10000, 0) if split == "train" else (2000, 1)
-        return data_lib.make_shapes(limit or num, image_size=image_size, seed=seed)
-    return data_lib.load_images(spec, image_size, split=split, limit=limit)
+def load_source(spec, image_size, split="train", limit=None, tfds_data_dir=None):
+    """`data.open_source` for a run: nothing is decoded until training reads it."""
+    return data_lib.open_source(spec, split, limit, image_size, tfds_data_dir)
 
 
-def knn_eval(encoder, image_size, memory, test, k=200):
-    """kNN top-1 on `test` with `memory` (labelled `data.ImageSet`s) as memory."""
-    train_features = embed(encoder, memory.images, image_size)
-    test_features = embed(encoder, test.images, image_size)
-    return knn_accuracy(train_features, memory.labels, test_features, test.labels, k=k)
+def eval_data(source, config, batch_size=256):
+    """`source` through the run's evaluation preprocessing, as `(images, labels)` batches."""
+    return data_lib.eval_dataset(source, config.image_size, config.eval_crop_fraction, batch_size)
+
+
+def knn_eval(encoder, config, memory, test, k=200):
+    """kNN top-1 on `test` with `memory` (labelled sources) as memory."""
+    train_features, train_labels = embed_dataset(encoder, eval_data(memory, config))
+    test_features, test_labels = embed_dataset(encoder, eval_data(test, config))
+    return knn_accuracy(train_features, train_labels, test_features, test_labels, k=k)
 
 
 def random_init_encoder(config):
@@ -165,10 +167,11 @@ def run_pretraining(config, train, out_dir, eval_set=None, knn_every=1, backup_e
 
     Args:
         config: a `byol_tf.config.PretrainConfig`.
-        train: a `data.ImageSet` of training images.
+        train: the training images: a `data.Source` (`data.open_source`),
+            or an `ImageSet`.
         out_dir: the run folder.
-        eval_set: optional labelled `data.ImageSet` for kNN; the memory is
-            `train`, which must then be labelled.
+        eval_set: optional labelled source for kNN; the memory is `train`,
+            which must then be labelled.
         knn_every: run the kNN monitor every this many epochs.
         backup_every_steps: back up for resume every this many steps
             (default: every epoch). A rerun with the same configuration
@@ -197,13 +200,15 @@ def run_pretraining(config, train, out_dir, eval_set=None, knn_every=1, backup_e
         `status` is "finished", "stopped_nan" or "stopped_collapse".
     """
     check_out_dir(out_dir, overwrite)
-    if eval_set is not None and train.labels is None:
+    train = data_lib.open_source(train)
+    eval_set = None if eval_set is None else data_lib.open_source(eval_set)
+    if eval_set is not None and not train.labelled:
         raise ValueError(
-            f"kNN evaluation uses the training images as memory, so they need labels. Received: data={train.source!r} (unlabelled)"
+            f"kNN evaluation uses the training images as memory, so they need labels. Received: data={train.name!r} (unlabelled)"
         )
-    if config.probe and train.labels is None:
+    if config.probe and not train.labelled:
         raise ValueError(
-            f"The online linear probe (probe=True) trains on labels. Received: data={train.source!r} (unlabelled)"
+            f"The online linear probe (probe=True) trains on labels. Received: data={train.name!r} (unlabelled)"
         )
     if on_collapse not in ("stop", "warn"):
         raise ValueError(f"`on_collapse` must be 'stop' or 'warn'. Received: on_collapse={on_collapse!r}")
@@ -217,13 +222,13 @@ def run_pretraining(config, train, out_dir, eval_set=None, knn_every=1, backup_e
         distribute.check_steps_per_execution(config.steps_per_execution, strategy)
     replicas = strategy.num_replicas_in_sync
     resuming = check_resume(out_dir, config, overwrite)
-    steps = data_lib.steps_per_epoch(len(train), config.batch_size)
+    steps = data_lib.steps_per_epoch(train.num_examples, config.batch_size)
     if steps < 1:
         raise ValueError(
-            f"Not enough images for one batch: {len(train)} images, batch_size={config.batch_size}. Received: batch_size={config.batch_size}"
+            f"Not enough images for one batch: {train.num_examples} images, batch_size={config.batch_size}. Received: batch_size={config.batch_size}"
         )
     total_steps = steps * config.epochs
-    run_info = {"data": train.source, "num_train_images": len(train), "steps_per_epoch": steps,
+    run_info = {"data": train.name, "num_train_images": train.num_examples, "steps_per_epoch": steps,
                 "total_steps": total_steps, "replicas": replicas}
     backup_dir = os.path.join(out_dir, BACKUP)
     if resuming:
@@ -286,11 +291,15 @@ def run_pretraining(config, train, out_dir, eval_set=None, knn_every=1, backup_e
     callback_list += list(callbacks or [])
     if eval_set is not None:
         # Before the loggers: they read the kNN accuracy from the shared logs.
-        callback_list.append(KNNMonitor(train.images, train.labels, eval_set.images, eval_set.labels,
+        callback_list.append(KNNMonitor(eval_data(train, config), None, eval_data(eval_set, config), None,
                                         config.image_size, every_n_epochs=knn_every))
     checkpoint = os.path.join(write_dir, "checkpoints", "byol.keras")
+    tracker = data_lib.StreamPosition(train)
+    tracker.restart(start_step, info.get("data_position", start_step * config.batch_size) if resuming else 0)
+    position_fn = None if isinstance(train, data_lib.ArraySource) else tracker.after
     callback_list += [
-        guards.StepBackup(os.path.join(write_dir, BACKUP), backup_every_steps or steps, steps, state, run_info),
+        guards.StepBackup(os.path.join(write_dir, BACKUP), backup_every_steps or steps, steps, state, run_info,
+                          position_fn),
         keras.callbacks.CSVLogger(os.path.join(write_dir, "metrics.csv"), append=True),
         keras.callbacks.TensorBoard(os.path.join(write_dir, "tensorboard"), update_freq=max(1, steps // 10)),
         guards.SafeCheckpoint(checkpoint, state),
@@ -305,21 +314,22 @@ def run_pretraining(config, train, out_dir, eval_set=None, knn_every=1, backup_e
     if pause is not None:
         callback_list.append(pause)
     logging.info("Pretraining %s on %d images: %d epochs x %d steps, global batch %d, peak lr %.4g",
-                 config.backbone, len(train), config.epochs, steps, config.batch_size, config.peak_lr)
+                 config.backbone, train.num_examples, config.epochs, steps, config.batch_size, config.peak_lr)
 
     validation = {}
     if config.probe and eval_set is not None:
         # The probe is validated on the kNN monitor's epochs (`val_probe_acc`).
         validation = dict(
-            validation_data=data_lib.eval_dataset(eval_set.images, eval_set.labels, config.image_size, 256),
+            validation_data=eval_data(eval_set, config),
             validation_freq=[e for e in range(1, config.epochs + 1) if is_monitor_epoch(e, knn_every, config.epochs)],
         )
 
     def fit(first_step, epoch, end_epoch, steps_per_epoch):
-        # The data stream is a pure function of the batch index: batch `first_step` is where to start.
-        dataset = data_lib.pretrain_dataset(train.images, config.batch_size, config.augment, seed=config.seed,
-                                            autotune=autotune, start_batch=first_step,
-                                            labels=train.labels if config.probe else None)
+        # The stream is a pure function of the position: resume where step `first_step` starts.
+        position = tracker.after(first_step)
+        dataset = data_lib.pretrain_dataset(train, config.batch_size, config.augment, seed=config.seed,
+                                            autotune=autotune, start_step=first_step, start_position=position,
+                                            with_labels=config.probe, tracker=tracker)
         return model.fit(dataset, initial_epoch=epoch, epochs=end_epoch, steps_per_epoch=steps_per_epoch,
                          callbacks=callback_list, verbose=verbose, **validation).history
 
@@ -346,8 +356,9 @@ def run_pretraining(config, train, out_dir, eval_set=None, knn_every=1, backup_e
         "resumed_from_step": start_step if resuming else None,
         "train_seconds": round(train_seconds, 1),
         "images_per_sec": round((steps_done - start_step) * config.batch_size / max(train_seconds, 1e-9), 1),
-        "num_train_images": len(train),
+        "num_train_images": train.num_examples,
         "num_skipped": train.num_skipped,
+        "skipped_files": [list(item) for item in (getattr(train, "skipped", []) + train.skips.items())[:100]],
         "strategy": type(strategy).__name__,
         "replicas": replicas,
         "final": {k: float(v[-1]) for k, v in history.items() if len(v)},
@@ -363,15 +374,16 @@ def run_pretraining(config, train, out_dir, eval_set=None, knn_every=1, backup_e
             # The monitor always evaluates the last epoch; reuse it rather than embed twice.
             knn_history = history.get("knn_acc", [])
             summary["knn_acc"] = float(knn_history[-1]) if knn_history else knn_eval(
-                model.encoder, config.image_size, train, eval_set)
+                model.encoder, config, train, eval_set)
             if compare_random_init:
-                summary["knn_acc_random_init"] = knn_eval(random_init_encoder(config), config.image_size, train, eval_set)
+                summary["knn_acc_random_init"] = knn_eval(random_init_encoder(config), config, train, eval_set)
             logging.info("kNN top-1 (k=200): %.4f learned, %s at random init", summary["knn_acc"],
                          summary.get("knn_acc_random_init", "n/a"))
     guards._atomic_json(os.path.join(write_dir, SUMMARY), summary)
     if chief:
         try:
-            plot_run(write_dir, None if state.stopped else eval_set, encoder=model.encoder)
+            plot_run(write_dir, None if state.stopped else eval_set, encoder=model.encoder,
+                     crop_fraction=config.eval_crop_fraction)
         except Exception as error:  # A plotting failure must not fail a finished run.
             logging.warning("Plots failed: %s", error)
     if not state.stopped:

@@ -15,8 +15,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("preset", "demo", "demo, cifar10, cifar10_cpu20 or imagenet.")
-flags.DEFINE_string("data", None, "tfds:NAME[:SPLIT], an image folder, a .npz, or 'shapes' (generated). Default: 'shapes' for the demo preset.")
+flags.DEFINE_string("preset", "demo", "demo, cifar10, cifar10_cpu20, photos96_cpu20 or imagenet.")
+flags.DEFINE_string("data", None, "An image folder, a folder of TFRecord shards (scripts/make_shards.py), tfds:NAME[:SPLIT], a .npz, or 'shapes' (generated). Folders, shards and tfds are streamed. Default: 'shapes' for the demo preset.")
+flags.DEFINE_string("tfds_data_dir", None, "tfds's data folder, for --data=tfds:NAME (default: tfds's own).")
 flags.DEFINE_string("eval_data", None, "Labelled held-out data for kNN; the training data is the memory. Default: 'shapes' for the demo preset.")
 flags.DEFINE_string("out", None, "Run folder: logs, metrics.csv, checkpoints, encoder.keras.")
 flags.DEFINE_string("backbone", None, "Backbone name (see byol_tf.backbones).")
@@ -47,6 +48,7 @@ flags.DEFINE_boolean("sync_bn", True, "Synchronise BatchNorm across replicas whe
 flags.DEFINE_boolean("probe", None, "Online linear probe: a stop-gradient linear classifier trained on the labels alongside BYOL, logged as probe_acc (and val_probe_acc on --eval_data). Needs labelled --data.")
 flags.DEFINE_boolean("fast_kernels", None, "Fused BatchNorm and faster convolution gradients (byol_tf.kernels; the same maths). --nofast_kernels: Keras's own layers' paths.")
 flags.DEFINE_float("probe_lr", None, "The online probe's Adam learning rate.")
+flags.DEFINE_float("eval_crop_fraction", None, "Evaluation and serving: resize the short side to image_size / this, centre-crop image_size (0.875: the ImageNet protocol; 1: CIFAR).")
 flags.DEFINE_integer("verbose", 2, "fit verbosity: 0, 1 (progress bar) or 2 (a line per epoch).")
 
 _OVERRIDES = {
@@ -54,7 +56,7 @@ _OVERRIDES = {
     "optimizer": "optimizer", "lr": "base_lr", "weight_decay": "weight_decay", "warmup_epochs": "warmup_epochs",
     "base_tau": "base_tau", "loss": "loss", "seed": "seed", "steps_per_execution": "steps_per_execution",
     "precision": "precision", "probe": "probe", "probe_lr": "probe_lr",
-    "fast_kernels": "fast_kernels",
+    "fast_kernels": "fast_kernels", "eval_crop_fraction": "eval_crop_fraction",
 }
 
 # Exit status of a run a guard stopped (NaN loss or collapse).
@@ -147,14 +149,13 @@ def main(argv):
 
     logging.info("Config: %s", config)
     try:
-        train = training.load_source(data, config.image_size, "train", FLAGS.limit)
-        eval_set = training.load_source(eval_data, config.image_size, "test") if eval_data else None
+        train = training.load_source(data, config.image_size, "train", FLAGS.limit, FLAGS.tfds_data_dir)
+        eval_set = training.load_source(eval_data, config.image_size, "test", None, FLAGS.tfds_data_dir) if eval_data else None
     except ValueError as error:
         raise app.UsageError(str(error).replace("Received: data=", "Received: --data="))
-    if config.probe and train.labels is None:
+    if config.probe and not train.labelled:
         raise app.UsageError(f"--probe trains a classifier on the labels, but --data has none. Received: --data={data}")
-    if train.num_skipped:
-        print(f"Skipped {train.num_skipped} unusable files in {train.source} (reasons in the log).", flush=True)
+    print(f"Training data: {train.num_examples} images from {train.name}", flush=True)
     summary = training.run_pretraining(
         config, train, FLAGS.out, eval_set=eval_set, knn_every=FLAGS.knn_every,
         backup_every_steps=FLAGS.backup_every_steps, verbose=FLAGS.verbose, overwrite=FLAGS.overwrite,
@@ -167,6 +168,8 @@ def main(argv):
         print(f"Run stopped ({summary['status']}) after {summary['steps']} steps: see {os.path.join(FLAGS.out, 'summary.json')}")
         return EXIT_STOPPED
     print(f"Trained {summary['steps']} steps in {summary['train_seconds']} s ({summary['images_per_sec']} img/s)")
+    if summary["num_skipped"]:
+        print(f"Skipped {summary['num_skipped']} unusable files (names and reasons in summary.json and the log).")
     final = summary.get("final", {})
     if "probe_acc" in final:
         line = f"Online linear probe: {100 * final['probe_acc']:.2f}% on the last epoch's training views"

@@ -193,11 +193,12 @@ def test_folder_limit(tmp_path):
     (tmp_path / "f" / "bad.png").write_bytes(b"not a png")
     full = data.load_images(str(tmp_path / "f"), image_size=8)
     assert len(full.images) == 12 and full.num_skipped == 1
+    # `limit` picks a fixed subset of the files (bad ones included), nothing else is opened.
     a = data.load_images(str(tmp_path / "f"), image_size=8, limit=5)
     b = data.load_images(str(tmp_path / "f"), image_size=8, limit=5)
-    assert a.images.shape == (5, 8, 8, 3)
+    assert len(a.images) + a.num_skipped == 5 and a.images.shape[1:] == (8, 8, 3)
     np.testing.assert_array_equal(a.images, b.images)
-    assert len(np.unique(a.images[:, 0, 0, 0])) == 5
+    assert len(np.unique(a.images[:, 0, 0, 0])) == len(a.images)
 
 
 def test_folder_top_level_images_with_classes_are_skipped(tmp_path):
@@ -267,10 +268,10 @@ def test_tfds_mock_split_in_source_and_limit():
 
 
 def test_tfds_source_parsing():
-    match = data._TFDS_RE.match("tfds:imagenette/320px:1.0.0:train[:10%]")
+    match = data.pipeline._TFDS_RE.match("tfds:imagenette/320px:1.0.0:train[:10%]")
     assert match.group("name") == "imagenette/320px:1.0.0"
     assert match.group("split") == "train[:10%]"
-    match = data._TFDS_RE.match("tfds:cifar10")
+    match = data.pipeline._TFDS_RE.match("tfds:cifar10")
     assert match.group("name") == "cifar10" and match.group("split") is None
 
 
@@ -352,46 +353,47 @@ def test_pretrain_dataset_start_batch_continues_the_same_stream():
     images = data.make_shapes(20, image_size=16).images  # 2 batches of 8 an epoch
     full = _first_batches(data.pretrain_dataset(images, 8, SMALL_AUG, seed=2, autotune=False), 7)
     for start in (1, 2, 5):
-        part = _first_batches(data.pretrain_dataset(images, 8, SMALL_AUG, seed=2, autotune=False, start_batch=start), 7 - start)
+        part = _first_batches(data.pretrain_dataset(images, 8, SMALL_AUG, seed=2, autotune=False, start_step=start), 7 - start)
         for (a1, a2), (b1, b2) in zip(full[start:], part):
             np.testing.assert_array_equal(a1, b1)
             np.testing.assert_array_equal(a2, b2)
     # Far-away positions are computed directly, not by iterating up to them.
-    far = data.pretrain_dataset(images, 8, SMALL_AUG, seed=2, autotune=False, start_batch=10**12)
+    far = data.pretrain_dataset(images, 8, SMALL_AUG, seed=2, autotune=False, start_step=10**12)
     v1, _ = next(iter(far))
     assert v1.shape == (8, 16, 16, 3)
-    with pytest.raises(ValueError, match="start_batch"):
-        data.pretrain_dataset(images, 8, SMALL_AUG, start_batch=-1)
+    with pytest.raises(ValueError, match="start_step=-1"):
+        data.pretrain_dataset(images, 8, SMALL_AUG, start_step=-1)
 
 
 def test_pretrain_dataset_labels_follow_their_images():
     images = _id_images(11)
     labels = (np.arange(11) * 7) % 4  # any labels, known per image
-    plain = data.pretrain_dataset(images, 5, SMALL_AUG, seed=0, autotune=False)
-    labelled = data.pretrain_dataset(images, 5, SMALL_AUG, seed=0, autotune=False, labels=labels)
+    source = data.ImageSet(images, labels)
+    plain = data.pretrain_dataset(source, 5, SMALL_AUG, seed=0, autotune=False)
+    labelled = data.pretrain_dataset(source, 5, SMALL_AUG, seed=0, autotune=False, with_labels=True)
     for (v1, v2), ((l1, l2), y) in zip(plain.take(4), labelled.take(4)):
         # Labels change nothing in the views.
         np.testing.assert_array_equal(v1.numpy(), l1.numpy())
         np.testing.assert_array_equal(v2.numpy(), l2.numpy())
         assert y.dtype == tf.int64 and y.shape == (5,)
-    identity = data.pretrain_dataset(images, 5, IDENTITY_AUG, seed=0, autotune=False, labels=labels)
+    identity = data.pretrain_dataset(source, 5, IDENTITY_AUG, seed=0, autotune=False, with_labels=True)
     for (v1, _), y in identity.take(4):
         np.testing.assert_array_equal(y.numpy(), labels[_ids(v1)])
-    with pytest.raises(ValueError, match=r"labels with dtype=float64 and shape=\(11,\)"):
-        data.pretrain_dataset(images, 5, SMALL_AUG, labels=np.zeros(11))
-    with pytest.raises(ValueError, match=r"shape=\(3,\)"):
-        data.pretrain_dataset(images, 5, SMALL_AUG, labels=np.zeros(3, int))
+    with pytest.raises(ValueError, match=r"labels with shape=\(3,\)"):
+        data.ImageSet(images, np.zeros(3, int))
+    with pytest.raises(ValueError, match="unlabelled"):
+        data.pretrain_dataset(images, 5, SMALL_AUG, with_labels=True)
 
 
 def test_pretrain_dataset_too_small_raises():
     images = np.zeros((5, 8, 8, 3), np.uint8)
-    with pytest.raises(ValueError, match=r"len\(images\)=5, batch_size=8"):
+    with pytest.raises(ValueError, match=r"5 images, batch_size=8"):
         data.pretrain_dataset(images, 8, SMALL_AUG)
 
 
 def test_eval_dataset_keeps_order_and_remainder():
     shapes = data.make_shapes(10, image_size=16)
-    ds = data.eval_dataset(shapes.images, shapes.labels, image_size=8, batch_size=4)
+    ds = data.eval_dataset(shapes, image_size=8, batch_size=4)
     batches = list(ds)
     assert [len(y) for _, y in batches] == [4, 4, 2]
     labels = np.concatenate([y.numpy() for _, y in batches])
@@ -399,10 +401,10 @@ def test_eval_dataset_keeps_order_and_remainder():
     x = batches[0][0]
     assert x.shape == (4, 8, 8, 3) and x.dtype == tf.float32
     assert 0.0 <= float(tf.reduce_min(x)) and float(tf.reduce_max(x)) <= 1.0
-    with pytest.raises(ValueError, match="labels"):
-        data.eval_dataset(shapes.images, shapes.labels[:3], 8, 4)
-    only_images = list(data.eval_dataset(shapes.images, None, image_size=8, batch_size=4))
-    np.testing.assert_array_equal(only_images[0].numpy(), x.numpy())
+    # Unlabelled arrays get label -1; the images are the same.
+    only_images = list(data.eval_dataset(shapes.images, image_size=8, batch_size=4))
+    np.testing.assert_array_equal(only_images[0][0].numpy(), x.numpy())
+    assert set(only_images[0][1].numpy().tolist()) == {-1}
 
 
 # --- generated shapes -----------------------------------------------------

@@ -1,0 +1,306 @@
+"""`tf.data` pipelines: BYOL view pairs for training, preprocessed images for evaluation.
+
+Training streams any source with memory that does not grow with its size:
+records are read and decoded in a parallel map, each image's two crops are
+taken from the original (`byol_tf.data.crops`), files that fail are
+skipped (and reported), and the colour stages run batched. In-memory arrays
+keep their batched fast path (`byol_tf.augment.augment_pair`).
+
+Every stream is a pure function of `(seed, position)`: the batch after
+optimizer step `s` is the same in a resumed run as in an unbroken one.
+"""
+
+import os
+import re
+
+import numpy as np
+import tensorflow as tf
+
+from byol_tf.augment import augment_pair, finish_pair, preprocess_eval
+from byol_tf.config import AugmentConfig
+from byol_tf.data import crops, files
+from byol_tf.data.arrays import ArraySource, ImageSet, load_npz
+from byol_tf.data.shapes import make_shapes
+from byol_tf.data.sources import DatasetSource, FolderSource, SHARD_INDEX, ShardSource, Source, TfdsSource
+
+# "tfds:NAME[:SPLIT]". NAME may carry a config and a version ("mnist:3.0.1",
+# "imagenette/320px:1.0.0"), and SPLIT may contain colons ("train[:10%]"), so
+# a plain split on ":" is ambiguous; the version is recognised by its form.
+_TFDS_RE = re.compile(r"^tfds:(?P<name>[^:\[\]]+(?::\d+\.\d+\.\d+)?)(?::(?P<split>.+))?$")
+
+
+def open_source(data, split="train", limit=None, image_size=32, tfds_data_dir=None) -> Source:
+    """A source for `data`, without decoding anything yet.
+
+    Args:
+        data: one of
+            - a folder of images (recursive; first-level subfolders are classes);
+            - a folder of TFRecord shards with an `index.json` (`write_shards`);
+            - `"tfds:NAME"` or `"tfds:NAME:SPLIT"`;
+            - a `.npz` file with `x` (uint8 `[N, H, W, 3]`), optional `y` and
+              `class_names` (held in memory);
+            - `"shapes"`: the generated demo set (10,000 train, 2,000 test images);
+            - an `ImageSet`, or a `tf.data.Dataset` of images or `(image, label)`.
+        split: the tfds split when `data` names none; `"test"` draws the
+            held-out shapes.
+        limit: use a fixed subset of at most this many images.
+        image_size: the side of generated shapes.
+        tfds_data_dir: tfds's data folder.
+
+    Returns:
+        A `Source`.
+    """
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1):
+        raise ValueError(f"`limit` must be None or a positive integer. Received: limit={limit!r}")
+    if isinstance(data, Source):
+        return data
+    if isinstance(data, ImageSet):
+        return ArraySource(data, limit)
+    if isinstance(data, tf.data.Dataset):
+        return DatasetSource(data.take(limit) if limit else data)
+    if not isinstance(data, (str, os.PathLike)):
+        raise ValueError(f"Unknown data source: expected a folder, 'tfds:NAME', a .npz file, 'shapes' or a "
+                         f"tf.data.Dataset. Received: data={data!r}")
+    data = os.fspath(data)
+    if data == "shapes":
+        num, seed = (10000, 0) if split == "train" else (2000, 1)
+        return ArraySource(make_shapes(limit or num, image_size=image_size, seed=seed))
+    if data.startswith("tfds:"):
+        match = _TFDS_RE.match(data)
+        if not match:
+            raise ValueError(f"Malformed TFDS source; expected 'tfds:NAME' or 'tfds:NAME:SPLIT'. Received: data={data!r}")
+        return TfdsSource(match.group("name"), match.group("split") or split, tfds_data_dir, limit)
+    if data.lower().endswith(".npz"):
+        if not os.path.isfile(data):
+            raise ValueError(f"The .npz file does not exist. Received: data={data!r}")
+        return ArraySource(load_npz(data), limit)
+    if os.path.isdir(data):
+        if os.path.isfile(os.path.join(data, SHARD_INDEX)):
+            return ShardSource(data, limit)
+        return FolderSource(data, limit)
+    what = "The path does not exist" if not os.path.exists(data) else "Unknown data source"
+    raise ValueError(f"{what}: expected a folder of images or shards, 'tfds:NAME[:SPLIT]', a .npz file or "
+                     f"'shapes'. Received: data={data!r}")
+
+
+def steps_per_epoch(num_images: int, batch_size: int) -> int:
+    """Full batches in one epoch (the stream runs on; an epoch is `num_images // batch_size` steps)."""
+    _check_batch_size(batch_size)
+    return int(num_images) // int(batch_size)
+
+
+class StreamPosition:
+    """Which record the stream has reached after each batch, and what it skipped on the way.
+
+    Filled by `pretrain_dataset` as batches are made (ahead of training, in
+    order); `after(step)` is where a run that has trained `step` steps
+    resumes. Records missing between batches failed to decode: each is named
+    by the source and added to its `SkipLog`.
+    """
+
+    def __init__(self, source, train=True):
+        self.source, self.train = source, train
+        self.restart(0, 0)
+
+    def restart(self, start_step, start_position):
+        """A new stream starts: batch `start_step` begins at `start_position`."""
+        self._start = self._next = int(start_position)
+        self.ends = {s: p for s, p in getattr(self, "ends", {}).items() if s < start_step - 1}
+        self.ends[int(start_step) - 1] = int(start_position)
+
+    def observe(self, step, positions):
+        step, positions = int(step), np.asarray(positions)
+        if not len(positions):
+            return
+        # The same dataset iterated again starts over.
+        expected = self._next if positions[0] >= self._next else self._start
+        missing = sorted(set(range(expected, int(positions[-1]) + 1)) - set(positions.tolist()))
+        for position in missing:
+            self.source.skips.add(*self.source.describe(position, self.train))
+        self._next = self.ends[step] = int(positions[-1]) + 1
+        for old in [s for s in self.ends if s < step - 1000]:
+            del self.ends[old]
+
+    def after(self, steps):
+        """The stream position after `steps` optimizer steps (batches `0 .. steps - 1`)."""
+        return self.ends[int(steps) - 1]
+
+    def _observe_op(self, step, positions):
+        def observe(s, p):
+            self.observe(s.numpy(), p.numpy())
+            return s
+
+        return tf.py_function(observe, [step, positions], tf.int64)
+
+
+def pretrain_dataset(source, batch_size: int, augment_config: AugmentConfig, seed: int = 0, start_step: int = 0,
+                     start_position=None, with_labels: bool = False, autotune: bool = True,
+                     tracker: StreamPosition = None) -> tf.data.Dataset:
+    """An endless dataset of BYOL view pairs.
+
+    Args:
+        source: a `Source` (`open_source`), an `ImageSet` or a uint8 array.
+        batch_size: images per batch.
+        augment_config: the two views.
+        seed: seeds the order and every augmentation.
+        start_step: the optimizer step of the first batch (seeds its colour stages).
+        start_position: the stream position to start at (`StreamPosition.after`);
+            default `start_step * batch_size`.
+        with_labels: yield `((view1, view2), labels)` for the online probe.
+        autotune: tf.data autotuning (off avoids an idle stall after short fits).
+        tracker: a `StreamPosition` to fill (streaming sources).
+
+    Returns:
+        A `tf.data.Dataset` of `(view1, view2)`, each float32
+        `[batch_size, image_size, image_size, 3]` in [0, 1].
+    """
+    if not isinstance(augment_config, AugmentConfig):
+        raise ValueError(f"`augment_config` must be an AugmentConfig. Received: augment_config={augment_config!r}")
+    _check_batch_size(batch_size)
+    if isinstance(start_step, bool) or not isinstance(start_step, (int, np.integer)) or start_step < 0:
+        raise ValueError(f"`start_step` must be an integer >= 0. Received: start_step={start_step!r}")
+    if isinstance(source, np.ndarray):
+        source = ArraySource(ImageSet(source))
+    source = open_source(source)
+    if source.num_examples < batch_size:
+        # There would be no full batch at all and `fit` would hang.
+        raise ValueError("Not enough images for one batch: need at least `batch_size` images. "
+                         f"Received: {source.num_examples} images, batch_size={batch_size}")
+    if with_labels and not source.labelled:
+        raise ValueError(f"`with_labels` needs labelled data. Received: data={source.name!r} (unlabelled)")
+    if isinstance(source, ArraySource):
+        ds = _array_views(source, batch_size, augment_config, seed, start_step, with_labels)
+    else:
+        start = start_step * batch_size if start_position is None else int(start_position)
+        ds = _streamed_views(source, batch_size, augment_config, seed, start_step, start, with_labels, tracker)
+    options = tf.data.Options()
+    options.autotune.enabled = bool(autotune)
+    options.deterministic = True
+    # Multi-worker: every worker makes the same batches and keeps its share of
+    # each (the global batch is unchanged).
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
+
+
+def _array_views(source, batch_size, config, seed, start_step, with_labels):
+    """In-memory images: epoch `e` is the stateless permutation `[seed, -1 - e]`, cut into full batches."""
+    num_images, steps = source.num_examples, steps_per_epoch(source.num_examples, batch_size)
+    seed_const = tf.constant(int(seed), tf.int64)
+    images_t = tf.constant(source.images)
+    labels_t = tf.constant(source.labels if source.labels is not None else np.zeros(num_images, np.int64))
+    element_shape = [int(batch_size), *source.images.shape[1:]]
+
+    def make_views(index):
+        epoch, position = index // steps, index % steps
+        order = tf.random.experimental.stateless_shuffle(
+            tf.range(num_images, dtype=tf.int64), seed=tf.stack([seed_const, -1 - epoch]))
+        chosen = order[position * batch_size:(position + 1) * batch_size]
+        batch = tf.ensure_shape(tf.gather(images_t, chosen), element_shape)
+        views = augment_pair(batch, tf.stack([seed_const, index]), config)
+        return (views, tf.ensure_shape(tf.gather(labels_t, chosen), [int(batch_size)])) if with_labels else views
+
+    # The batch index (int64) counts across epochs, so every batch gets its own seed.
+    ds = tf.data.Dataset.counter(start=int(start_step), dtype=tf.int64)
+    return ds.map(make_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def _streamed_views(source, batch_size, config, seed, start_step, start, with_labels, tracker):
+    max_pixels = getattr(source, "max_pixels", files.MAX_IMAGE_PIXELS)
+    tracker = tracker or StreamPosition(source)
+    tracker.restart(start_step, start)
+
+    def load(record):
+        two = crops.two_crops(source.fetch(record), crops.view_key(seed, record["position"]), config, max_pixels)
+        return {"position": record["position"], "views": two, "label": record["label"]}
+
+    ds = source.train_records(seed, start).map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    # A file that fails to decode is dropped here; `tracker` notices the gap and logs it.
+    ds = ds.ignore_errors().batch(batch_size, drop_remainder=True)
+    ds = tf.data.Dataset.zip(tf.data.Dataset.counter(start=int(start_step), dtype=tf.int64), ds)
+    ds = ds.map(lambda step, batch: (tracker._observe_op(step, batch["position"]), batch))
+
+    def finish(step, batch):
+        views = finish_pair(batch["views"][:, 0], batch["views"][:, 1], tf.stack([tf.constant(int(seed), tf.int64), step]),
+                            config)
+        return (views, batch["label"]) if with_labels else views
+
+    return ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def eval_dataset(source, image_size: int, crop_fraction: float = 1.0, batch_size: int = 256,
+                 tracker: StreamPosition = None) -> tf.data.Dataset:
+    """Every image once, in a fixed order, through the one evaluation preprocessing.
+
+    Args:
+        source: a `Source`, an `ImageSet`, or a uint8 array `[N, H, W, 3]`.
+        image_size: the encoder's input side.
+        crop_fraction: see `byol_tf.augment.preprocess_eval`.
+        batch_size: images per batch; the last batch may be smaller.
+        tracker: a `StreamPosition` that names files that fail (streaming sources).
+
+    Returns:
+        A finite `tf.data.Dataset` of `(images, labels)`: float32
+        `[batch, image_size, image_size, 3]` in [0, 1] and int64 labels (-1 when unlabelled).
+    """
+    _check_batch_size(batch_size)
+    if isinstance(source, np.ndarray):
+        source = ArraySource(ImageSet(source))
+    source = open_source(source)
+    if isinstance(source, ArraySource):
+        ds = source.eval_records().batch(batch_size)
+        ds = ds.map(lambda r: (preprocess_eval(r["data"], image_size, crop_fraction), r["label"]),
+                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return ds.prefetch(tf.data.AUTOTUNE)
+    max_pixels = getattr(source, "max_pixels", files.MAX_IMAGE_PIXELS)
+    tracker = tracker or StreamPosition(source, train=False)
+    tracker.restart(0, 0)
+
+    def load(record):
+        image = crops.eval_image(source.fetch(record), image_size, crop_fraction, max_pixels)
+        return {"position": record["position"], "image": image, "label": record["label"]}
+
+    ds = source.eval_records().map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    # An empty batch at position `num_examples` closes the stream, so that
+    # failures among the last records are noticed too.
+    end = {"position": tf.constant([source.num_examples], tf.int64),
+           "image": tf.zeros([0, image_size, image_size, 3]), "label": tf.zeros([0], tf.int64)}
+    ds = ds.ignore_errors().batch(batch_size).concatenate(tf.data.Dataset.from_tensors(end))
+    ds = tf.data.Dataset.zip(tf.data.Dataset.counter(dtype=tf.int64), ds)
+    ds = ds.map(lambda i, b: (tracker._observe_op(i, b["position"]), b))
+    ds = ds.filter(lambda _, b: tf.size(b["label"]) > 0)
+    return ds.map(lambda _, b: (b["image"], b["label"])).prefetch(tf.data.AUTOTUNE)
+
+
+def load_images(data, image_size: int, split: str = "train", limit=None, crop_fraction: float = 1.0,
+                tfds_data_dir=None) -> ImageSet:
+    """Loads a source into memory through the evaluation preprocessing, as uint8 `image_size` squares.
+
+    For labelled sets that evaluation and fine-tuning hold in memory; pretraining streams instead.
+
+    Args:
+        data, split, limit, tfds_data_dir: as `open_source`.
+        image_size: the side of the squares.
+        crop_fraction: see `byol_tf.augment.preprocess_eval`.
+
+    Returns:
+        An `ImageSet`; `skipped` lists `(file, reason)` for every file that failed.
+    """
+    if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 1:
+        raise ValueError(f"`image_size` must be a positive integer. Received: image_size={image_size!r}")
+    source = open_source(data, split, limit, image_size, tfds_data_dir)
+    images, labels = [], []
+    for x, y in eval_dataset(source, int(image_size), crop_fraction).as_numpy_iterator():
+        images.append(np.round(x * 255.0).astype(np.uint8))
+        labels.append(y)
+    if not images:
+        reason = source.skips.items()[-1] if source.skips.count else ("", "no image")
+        raise ValueError(f"None of the {source.num_examples} images could be decoded (e.g. {reason[0]}: {reason[1]}). "
+                         f"Received: data={source.name!r}")
+    labels = np.concatenate(labels)
+    return ImageSet(np.concatenate(images), labels if source.labelled else None, source.class_names,
+                    skipped=getattr(source, "skipped", []) + source.skips.items(), source=source.name)
+
+
+def _check_batch_size(batch_size):
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive integer. Received: batch_size={batch_size!r}")

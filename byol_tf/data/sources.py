@@ -1,0 +1,361 @@
+"""Where images come from: folders, TFRecord shards, tfds, any `tf.data`, or arrays in memory.
+
+A streaming source lists what it has without decoding anything and gives
+two record streams:
+
+- `train_records(seed, start)`: endless, a pure function of `seed`; the
+  record at stream position `p` belongs to epoch `p // num_examples`, so a
+  run resumes at any position without going over the records before it
+  (folders) or by skipping undecoded records (shards, tfds, datasets);
+- `eval_records()`: every record once, in a fixed order.
+
+Records are dicts `{"position": int64, "data": bytes or image, "label": int64}`
+(label -1 when unlabelled). `ArraySource` holds images in memory, the fast
+path for CIFAR-sized arrays. Files that fail are skipped by the pipeline and
+reported to the source's `SkipLog`, which `describe(position)` helps name.
+"""
+
+import os
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from byol_tf.data import files
+
+# Records permuted together by the sequential sources (shards, tfds, datasets).
+SHUFFLE_WINDOW = 1024
+# `limit` keeps a random subset; a fixed seed makes it the same subset each run.
+_LIMIT_SEED = 1234
+# Each epoch is one stateless permutation; its seed word: `[seed, -1 - epoch]`.
+
+
+class SkipLog:
+    """The files a stream could not use: each logged once, with its reason.
+
+    Args:
+        source: the source's name, for the log lines.
+        log_first: warn for this many files; count the rest.
+    """
+
+    def __init__(self, source="", log_first=20):
+        self.source = source
+        self.log_first = log_first
+        self.reasons = {}
+
+    def add(self, name, reason):
+        if name in self.reasons:
+            return
+        self.reasons[name] = reason
+        if len(self.reasons) <= self.log_first:
+            logging.warning("Skipped %s: %s", name, reason)
+        elif len(self.reasons) == self.log_first + 1:
+            logging.warning("More files of %s are skipped; they are counted in num_skipped.", self.source)
+
+    @property
+    def count(self):
+        return len(self.reasons)
+
+    def items(self):
+        return list(self.reasons.items())
+
+
+def _epoch_order(num, seed, epoch):
+    return tf.random.experimental.stateless_shuffle(
+        tf.range(num, dtype=tf.int64), seed=tf.stack([tf.cast(seed, tf.int64), -1 - tf.cast(epoch, tf.int64)]))
+
+
+def _epochs(num, start, make_epoch):
+    """Concatenated epochs from stream position `start`: `make_epoch(epoch, first)` gives one from its `first` record."""
+    num, start = int(num), int(start)
+    epochs = tf.data.Dataset.counter(start=start // num, dtype=tf.int64)
+    return epochs.flat_map(lambda e: make_epoch(e, tf.maximum(start - e * num, 0)))
+
+
+class Source:
+    """What every source has: a name, a size, class names and a skip log."""
+
+    name = ""
+    num_examples = None
+    class_names = None
+    labelled = False
+
+    def __init__(self):
+        self.skips = SkipLog(self.name)
+
+    @property
+    def num_skipped(self):
+        return self.skips.count + len(getattr(self, "skipped", []))
+
+    def describe(self, position):
+        """`(name, reason)` of the record at stream `position`, for the skip log."""
+        return f"record {position} of {self.name}", "could not be decoded"
+
+
+class FolderSource(Source):
+    """A folder of image files, listed once (names only) and read file by file.
+
+    Args:
+        folder: searched recursively; first-level subfolders are classes.
+        limit: keep a fixed random subset of this many files.
+        max_pixels: larger images are skipped.
+    """
+
+    def __init__(self, folder, limit=None, max_pixels=files.MAX_IMAGE_PIXELS):
+        self.name = os.path.abspath(folder)
+        super().__init__()
+        paths, labels, self.class_names, self.skipped = files.list_image_folder(folder)
+        if not paths:
+            raise ValueError(f"No image files ({', '.join(files.IMAGE_EXTENSIONS)}) found in the folder. "
+                             f"Received: data={folder!r}")
+        if limit is not None and limit < len(paths):
+            keep = np.sort(np.random.default_rng(_LIMIT_SEED).permutation(len(paths))[:limit])
+            paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
+        for path, reason in self.skipped:
+            self.skips.add(path, reason)
+        self.skipped = []
+        self.paths = paths
+        self.labels = np.asarray(labels, np.int64)
+        self.labelled = self.class_names is not None
+        self.num_examples = len(paths)
+        self.max_pixels = max_pixels
+        # tf strings are bytes: keeps odd (non-UTF-8) file names intact.
+        self._paths = tf.constant([os.fsencode(p) for p in paths], tf.string)
+        self._labels = tf.constant(self.labels)
+        self._order_cache = (None, None)
+
+    def _records(self, positions, index):
+        return {"position": positions, "path": tf.gather(self._paths, index), "label": tf.gather(self._labels, index)}
+
+    def train_records(self, seed, start=0):
+        num = self.num_examples
+
+        def epoch(e, first):
+            index = tf.gather(_epoch_order(num, seed, e), tf.range(first, num))
+            return tf.data.Dataset.from_tensor_slices(self._records(e * num + tf.range(first, num), index))
+
+        self._seed = seed
+        return _epochs(num, start, epoch)
+
+    def eval_records(self):
+        index = tf.range(self.num_examples, dtype=tf.int64)
+        return tf.data.Dataset.from_tensor_slices(self._records(index, index))
+
+    @staticmethod
+    def fetch(record):
+        """Reads the file: in the parallel decode map, so reads overlap."""
+        return tf.io.read_file(record["path"])
+
+    def path_at(self, position, train=True):
+        if not train:
+            return self.paths[position]
+        epoch, index = divmod(int(position), self.num_examples)
+        if self._order_cache[0] != epoch:
+            self._order_cache = (epoch, _epoch_order(self.num_examples, self._seed, epoch).numpy())
+        return self.paths[int(self._order_cache[1][index])]
+
+    def describe(self, position, train=True):
+        path = self.path_at(position, train)
+        try:
+            with open(path, "rb") as f:
+                return path, files.failure_reason(f.read(), self.max_pixels)
+        except OSError as e:
+            return path, f"{type(e).__name__}: {e.strerror or e}"
+
+
+class _SequentialSource(Source):
+    """Sources read in order (shards, tfds, a `tf.data.Dataset`), mixed by windows.
+
+    Each epoch reads `_epoch_base(seed, epoch)` (shards in a shuffled order)
+    and permutes every window of `SHUFFLE_WINDOW` records with a stateless
+    seed, so the order is a pure function of `(seed, epoch)`.
+    """
+
+    def _epoch_records(self, seed, epoch):
+        windows = self._epoch_base(seed, epoch).batch(SHUFFLE_WINDOW).enumerate()
+
+        def permute(k, window):
+            size = tf.shape(window["label"], out_type=tf.int64)[0]
+            order = tf.random.experimental.stateless_shuffle(
+                tf.range(size), seed=tf.stack([tf.cast(seed, tf.int64) * 7919 + epoch, -3 - k]))
+            return {key: tf.gather(value, order) for key, value in window.items()}
+
+        return windows.map(permute).unbatch()
+
+    def train_records(self, seed, start=0):
+        num = self.num_examples
+        self._seed = seed
+
+        def epoch(e, first):
+            records = self._epoch_records(seed, e).enumerate().skip(first)
+            return records.map(lambda i, r: {"position": e * num + i, **r})
+
+        return _epochs(num, start, epoch)
+
+    def eval_records(self):
+        return self._epoch_base(None, None).enumerate().map(lambda i, r: {"position": i, **r})
+
+    @staticmethod
+    def fetch(record):
+        return record["data"]
+
+    def describe(self, position, train=True):
+        if train:
+            epoch, index = divmod(int(position), self.num_examples)
+            records = self._epoch_records(self._seed, epoch).skip(index)
+        else:
+            records = self._epoch_base(None, None).skip(int(position))
+        for record in records.take(1):
+            name = record.get("name", tf.constant(f"record {position}")).numpy()
+            name = name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
+            data = record["data"]
+            reason = files.failure_reason(data.numpy()) if data.dtype == tf.string else "could not be used"
+            return f"{self.name}: {name}", reason
+        return f"{self.name}: record {position}", "could not be read"
+
+
+SHARD_INDEX = "index.json"
+SHARD_FEATURES = {
+    "image/encoded": tf.io.FixedLenFeature([], tf.string),
+    "image/filename": tf.io.FixedLenFeature([], tf.string, default_value=""),
+    "image/class/label": tf.io.FixedLenFeature([], tf.int64, default_value=-1),
+}
+
+
+class ShardSource(_SequentialSource):
+    """TFRecord shards written by `byol_tf.data.write_shards` (`scripts/make_shards.py`).
+
+    Args:
+        folder: holds `index.json` and the shard files it lists.
+        limit: read only the first `limit` records of the shards in order.
+    """
+
+    def __init__(self, folder, limit=None):
+        import json
+
+        self.name = os.path.abspath(folder)
+        super().__init__()
+        path = os.path.join(folder, SHARD_INDEX)
+        try:
+            with open(path) as f:
+                index = json.load(f)
+            shards = [os.path.join(folder, s["file"]) for s in index["shards"]]
+            counts = [int(s["count"]) for s in index["shards"]]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"Not a shard folder: {path} is missing or malformed ({type(e).__name__}: {e}). "
+                             f"Write one with scripts/make_shards.py. Received: data={folder!r}") from e
+        missing = [s for s in shards if not os.path.isfile(s)]
+        if missing or not shards:
+            raise ValueError(f"The shard index lists missing files ({missing[:3]}) or none. Received: data={folder!r}")
+        self.shards, self.counts = shards, counts
+        self.class_names = index.get("class_names")
+        self.labelled = self.class_names is not None
+        self.num_examples = sum(counts) if limit is None else min(limit, sum(counts))
+        self._limit = limit
+
+    def _epoch_base(self, seed, epoch):
+        files_t = tf.constant(self.shards)
+        if seed is not None:
+            files_t = tf.gather(files_t, _epoch_order(len(self.shards), seed, epoch))
+        records = tf.data.Dataset.from_tensor_slices(files_t).interleave(
+            tf.data.TFRecordDataset, cycle_length=min(8, len(self.shards)), block_length=1,
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        if self._limit is not None:
+            records = records.take(self._limit)
+
+        def parse(serialized):
+            example = tf.io.parse_single_example(serialized, SHARD_FEATURES)
+            return {"data": example["image/encoded"], "label": example["image/class/label"],
+                    "name": example["image/filename"]}
+
+        return records.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+class DatasetSource(_SequentialSource):
+    """Any finite `tf.data.Dataset` of images, `(image, label)` pairs or `{"image", "label"}` dicts.
+
+    Images are decoded `[H, W, C]` (uint8 or float in [0, 1], any size) or
+    encoded bytes (a string scalar).
+
+    Args:
+        dataset: the images; it is read again each epoch.
+        num_examples: its size, when `dataset.cardinality()` is unknown.
+        class_names: optional class names (index = label).
+        name: for logs.
+    """
+
+    def __init__(self, dataset, num_examples=None, class_names=None, name="tf.data.Dataset"):
+        self.name = name
+        super().__init__()
+        if not isinstance(dataset, tf.data.Dataset):
+            raise ValueError(f"`dataset` must be a tf.data.Dataset. Received: dataset={dataset!r}")
+        if num_examples is None:
+            cardinality = int(dataset.cardinality())
+            if cardinality < 0:
+                raise ValueError("The dataset's size is unknown (infinite or not computable): pass `num_examples`. "
+                                 f"Received: num_examples=None, cardinality={cardinality}")
+            num_examples = cardinality
+        if num_examples < 1:
+            raise ValueError(f"The dataset is empty. Received: num_examples={num_examples}")
+        spec = dataset.element_spec
+        if isinstance(spec, dict):
+            if "image" not in spec:
+                raise ValueError(f"A dict dataset needs an 'image' key. Received: keys={sorted(spec)}")
+            self.labelled = "label" in spec
+            dataset = dataset.map(lambda e: (e["image"], e["label"]) if "label" in e else e["image"])
+        else:
+            self.labelled = isinstance(spec, tuple) and len(spec) == 2
+        self.dataset = dataset.map(self._as_record)
+        self.num_examples = int(num_examples)
+        self.class_names = list(class_names) if class_names is not None else None
+
+    def _as_record(self, *element):
+        image = element[0]
+        label = tf.cast(element[1], tf.int64) if len(element) == 2 else tf.constant(-1, tf.int64)
+        return {"data": image, "label": tf.reshape(label, [])}
+
+    def _epoch_base(self, seed, epoch):
+        return self.dataset.take(self.num_examples)
+
+
+class TfdsSource(DatasetSource):
+    """A TensorFlow Datasets split, streamed with the images left encoded.
+
+    Args:
+        name: the dataset name (with config/version, e.g. "imagenette/320px").
+        split: a split or slice ("train", "train[:10%]").
+        data_dir: where tfds keeps its data (default: tfds's own).
+        limit: the first `limit` examples of the split.
+    """
+
+    def __init__(self, name, split="train", data_dir=None, limit=None):
+        try:
+            import tensorflow_datasets as tfds
+        except ImportError as e:
+            raise ValueError(f"Reading tfds:{name} needs `tensorflow_datasets` (pip install tensorflow-datasets). "
+                             f"Received: data='tfds:{name}'") from e
+        source = f"tfds:{name}:{split}"
+        try:
+            builder = tfds.builder(name, data_dir=data_dir)
+            decoders = {"image": tfds.decode.SkipDecoding()} if "image" in builder.info.features else None
+            ds = builder.as_dataset(split=split, decoders=decoders, shuffle_files=False)
+        except tfds.core.registered.DatasetNotFoundError as e:
+            raise ValueError(f"Unknown TFDS dataset {name!r}. Received: data={source!r}") from e
+        except Exception as e:  # noqa: BLE001 - download/prepare errors come in many types.
+            raise RuntimeError(
+                f"Could not load the TFDS dataset {name!r} (split {split!r}): {type(e).__name__}: {e}. "
+                "Prepare it where there is a network (tfds build, or tfds.load) and pass --tfds_data_dir, "
+                "or use a folder of images, TFRecord shards or a .npz file.") from e
+        spec = ds.element_spec
+        if not isinstance(spec, dict) or "image" not in spec:
+            raise ValueError(f"TFDS dataset {name!r} has no 'image' feature. Received: data={source!r}")
+        has_label = "label" in spec and spec["label"].dtype.is_integer and spec["label"].shape.rank == 0
+        ds = ds.map(lambda e: {"image": e["image"], "label": e["label"]} if has_label else {"image": e["image"]})
+        count = int(ds.cardinality())
+        if count < 0:
+            count = int(ds.reduce(np.int64(0), lambda n, _: n + 1))
+        if limit is not None:
+            ds, count = ds.take(limit), min(limit, count)
+        feature = builder.info.features["label"] if has_label else None
+        names = list(getattr(feature, "names", None) or []) or None
+        super().__init__(ds, num_examples=count, class_names=names, name=source)
