@@ -7,6 +7,7 @@ import tensorflow as tf
 
 from byol_tf import build_byol, get_preset
 from byol_tf.ema import EMAUpdate
+from byol_tf.heads import MLPHead
 from byol_tf.model import BYOL, collapse_std
 from helpers_model import colour_classes, labelled_view_dataset, tiny_byol, view_dataset, weights
 
@@ -177,3 +178,41 @@ def test_probe_misuse_is_named():
         model.fit(labelled_view_dataset(x, labels), steps_per_epoch=1, epochs=1, verbose=0)
     with pytest.raises(ValueError, match="probe_classes=None"):
         model.evaluate(tf.data.Dataset.from_tensor_slices((x, labels)).batch(8), verbose=0)
+
+
+def _conv_encoder(l2=None, size=16):
+    """A small encoder whose convolution kernel carries an L2 regulariser (or none)."""
+    inputs = keras.Input((size, size, 3))
+    regulariser = keras.regularizers.L2(l2) if l2 else None
+    x = keras.layers.Conv2D(8, 3, kernel_regularizer=regulariser, name="conv")(inputs)
+    x = keras.layers.ReLU()(keras.layers.BatchNormalization()(x))
+    return keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x))
+
+
+def test_train_step_adds_weight_regularisers():
+    # SGD without momentum: the L2 term adds exactly lr * 2 * l2 * W to the
+    # step of the regularised kernel and changes nothing else.
+    l2, lr = 0.05, 0.1
+    batch = next(iter(view_dataset(batch=8)))
+    runs, start = {}, None
+    for penalty in (None, l2):
+        keras.utils.set_random_seed(0)
+        model = BYOL(_conv_encoder(penalty), MLPHead(32, 16), MLPHead(32, 16))
+        start = start or model.get_weights()
+        model.set_weights(start)
+        model.compile(optimizer=keras.optimizers.SGD(lr))
+        kernel_before = model.encoder.get_layer("conv").kernel.numpy().copy()
+        logs = model.train_step(batch)
+        runs[penalty] = (model, kernel_before, float(logs["loss"]))
+    (plain, w0, plain_loss), (regularised, w0_again, loss) = runs[None], runs[l2]
+    np.testing.assert_array_equal(w0, w0_again)
+    # The target's copy of the kernel is non-trainable: only the online one counts.
+    assert len(regularised.losses) == 1
+    # float32 sums of ~216 squares near 0.05: relative rounding ~1e-6.
+    assert loss == pytest.approx(plain_loss + l2 * np.sum(w0.astype(np.float64) ** 2), rel=1e-6)
+    for a, b in zip(regularised.online_trainable_variables, plain.online_trainable_variables):
+        expected = b.numpy()
+        if "conv" in a.path and "kernel" in a.path:
+            expected = expected - lr * 2 * l2 * w0
+        # Weights of order 0.1-1 after one float32 step: a few ulps.
+        np.testing.assert_allclose(a.numpy(), expected, rtol=1e-6, atol=1e-7, err_msg=a.path)
