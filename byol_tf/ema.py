@@ -79,12 +79,31 @@ class EMAUpdate(keras.callbacks.Callback):
         """tau for the 0-based optimizer step `step`."""
         return cosine_tau(step, self.total_steps, self.base_tau)
 
-    def step_update(self, model):
-        """One EMA update for the optimizer step just taken; returns tau."""
-        tau = self.tau_at(model.optimizer.iterations - 1)
-        update_target(model.online_ema_variables, model.target_ema_variables, tau, self.bn_stats)
-        model.tau.assign(tau)
-        return tau
+    def step_update(self, model, previous_iterations=None):
+        """One EMA update for the optimizer step just taken; returns tau.
+
+        Args:
+            model: the `BYOL` model.
+            previous_iterations: `optimizer.iterations` before the step, or
+                None. With a `keras.optimizers.LossScaleOptimizer` (under
+                `mixed_float16`), a step it skipped for non-finite gradients
+                leaves `iterations` there, and the target is then left as it
+                is too.
+        """
+        optimizer = model.optimizer
+        tau = self.tau_at(optimizer.iterations - 1)
+
+        def update():
+            update_target(model.online_ema_variables, model.target_ema_variables, tau, self.bn_stats)
+            model.tau.assign(tau)
+            return tf.constant(True)
+
+        if previous_iterations is None or not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            update()
+            return tau
+        applied = optimizer.iterations > tf.cast(previous_iterations, optimizer.iterations.dtype)
+        tf.cond(applied, update, lambda: tf.constant(False))
+        return tf.identity(model.tau)
 
     def on_train_begin(self, logs=None):
         self.in_step = getattr(self.model, "steps_per_execution", 1) > 1
@@ -92,11 +111,19 @@ class EMAUpdate(keras.callbacks.Callback):
         # the update itself when batch callbacks fire too rarely.
         self.model.ema_schedule = self
         self.model.ema_in_step = self.in_step
-        self._update_fn = tf.function(lambda: self.step_update(self.model))
+        self._iterations = tf.identity(self.model.optimizer.iterations)
+
+        def update(previous_iterations):
+            # Also returns the iterations this update saw, the next one's
+            # `previous_iterations` (kept as a tensor: no wait on the device).
+            self.step_update(self.model, previous_iterations)
+            return tf.identity(self.model.optimizer.iterations)
+
+        self._update_fn = tf.function(update)
 
     def on_train_batch_end(self, batch, logs=None):
         if not self.in_step:
-            self._update_fn()
+            self._iterations = self._update_fn(self._iterations)
 
     def get_config(self):
         return {"total_steps": self.total_steps, "base_tau": self.base_tau, "bn_stats": self.bn_stats}

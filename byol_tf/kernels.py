@@ -99,7 +99,8 @@ def fused_batch_norm(layer, inputs):
     beta = tf.cast(layer.beta, tf.float32) if layer.center else tf.zeros(channels)
     y, mean, variance = tf.compat.v1.nn.fused_batch_norm(x, gamma, beta, epsilon=layer.epsilon, is_training=True)[:3]
     # The fused kernel returns the unbiased variance; Keras averages the biased one.
-    count = tf.cast(tf.size(x) // tf.shape(x)[-1], tf.float32)
+    # Counted in int64: one replica's layer can hold more than 2**31 elements.
+    count = tf.cast(tf.size(x, out_type=tf.int64) // tf.shape(x, out_type=tf.int64)[-1], tf.float32)
     variance = variance * (count - 1.0) / tf.maximum(count, 1.0)
     momentum = layer.momentum
     layer.moving_mean.assign(tf.cast(layer.moving_mean, tf.float32) * momentum + mean * (1.0 - momentum))

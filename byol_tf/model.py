@@ -31,6 +31,10 @@ class BYOL(keras.Model):
     Calling the model runs the **online** encoder: that is the network to
     evaluate and export.
 
+    Weight regularisers of the online networks (`model.losses`) are added to
+    the BYOL loss, as Keras's `compute_loss` adds them, and the logged `loss`
+    includes them.
+
     Args:
         encoder: a `keras.Model` from images to pooled features.
         projector: the projector head (an `MLPHead`).
@@ -193,16 +197,24 @@ class BYOL(keras.Model):
             loss = tf.reduce_mean(
                 losses.symmetric_loss(p1, p2, z1_target, z2_target, self.loss_name, self.temperature)
             )
+            # Weight regularisers of the online networks (a user's or a
+            # keras.applications backbone): added as Keras's `compute_loss`
+            # does. The target's variables are non-trainable, so not counted.
+            if self.losses:
+                loss = loss + tf.add_n([tf.cast(penalty, loss.dtype) for penalty in self.losses])
             # Keras's TF optimizer SUM-reduces gradients over replicas.
             replicas = tf.distribute.get_strategy().num_replicas_in_sync
             scaled_loss = self.optimizer.scale_loss(loss / replicas)
         grads = tape.gradient(scaled_loss, variables)
         # The rate this step uses, read before `apply` advances the schedule.
         lr = tf.cast(self.optimizer.learning_rate, tf.float32)
+        # Read before `apply`: a loss-scale optimizer that skips a non-finite
+        # step leaves it as it is, and the EMA must then skip the step too.
+        iterations = tf.identity(self.optimizer.iterations)
         self.optimizer.apply(grads, variables)
         tau = self.tau
         if self.ema_schedule is not None and self.ema_in_step:
-            tau = self.ema_schedule.step_update(self)
+            tau = self.ema_schedule.step_update(self, iterations)
         elif self.ema_schedule is not None:
             # The callback applies this tau right after the step.
             tau = self.ema_schedule.tau_at(self.optimizer.iterations - 1)

@@ -6,6 +6,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 import pytest
 import tensorflow as tf
+from PIL import Image
 
 from byol_tf import augment
 from byol_tf.augment import augment_pair, augment_view, preprocess_eval
@@ -176,14 +177,33 @@ def test_blur_matches_reference(size, kernel_size):
 def test_full_crop_is_a_resize():
     images = _images(3)
     np.testing.assert_allclose(augment_view(images, _seed(0), PLAIN, 0), images / 255.0, atol=1e-6)
+    # Halving with half-pixel centres samples between each 2x2 block: its mean.
+    # crop_and_resize takes the box in normalised float32 coordinates: sample
+    # positions off by up to ~64 * 2**-24 px, times steps between pixels up to 1.
     large = _images(3, 64, 64)
-    expected = tf.image.resize(large / 255.0, [SIZE, SIZE], method="bilinear")
+    expected = (large / 255.0).reshape(3, SIZE, 2, SIZE, 2, 3).mean(axis=(2, 4))
     np.testing.assert_allclose(augment_view(large, _seed(0), PLAIN, 0), expected, atol=1e-5)
     # A 1:1 crop covering all of a 40x48 image cannot exist: torchvision falls
     # back to the centre crop with the ratio clamped, here 40x40.
     wide = _images(3, 40, 48)
-    expected = tf.image.resize(wide[:, :, 4:44] / 255.0, [SIZE, SIZE], method="bilinear")
+    expected = _np_bilinear(wide[:, :, 4:44] / 255.0, SIZE)
     np.testing.assert_allclose(augment_view(wide, _seed(0), PLAIN, 0), expected, atol=1e-5)
+
+
+def _np_bilinear(images, size):
+    """Bilinear resize without antialiasing, half-pixel centres, edges clamped (float64)."""
+
+    def weights(extent):
+        src = np.clip((np.arange(size) + 0.5) * extent / size - 0.5, 0, extent - 1)
+        lo = np.floor(src).astype(int)
+        hi = np.minimum(lo + 1, extent - 1)
+        matrix = np.zeros((size, extent))
+        np.add.at(matrix, (np.arange(size), lo), 1 - (src - lo))
+        np.add.at(matrix, (np.arange(size), hi), src - lo)
+        return matrix
+
+    rows, cols = weights(images.shape[1]), weights(images.shape[2])
+    return np.einsum("ih,jw,bhwc->bijc", rows, cols, images)
 
 
 @pytest.mark.parametrize("ratio, span", [(1.0, (31, 31)), (2.0, (45 - 45 / 32, 22))])
@@ -259,65 +279,219 @@ def test_preprocess_eval_rejects_a_bad_crop_fraction():
         preprocess_eval(np.zeros((8, 8, 3), np.uint8), 8, 1.5)
 
 
+# NumPy references for the jitter and finish ops, written out from torchvision's
+# definitions (torchvision/transforms/_functional_tensor.py), in float64, on
+# `[h, w, 3]` images in [0, 1]. Independent of `byol_tf.augment`'s helpers.
+
+
+def _np_gray(img):
+    """rgb_to_grayscale: ITU-R 601-2 luma, one channel."""
+    return 0.2989 * img[..., 0:1] + 0.587 * img[..., 1:2] + 0.114 * img[..., 2:3]
+
+
+def _np_blend(img1, img2, ratio):
+    return np.clip(ratio * img1 + (1.0 - ratio) * img2, 0.0, 1.0)
+
+
+def _np_brightness(img, factor):
+    return _np_blend(img, np.zeros_like(img), factor)
+
+
+def _np_contrast(img, factor):
+    return _np_blend(img, np.mean(_np_gray(img)), factor)
+
+
+def _np_saturation(img, factor):
+    return _np_blend(img, _np_gray(img), factor)
+
+
+def _np_rgb2hsv(img):
+    r, g, b = img[..., 0], img[..., 1], img[..., 2]
+    maxc, minc = img.max(-1), img.min(-1)
+    eqc = maxc == minc
+    cr = maxc - minc
+    s = cr / np.where(eqc, 1.0, maxc)
+    divisor = np.where(eqc, 1.0, cr)
+    rc, gc, bc = (maxc - r) / divisor, (maxc - g) / divisor, (maxc - b) / divisor
+    hr = (maxc == r) * (bc - gc)
+    hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
+    hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
+    h = np.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
+    return h, s, maxc
+
+
+def _np_hsv2rgb(h, s, v):
+    i = np.floor(h * 6.0)
+    f = h * 6.0 - i
+    i = i.astype(int) % 6
+    p = np.clip(v * (1.0 - s), 0.0, 1.0)
+    q = np.clip(v * (1.0 - s * f), 0.0, 1.0)
+    t = np.clip(v * (1.0 - s * (1.0 - f)), 0.0, 1.0)
+    table = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)]
+    return np.stack([np.choose(i, [row[c] for row in table]) for c in range(3)], axis=-1)
+
+
+def _np_hue(img, shift):
+    h, s, v = _np_rgb2hsv(img)
+    return _np_hsv2rgb((h + shift) % 1.0, s, v)
+
+
+def _np_jitter_op(img, op, amount):
+    """Op 0-2 (brightness, contrast, saturation) with factor 1 + amount; op 3 shifts the hue by amount."""
+    if op == 3:
+        return _np_hue(img, amount)
+    return (_np_brightness, _np_contrast, _np_saturation)[op](img, 1.0 + amount)
+
+
+def _np_gaussian_kernel(size, sigma):
+    """torchvision's _get_gaussian_kernel1d."""
+    x = np.linspace(-(size // 2), size // 2, size)
+    pdf = np.exp(-0.5 * (x / sigma) ** 2)
+    return pdf / pdf.sum()
+
+
+def _np_blur(img, kernel):
+    """Separable blur with reflect padding, as torchvision's gaussian_blur."""
+    half = len(kernel) // 2
+    padded = np.pad(img, ((half, half), (half, half), (0, 0)), mode="reflect")
+    h, w = img.shape[:2]
+    rows = sum(k * padded[i : i + h] for i, k in enumerate(kernel))
+    return sum(k * rows[:, i : i + w] for i, k in enumerate(kernel))
+
+
+def _np_solarize(img, threshold):
+    return np.where(img >= threshold, 1.0 - img, img)
+
+
+def _np_finish(img, gray, kernel, threshold):
+    """torchvision's order: grayscale (3 equal channels), blur, solarize; then the clip."""
+    if gray:
+        img = np.repeat(_np_gray(img), 3, axis=-1)
+    if kernel is not None:
+        img = _np_blur(img, kernel)
+    if threshold is not None:
+        img = _np_solarize(img, threshold)
+    return np.clip(img, 0.0, 1.0)
+
+
+def test_numpy_references_know_their_answers():
+    # The references on values worked out by hand, so they are not wrong together with the code.
+    px = np.array([[[0.2, 0.4, 0.8]]])
+    np.testing.assert_allclose(_np_gray(px), [[[0.2989 * 0.2 + 0.587 * 0.4 + 0.114 * 0.8]]])
+    np.testing.assert_allclose(_np_brightness(px, 1.5), [[[0.3, 0.6, 1.0]]])  # 1.2 clips
+    h, s, v = _np_rgb2hsv(px)
+    # max is blue: h = (4 + (g' - r')) / 6 with g' = (0.8-0.4)/0.6, r' = (0.8-0.2)/0.6: 220 degrees.
+    np.testing.assert_allclose([h[0, 0], s[0, 0], v[0, 0]], [220 / 360, 0.75, 0.8])
+    np.testing.assert_allclose(_np_hue(px, 1 / 3), [[[0.8, 0.2, 0.4]]])  # 220 + 120 = 340 degrees
+    np.testing.assert_allclose(_np_hue(px, 0.0), px)
+    two = np.array([[[0.0, 0.0, 0.0]], [[1.0, 1.0, 1.0]]])  # mean grey 0.5 (0.2989+0.587+0.114 = 0.9999)
+    np.testing.assert_allclose(_np_contrast(two, 0.5), [[[0.249975] * 3], [[0.749975] * 3]])
+    np.testing.assert_allclose(_np_solarize(np.array([0.3, 0.5, 0.9]), 0.5), [0.3, 0.5, 0.1])
+    np.testing.assert_allclose(_np_gaussian_kernel(3, 1.0), np.array([np.exp(-0.5), 1, np.exp(-0.5)]) / (1 + 2 * np.exp(-0.5)))
+    # Reflect padding without the edge: a ramp 0,1,2 blurred by [1,1,1]/3 gives 2/3, 1, 4/3.
+    ramp = np.broadcast_to(np.arange(3.0)[None, :, None], (3, 3, 3))
+    np.testing.assert_allclose(_np_blur(ramp, np.ones(3) / 3)[0, :, 0], [2 / 3, 1, 4 / 3])
+
+
+def _chain_inputs(rng, batch, stages, ops, amounts):
+    x = rng.random((batch, 12, 12, 3)).astype(np.float32)
+    return x, np.asarray(ops, np.int32).reshape(batch, stages), np.asarray(amounts, np.float32).reshape(batch, stages)
+
+
+# float32 arithmetic on values in [0, 1] against float64: a few float32 ulps of 1.
+JITTER_ATOL = 2e-6
+
+
+@pytest.mark.parametrize("op", [0, 1, 2, 3], ids=["brightness", "contrast", "saturation", "hue"])
+def test_each_jitter_op_matches_torchvision(op):
+    # One op per image through the XLA chain: the other stages are hue slots
+    # (op 3) with amount 0, which leave the image alone.
+    rng = np.random.default_rng(op)
+    amounts = [-0.5, -0.4, -0.1, 0.0, 0.1, 0.25, 0.4, 0.5] if op == 3 else [-0.4, -0.2, -0.05, 0.0, 0.1, 0.3, 0.4, 0.8]
+    batch = len(amounts)
+    if op == 3:
+        stage, ops, stage_amounts = 0, [[3, 3, 3, 3]] * batch, [[a, 0.0, 0.0, 0.0] for a in amounts]
+    else:
+        stage, ops, stage_amounts = None, [[op, 3, 3]] * batch, [[a, 0.0, 0.0] for a in amounts]
+    x, ops, stage_amounts = _chain_inputs(rng, batch, len(ops[0]), ops, stage_amounts)
+    got = augment._JITTER_CHAINS[stage](tf.constant(x), tf.constant(ops), tf.constant(stage_amounts)).numpy()
+    expected = np.stack([_np_jitter_op(img.astype(np.float64), op, a) for img, a in zip(x, amounts)])
+    np.testing.assert_allclose(got, expected, atol=JITTER_ATOL)
+    # Amount 0 is the identity, and the others change the image.
+    changed = np.abs(got - x).max(axis=(1, 2, 3)) > 1e-3
+    np.testing.assert_array_equal(changed, np.asarray(amounts) != 0)
+
+
 @pytest.mark.parametrize("batch", [0, 1, 7])
-@pytest.mark.parametrize("hue_stage", [None, 0, 3])
-def test_xla_jitter_chain_matches_the_plain_ops(batch, hue_stage):
-    # The fast path (one XLA call per group) against the same chain in plain
-    # ops, for subset sizes the jitter hands it, the empty one included.
+@pytest.mark.parametrize("hue_stage", [None, 0, 1, 2, 3])
+def test_xla_jitter_chain_matches_torchvision(batch, hue_stage):
+    # The fast path (one or two XLA calls per group), for subset sizes the
+    # jitter hands it (the empty one included), against the NumPy ops in each
+    # image's order.
     rng = np.random.default_rng(batch)
-    x = tf.constant(rng.random((batch, 12, 12, 3)), tf.float32)
     # Each image's blend ops in a random order, with the hue shift (op 3) at `hue_stage`.
     rows = [list(rng.permutation(3)) for _ in range(batch)]
     if hue_stage is not None:
         rows = [row[:hue_stage] + [3] + row[hue_stage:] for row in rows]
     stages = 3 if hue_stage is None else 4
-    ops = np.array(rows, np.int32).reshape(batch, stages)
-    amounts = tf.constant(rng.uniform(-0.4, 0.4, (batch, stages)), tf.float32)
-    fast = augment._JITTER_CHAINS[hue_stage](x, tf.constant(ops), amounts)
-    plain = augment._jitter_chain(x, tf.constant(ops), amounts, hue_stage)
-    np.testing.assert_allclose(fast.numpy(), plain.numpy(), atol=1e-5)
+    x, ops, amounts = _chain_inputs(rng, batch, stages, rows, rng.uniform(-0.4, 0.4, (batch, stages)))
+    fast = augment._JITTER_CHAINS[hue_stage](tf.constant(x), tf.constant(ops), tf.constant(amounts)).numpy()
+    assert fast.shape == x.shape
+    for img, row, amount, got in zip(x, ops, amounts, fast):
+        expected = img.astype(np.float64)
+        for op, a in zip(row, amount):
+            expected = _np_jitter_op(expected, op, a)
+        np.testing.assert_allclose(got, expected, atol=JITTER_ATOL)
 
 
-def test_grouped_jitter_matches_stage_by_stage_jitter():
-    # Grouping images by the stage of their hue shift must give what applying
-    # the four stages to the whole batch in turn gives.
+def test_grouped_jitter_matches_torchvision_per_image():
+    # `_color_jitter` groups the images by the stage of their hue shift; each
+    # image must get its own four ops in its own order, and the images left
+    # out none. The random draws come from `_jitter_params` (checked for
+    # their contract here); the maths from the NumPy references.
     config = get_preset("imagenet").augment
     rng = np.random.default_rng(0)
-    x = tf.constant(rng.random((40, 12, 12, 3)), tf.float32)
-    apply = tf.constant(rng.random(40) < 0.8)
+    x = rng.random((40, 12, 12, 3)).astype(np.float32)
+    apply = rng.random(40) < 0.8
     key = tf.constant([3, 4], tf.int64)
-    ops, amounts = augment._jitter_params(40, key, config)
-    expected = x
-    for stage in range(4):
-        op = ops[:, stage]
-        amount = tf.where(apply, amounts[:, stage], 0.0)
-        expected = augment._blend(expected, tf.where(apply, op, 3), amount)
-        hue = augment._adjust_hue(expected, amount)
-        expected = tf.where((apply & (op == 3))[:, None, None, None], hue, expected)
-    got = augment._color_jitter(x, apply, key, config)
-    np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-5)
-    untouched = ~apply.numpy()
-    np.testing.assert_array_equal(got.numpy()[untouched], x.numpy()[untouched])
-
-
-def _finish_plain(x, gray, weights, threshold):
-    """`augment._finish` in plain ops, in one pass: the reference for its XLA calls."""
-    x = augment._grayscale(x, gray)
-    if weights is not None:
-        x = augment._valid_taps(augment._pad_and_blur_height(x, weights), weights, axis=2)
-    return augment._solarize_and_clip(x, threshold)
+    ops, amounts = [t.numpy() for t in augment._jitter_params(40, key, config)]
+    strengths = np.array([config.brightness, config.contrast, config.saturation, config.hue])
+    np.testing.assert_array_equal(np.sort(ops, axis=1), np.tile(np.arange(4), (40, 1)))
+    assert np.all(np.abs(amounts) <= strengths[ops] + 1e-7)
+    assert len({tuple(row) for row in ops}) > 10  # the orders vary
+    got = augment._color_jitter(tf.constant(x), tf.constant(apply), key, config).numpy()
+    for img, on, row, amount, out in zip(x, apply, ops, amounts, got):
+        if not on:
+            np.testing.assert_array_equal(out, img)
+            continue
+        expected = img.astype(np.float64)
+        for op, a in zip(row, amount):
+            expected = _np_jitter_op(expected, op, a)
+        np.testing.assert_allclose(out, expected, atol=JITTER_ATOL)
 
 
 @pytest.mark.parametrize("batch", [0, 1, 9])
-@pytest.mark.parametrize("gray,blur,solarize", [(True, True, False), (True, True, True), (True, False, True), (False, False, False)])
-def test_xla_finish_matches_the_plain_ops(batch, gray, blur, solarize):
+@pytest.mark.parametrize("gray,blur,solarize", [
+    (True, False, False), (False, True, False), (False, False, True),
+    (True, True, False), (True, True, True), (True, False, True), (False, False, False)])
+def test_xla_finish_matches_torchvision(batch, gray, blur, solarize):
     rng = np.random.default_rng(batch)
-    x = tf.constant(rng.random((batch, 20, 20, 3)), tf.float32)
-    weights = rng.random((batch, 9)).astype(np.float32)
-    args = (
-        x,
-        tf.constant(rng.random(batch) < 0.5) if gray else None,
-        tf.constant(weights / weights.sum(axis=1, keepdims=True)) if blur else None,
-        tf.constant(np.where(rng.random(batch) < 0.5, 0.5, 2.0), tf.float32) if solarize else None,
-    )
-    np.testing.assert_allclose(augment._finish(*args).numpy(), _finish_plain(*args).numpy(), atol=1e-5)
+    x = rng.random((batch, 20, 20, 3)).astype(np.float32)
+    grey = rng.random(batch) < 0.5
+    sigmas = rng.uniform(0.1, 2.0, batch)
+    kernels = np.stack([_np_gaussian_kernel(9, s) for s in sigmas]) if batch else np.zeros((0, 9))
+    thresholds = np.where(rng.random(batch) < 0.5, 0.5, 2.0)
+    got = augment._finish(
+        tf.constant(x),
+        tf.constant(grey) if gray else None,
+        tf.constant(kernels, tf.float32) if blur else None,
+        tf.constant(thresholds, tf.float32) if solarize else None,
+    ).numpy()
+    assert got.shape == x.shape
+    for i in range(batch):
+        expected = _np_finish(x[i].astype(np.float64), gray and grey[i], kernels[i] if blur else None,
+                              thresholds[i] if solarize else None)
+        # Near the 0.5 threshold float32 rounding may land a pixel on either
+        # side; away from it, float32 ulps of values in [0, 1].
+        near = np.abs(_np_finish(x[i].astype(np.float64), gray and grey[i], kernels[i] if blur else None, None) - 0.5) < 1e-5
+        np.testing.assert_allclose(got[i][~near], expected[~near], atol=2e-6)

@@ -88,3 +88,44 @@ def test_callback_validates_arguments():
         EMAUpdate(total_steps=0)
     with pytest.raises(ValueError, match="bn_stats='avg'"):
         EMAUpdate(total_steps=5, bn_stats="avg")
+
+
+@pytest.mark.parametrize("steps_per_execution", [1, 2])
+def test_a_step_skipped_by_loss_scaling_leaves_the_target(steps_per_execution):
+    # Under mixed_float16 a loss scale of 2**60 overflows the float16
+    # gradients: the LossScaleOptimizer skips the step (iterations stays) and
+    # halves the scale. The target must skip it too.
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = tiny_byol()
+        optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1), initial_scale=2.0**60)
+        model.compile(optimizer=optimizer, steps_per_execution=steps_per_execution)
+        # Move the target off the online network, so an EMA step would show.
+        # (BatchNorm statistics are the target's own: its forward passes move them.)
+        pairs = [(o, t) for o, t in zip(model.online_ema_variables, model.target_ema_variables) if o.trainable]
+        rng = np.random.default_rng(0)
+        for _, t in pairs:
+            t.assign(t.numpy() + rng.normal(0.0, 0.1, t.shape).astype(t.dtype))
+        target_before = [t.numpy().copy() for _, t in pairs]
+        model.fit(view_dataset(), steps_per_epoch=2, epochs=1, callbacks=[EMAUpdate(10, 0.9)], verbose=0)
+        assert int(model.optimizer.iterations) == 0 and float(optimizer.dynamic_scale) == 2.0**58
+        for before, (_, t) in zip(target_before, pairs):
+            np.testing.assert_array_equal(t.numpy(), before, err_msg=t.path)
+        # A finite step (scale 1) is applied, and the EMA with it: tau of step 0.
+        optimizer.dynamic_scale.assign(1.0)
+        online_before = [o.numpy().copy() for o, _ in pairs]
+        model.fit(view_dataset(), steps_per_epoch=steps_per_execution, epochs=1, callbacks=[EMAUpdate(10, 0.9)],
+                  verbose=0)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert int(model.optimizer.iterations) == steps_per_execution
+    if steps_per_execution == 2:
+        # Two steps in one call: the online weights between them are not observable.
+        assert all(not np.array_equal(t.numpy(), before) for before, (_, t) in zip(target_before, pairs))
+        return
+    moved = 0
+    for o_before, before, (o, t) in zip(online_before, target_before, pairs):
+        # tau = 0.9 at step 0: one float32 multiply-add.
+        np.testing.assert_allclose(t.numpy(), 0.9 * before + 0.1 * o.numpy(), rtol=1e-6, atol=1e-7, err_msg=t.path)
+        moved += not np.array_equal(o_before, o.numpy())
+    assert moved == len(pairs)

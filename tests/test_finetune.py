@@ -11,8 +11,8 @@ import tensorflow as tf
 
 from byol_tf import data, finetune
 from byol_tf.backbones import build_encoder
-from test_linear import RESULT_RE, tiny_run_dir
-from test_scripts import run_script
+from test_linear import RESULT_RE, colour_set, tiny_run_dir
+from test_scripts import colour_npz, run_script
 
 SIZE = 16
 
@@ -39,8 +39,8 @@ def encoder_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def splits():
-    return (data.make_shapes(32, image_size=SIZE, num_classes=4, seed=0),
-            data.make_shapes(16, image_size=SIZE, num_classes=4, seed=1))
+    # 3 classes told apart by the dominant colour: a known answer any network learns at once.
+    return colour_set(32, seed=0, size=SIZE), colour_set(30, seed=1, size=SIZE)
 
 
 def values(variables):
@@ -49,7 +49,7 @@ def values(variables):
 
 def test_keras_cv_classifier_starts_from_the_pretrained_weights(encoder_file):
     reference = keras.saving.load_model(encoder_file)
-    classifier = finetune.build_classifier(keras.saving.load_model(encoder_file), num_classes=4)
+    classifier = finetune.build_classifier(keras.saving.load_model(encoder_file), num_classes=3)
     head = [layer for layer in classifier.layers if isinstance(layer, keras_cv.models.ImageClassifier)]
     assert len(head) == 1, [type(layer).__name__ for layer in classifier.layers]
     backbone = finetune.find_backbone(classifier)
@@ -87,14 +87,14 @@ class BackboneSnapshots(keras.callbacks.Callback):
 
 def test_freeze_epochs_freeze_the_backbone_then_train_it(encoder_file, splits):
     train, test = splits
-    classifier = finetune.build_classifier(keras.saving.load_model(encoder_file), num_classes=4)
+    classifier = finetune.build_classifier(keras.saving.load_model(encoder_file), num_classes=3)
     backbone = finetune.find_backbone(classifier)
     head = classifier.layers[-1].get_layer("predictions")
     head_before = values(head.weights)
     snapshots = BackboneSnapshots(backbone)
-    result = finetune.finetune(classifier, train, test, epochs=2, freeze_epochs=1, batch_size=8, lr=0.1,
+    result = finetune.finetune(classifier, train, test, epochs=4, freeze_epochs=1, batch_size=8, lr=0.1,
                                callbacks=[snapshots])
-    start, frozen, unfrozen = snapshots.snapshots
+    start, frozen, unfrozen = snapshots.snapshots[:3]
     # Epoch 1: every backbone variable (BN statistics included) is untouched, the head learned.
     for a, b in zip(start, frozen):
         np.testing.assert_array_equal(a, b)
@@ -102,13 +102,19 @@ def test_freeze_epochs_freeze_the_backbone_then_train_it(encoder_file, splits):
     # Epoch 2: unfrozen and recompiled, the backbone trains.
     assert sum(not np.array_equal(a, b) for a, b in zip(frozen, unfrozen)) > len(frozen) // 2
     assert backbone.trainable
-    assert len(result.history["loss"]) == 2 and all(np.isfinite(result.history["loss"]))
-    assert 0.0 <= result.top1 <= result.top5 <= 1.0 and result.num_train == 32
+    assert len(result.history["loss"]) == 4 and all(np.isfinite(result.history["loss"]))
+    assert result.num_train == 32
+    # The training colours are fitted (a known answer; chance is 1/3). The
+    # held-out top-1 is not asserted: 4 epochs of 4 steps leave the unfrozen
+    # BatchNorm's moving statistics lagging, and inference-mode accuracy
+    # swings between chance and 1 with the init.
+    # lr 0.1 on batches of 8 is noisy: the best epoch, not the last.
+    assert max(result.history["top1"]) >= 0.9 and result.top5 == 1.0, result
 
 
 def test_saved_classifier_reloads_with_equal_predictions(encoder_file, splits, tmp_path):
     train, test = splits
-    classifier = finetune.build_classifier(keras.saving.load_model(encoder_file), num_classes=4)
+    classifier = finetune.build_classifier(keras.saving.load_model(encoder_file), num_classes=3)
     finetune.finetune(classifier, train, test, epochs=1, batch_size=16)
     path = str(tmp_path / "classifier.keras")
     classifier.save(path)
@@ -126,13 +132,16 @@ def test_saved_classifier_reloads_with_equal_predictions(encoder_file, splits, t
 def test_plain_keras_classifier_for_builtin_resnets(splits):
     train, test = splits
     encoder = build_encoder("resnet_tiny", SIZE)
-    classifier = finetune.build_classifier(encoder, num_classes=4)
+    classifier = finetune.build_classifier(encoder, num_classes=3)
     backbone = finetune.find_backbone(classifier)
     assert backbone is finetune.split_encoder(encoder)[1]
     assert not any(isinstance(layer, keras_cv.models.ImageClassifier) for layer in classifier.layers)
-    result = finetune.finetune(classifier, train, test, epochs=1, batch_size=16, augment="resized_crop")
-    assert classifier.optimizer.iterations.numpy() == 2
-    assert 0.0 <= result.top1 <= 1.0
+    result = finetune.finetune(classifier, train, test, epochs=4, batch_size=16, augment="resized_crop")
+    assert classifier.optimizer.iterations.numpy() == 8
+    # From scratch, 8 steps fit the training colours (a known answer); the
+    # held-out top-1 is not asserted: BatchNorm's moving statistics are still
+    # near their init after 8 steps, so inference-mode outputs lag behind.
+    assert max(result.history["top1"]) >= 0.9, result
     with pytest.raises(ValueError, match="Received: num_classes=1"):
         finetune.build_classifier(encoder, num_classes=1)
 
@@ -153,14 +162,17 @@ def test_train_dataset(augment):
 def test_finetune_script(tmp_path_factory):
     run_dir = tiny_run_dir(tmp_path_factory)
     out = str(tmp_path_factory.mktemp("ft"))
-    result = run_script("finetune.py", f"--run_dir={run_dir}", f"--out={out}", "--limit=128", "--eval_limit=64",
-                        "--epochs=2", "--freeze_epochs=1", "--batch_size=32", "--label_fraction=0.5",
-                        "--verbose=0")
+    train, test = colour_npz(f"{out}/train.npz", 128, 0), colour_npz(f"{out}/test.npz", 64, 1)
+    result = run_script("finetune.py", f"--run_dir={run_dir}", f"--out={out}", f"--data={train}",
+                        f"--eval_data={test}", "--limit=128", "--eval_limit=64", "--epochs=2", "--freeze_epochs=1",
+                        "--batch_size=32", "--label_fraction=0.5", "--verbose=0")
     assert result.returncode == 0, result.stderr[-3000:]
     top1, top5 = map(float, RESULT_RE.search(result.stdout).groups())
-    assert 0.0 <= top1 <= top5 <= 1.0
+    # Colour classes, 2 epochs (1 frozen) of 2 steps: on 63 held-out images
+    # chance is 1/3 with std 0.059, so 0.5 is about 2.8 std above it.
+    assert top1 > 0.5 and top5 == 1.0, result.stdout[-2000:]
     record = json.load(open(os.path.join(out, "finetune.json")))
-    assert record["top1"] == pytest.approx(top1, abs=1e-4) and record["num_train"] == 60
+    assert record["top1"] == pytest.approx(top1, abs=1e-4) and record["num_train"] == 63  # 3 classes x round(64 / 3)
     assert len(record["history"]["loss"]) == 2
     assert os.path.getsize(os.path.join(out, "classifier.keras")) > 0
     assert os.path.exists(os.path.join(out, "saved_model", "saved_model.pb"))

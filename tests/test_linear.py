@@ -9,7 +9,7 @@ import pytest
 
 from byol_tf import data, linear
 from byol_tf.backbones import build_encoder
-from test_scripts import run_script
+from test_scripts import colour_npz, run_script
 
 RESULT_RE = re.compile(r"top1=([0-9.]+) top5=([0-9.]+)")
 
@@ -96,14 +96,27 @@ def test_bad_arguments_name_the_value():
         linear.train_linear(x, y, x[:, :8], y)
 
 
+def colour_set(num, seed, size=16):
+    """An ImageSet whose class (of 3) is the dominant colour: linearly separable from any encoder's features."""
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.arange(num) % 3)
+    x = 0.3 * rng.random((num, size, size, 3))
+    x[np.arange(num), :, :, labels] += 0.7
+    return data.ImageSet(np.round(255 * x).astype(np.uint8), labels.astype(np.int64), ["r", "g", "b"])
+
+
 def test_linear_eval_from_images_with_flips():
     encoder = build_encoder("resnet_tiny", 16)
-    train = data.make_shapes(40, image_size=16, num_classes=4, seed=0)
-    test = data.make_shapes(20, image_size=16, num_classes=4, seed=1)
-    result = linear.linear_eval(encoder, train, test, label_fraction=0.5, flip_augment=True, epochs=2)
-    # Half of the labels (5 per class), each image also mirrored.
-    assert result["num_train"] == 40 and result["num_test"] == 20 and result["num_classes"] == 4
-    assert 0.0 <= result["top1"] <= result["top5"] <= 1.0
+    train, test = colour_set(48, seed=0), colour_set(30, seed=1)
+    result = linear.linear_eval(encoder, train, test, label_fraction=0.5, flip_augment=True, epochs=30)
+    # Half of the labels (8 per class), each image also mirrored.
+    assert result["num_train"] == 48 and result["num_test"] == 30 and result["num_classes"] == 3
+    # Dominant colours are separable even on a random-init encoder's features.
+    assert result["top1"] >= 0.9, result
+    # Shuffled test labels: the same classifier scores about chance (1/3, std 0.086 on 30 images).
+    shuffled = data.ImageSet(test.images, np.random.default_rng(0).permutation(test.labels), test.class_names)
+    result = linear.linear_eval(encoder, train, shuffled, label_fraction=0.5, flip_augment=True, epochs=30)
+    assert result["top1"] < 0.7, result
     features = linear.embed_with_flips(encoder, train.images[:3], 16)
     mirrored = linear.embed_with_flips(encoder, train.images[:3, :, ::-1], 16)
     np.testing.assert_allclose(features[:3], mirrored[3:], atol=1e-5)
@@ -120,15 +133,17 @@ def test_random_init_encoder_is_rebuilt_from_the_run(run_dir):
         linear.load_encoder(encoder_path=os.path.join(run_dir, "encoder.keras"), random_init=True)
 
 
-def test_linear_eval_script(run_dir):
-    result = run_script("linear_eval.py", f"--run_dir={run_dir}", "--limit=300", "--eval_limit=200",
-                        "--epochs=5")
+def test_linear_eval_script(run_dir, tmp_path):
+    # Colour classes: the answer is known (separable from any encoder's features).
+    train, test = colour_npz(tmp_path / "train.npz", 400, 0), colour_npz(tmp_path / "test.npz", 120, 1)
+    result = run_script("linear_eval.py", f"--run_dir={run_dir}", f"--data={train}", f"--eval_data={test}",
+                        "--limit=300", "--eval_limit=90", "--epochs=5")
     assert result.returncode == 0, result.stderr[-3000:]
     top1, top5 = map(float, RESULT_RE.search(result.stdout).groups())
-    assert 0.0 <= top1 <= top5 <= 1.0
+    assert top1 >= 0.9 and top5 == 1.0  # 3 classes: top-5 is every class
     record = json.load(open(os.path.join(run_dir, "linear_eval.json")))
     assert record["top1"] == pytest.approx(top1, abs=1e-4) and record["top5"] == pytest.approx(top5, abs=1e-4)
-    assert record["num_train"] == 300 and record["num_test"] == 200 and record["data"] == "shapes"
+    assert record["num_train"] == 300 and record["num_test"] == 90 and record["data"] == train
 
 
 @pytest.mark.parametrize("flag, expected", [

@@ -22,11 +22,24 @@ def run_script(name, *args, timeout=300):
 TINY = ["--preset=demo", "--epochs=2", "--limit=256", "--batch_size=64", "--verbose=0", "--warmup_epochs=0"]
 
 
+def colour_npz(path, num, seed, size=32):
+    """uint8 images whose class (of 3) is the dominant colour channel: any encoder's kNN separates them."""
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.arange(num) % 3)
+    x = 0.3 * rng.random((num, size, size, 3))
+    x[np.arange(num), :, :, labels] += 0.7
+    np.savez(path, x=np.round(255 * x).astype(np.uint8), y=labels.astype(np.int64))
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("runs") / "demo")
-    # With the online linear probe: the demo's shapes are labelled.
-    result = run_script("pretrain.py", *TINY, "--probe", f"--out={out}")
+    folder = tmp_path_factory.mktemp("runs")
+    out = str(folder / "demo")
+    # Labelled data whose answer is known, with the online linear probe.
+    train, test = colour_npz(folder / "train.npz", 256, 0), colour_npz(folder / "test.npz", 120, 1)
+    result = run_script("pretrain.py", *TINY, f"--data={train}", f"--eval_data={test}", "--probe", "--probe_lr=0.05",
+                        f"--out={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result
 
@@ -40,13 +53,18 @@ def test_pretrain_writes_the_run_folder(demo_run):
     # 256 images / 64 per batch = 4 steps per epoch, 2 epochs: tau ends just below 1.
     assert summary["steps"] == summary["total_steps"] == 8
     assert 0.99 < summary["final"]["tau"] < 1.0
-    assert 0.0 <= summary["knn_acc"] <= 1.0 and 0.0 <= summary["knn_acc_random_init"] <= 1.0
+    # The classes are the dominant colour: the kNN monitor separates them
+    # from any encoder's features, trained or at its random init (chance: 1/3).
+    assert summary["knn_acc"] >= 0.95 and summary["knn_acc_random_init"] >= 0.95, summary
     assert "kNN top-1 (k=200)" in result.stdout
     header = open(os.path.join(out, "metrics.csv")).readline()
     for key in ("loss", "tau", "lr", "collapse_std", "knn_acc", "probe_acc", "val_probe_acc"):
         assert key in header
     # The probe is validated with the kNN monitor: every epoch here (--knn_every=1).
-    assert 0.0 <= summary["final"]["probe_acc"] <= 1.0 and 0.0 <= summary["final"]["val_probe_acc"] <= 1.0
+    # 8 steps train the probe only part way (the views' colour jitter and
+    # grayscale blur the colour); on the 120 held-out images chance is 1/3
+    # with a std of 0.043, so 0.5 is about 4 std above chance.
+    assert summary["final"]["val_probe_acc"] > 0.5, summary["final"]
     assert "Online linear probe:" in result.stdout
 
 

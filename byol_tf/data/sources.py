@@ -164,47 +164,29 @@ class FolderSource(Source):
 
 
 class _SequentialSource(Source):
-    """Sources read in order (shards, tfds, a `tf.data.Dataset`), mixed by windows.
+    """Sources read in order (shards, tfds, a `tf.data.Dataset`), mixed by a seeded shuffle buffer.
 
-    Each epoch reads `_epoch_base(seed, epoch)` (shards in a shuffled order)
-    and permutes every window of `SHUFFLE_WINDOW` records with a stateless
-    seed, so the order is a pure function of `(seed, epoch)`.
+    Each pass reads `_epoch_base(seed)` (shards in a seeded order) through a
+    `SHUFFLE_WINDOW`-record shuffle buffer; both reshuffle every pass from
+    the seed, so the stream is a pure function of it, and a resume skips the
+    first records unread by the decoder.
     """
 
-    def _epoch_records(self, seed, epoch):
-        windows = self._epoch_base(seed, epoch).batch(SHUFFLE_WINDOW).enumerate()
-
-        def permute(k, window):
-            size = tf.shape(window["label"], out_type=tf.int64)[0]
-            order = tf.random.experimental.stateless_shuffle(
-                tf.range(size), seed=tf.stack([tf.cast(seed, tf.int64) * 7919 + epoch, -3 - k]))
-            return {key: tf.gather(value, order) for key, value in window.items()}
-
-        return windows.map(permute).unbatch()
-
     def train_records(self, seed, start=0):
-        num = self.num_examples
         self._seed = seed
-
-        def epoch(e, first):
-            records = self._epoch_records(seed, e).enumerate().skip(first)
-            return records.map(lambda i, r: {"position": e * num + i, **r})
-
-        return _epochs(num, start, epoch)
+        records = self._epoch_base(seed).shuffle(SHUFFLE_WINDOW, seed=int(seed) + 1, reshuffle_each_iteration=True)
+        records = records.repeat().enumerate().skip(int(start))
+        return records.map(lambda i, r: {"position": i, **r})
 
     def eval_records(self):
-        return self._epoch_base(None, None).enumerate().map(lambda i, r: {"position": i, **r})
+        return self._epoch_base(None).enumerate().map(lambda i, r: {"position": i, **r})
 
     @staticmethod
     def fetch(record):
         return record["data"]
 
     def describe(self, position, train=True):
-        if train:
-            epoch, index = divmod(int(position), self.num_examples)
-            records = self._epoch_records(self._seed, epoch).skip(index)
-        else:
-            records = self._epoch_base(None, None).skip(int(position))
+        records = self.train_records(self._seed, position) if train else self.eval_records().skip(int(position))
         for record in records.take(1):
             name = record.get("name", tf.constant(f"record {position}")).numpy()
             name = name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
@@ -253,11 +235,11 @@ class ShardSource(_SequentialSource):
         self.num_examples = sum(counts) if limit is None else min(limit, sum(counts))
         self._limit = limit
 
-    def _epoch_base(self, seed, epoch):
-        files_t = tf.constant(self.shards)
+    def _epoch_base(self, seed):
+        shards = tf.data.Dataset.from_tensor_slices(tf.constant(self.shards))
         if seed is not None:
-            files_t = tf.gather(files_t, _epoch_order(len(self.shards), seed, epoch))
-        records = tf.data.Dataset.from_tensor_slices(files_t).interleave(
+            shards = shards.shuffle(len(self.shards), seed=int(seed), reshuffle_each_iteration=True)
+        records = shards.interleave(
             tf.data.TFRecordDataset, cycle_length=min(8, len(self.shards)), block_length=1,
             num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         if self._limit is not None:
@@ -314,7 +296,7 @@ class DatasetSource(_SequentialSource):
         label = tf.cast(element[1], tf.int64) if len(element) == 2 else tf.constant(-1, tf.int64)
         return {"data": image, "label": tf.reshape(label, [])}
 
-    def _epoch_base(self, seed, epoch):
+    def _epoch_base(self, seed):
         return self.dataset.take(self.num_examples)
 
 

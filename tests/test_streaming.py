@@ -1,0 +1,241 @@
+"""Streaming sources: crops from the original image, hostile files, shards, exact resume."""
+
+import io
+import math
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from byol_tf import data
+from byol_tf.augment import crop_window
+from byol_tf.config import AugmentConfig
+from byol_tf.data import crops
+
+# Crops and flips only, so a view is exactly crop -> resize -> flip -> round.
+CROP_ONLY = AugmentConfig(image_size=16, jitter_prob=0.0, grayscale_prob=0.0, blur_prob=(0.0, 0.0),
+                          solarize_prob=(0.0, 0.0))
+
+
+def _rgb(h, w, seed):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _torchvision_window(height, width, tries, offsets, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop.get_params, written out, with given uniforms instead of torch.rand."""
+    area = height * width
+    for (u_area, u_ratio) in tries:
+        target_area = area * (scale[0] + (scale[1] - scale[0]) * u_area)
+        aspect = math.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u_ratio)
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(offsets[0] * (height - h + 1)), int(offsets[1] * (width - w + 1)), h, w
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+@pytest.mark.parametrize("height, width", [(300, 200), (40, 400), (400, 40), (7, 9)])
+def test_crop_window_is_torchvision_random_resized_crop(height, width):
+    rng = np.random.default_rng(height + width)
+    tries, offsets = rng.random((64, 10, 2)), rng.random((64, 2))
+    # Some rows where no try is valid, to reach the fallback (areas over the image).
+    tries[:8, :, 0] = 1.0
+    config = AugmentConfig(crop_scale=(0.08, 1.0) if height > 10 else (0.9, 1.0))
+    config = AugmentConfig(crop_scale=(0.08, 1.0))
+    got = crop_window(tf.fill([64], float(height)), tf.fill([64], float(width)), tf.constant(tries, tf.float32),
+                      tf.constant(offsets, tf.float32), config)
+    got = np.stack([g.numpy() for g in got], axis=1).astype(int)
+    expected = np.array([_torchvision_window(height, width, t, o) for t, o in zip(tries, offsets)])
+    # float32 against float64 can round a size differently at an exact .5: allow one pixel, rarely.
+    assert np.mean(np.all(got == expected, axis=1)) > 0.95
+    assert np.abs(got - expected).max() <= 1
+    assert np.all(got[:, 0] + got[:, 2] <= height) and np.all(got[:, 1] + got[:, 3] <= width)
+
+
+def test_views_are_crops_of_the_original_resized_like_pil():
+    image = _rgb(60, 90, 0)
+    png = io.BytesIO()
+    Image.fromarray(image).save(png, format="PNG")
+    key = crops.view_key(3, 17)
+    views = crops.two_crops(tf.constant(png.getvalue()), key, CROP_ONLY).numpy()
+    # The same windows and flips, drawn as two_crops draws them.
+    keys = tf.random.experimental.stateless_split(key, num=3)
+    tries = tf.random.stateless_uniform([2, 10, 2], keys[0])
+    offsets = tf.random.stateless_uniform([2, 2], keys[1])
+    flips = (tf.random.stateless_uniform([2], keys[2]) < 0.5).numpy()
+    windows = crop_window(tf.fill([2], 60.0), tf.fill([2], 90.0), tries, offsets, CROP_ONLY)
+    windows = np.stack([w.numpy() for w in windows], axis=1).astype(int)
+    for view, (top, left, h, w), flip in zip(views, windows, flips):
+        crop = image[top:top + h, left:left + w]
+        # PIL's antialiased bilinear resize in float, then the flip and rounding.
+        ref = np.stack([np.asarray(Image.fromarray(crop[..., c].astype(np.float32), mode="F").resize(
+            (16, 16), Image.BILINEAR)) for c in range(3)], -1)
+        ref = ref[:, ::-1] if flip else ref
+        assert np.abs(view.astype(float) - np.round(np.clip(ref, 0, 255))).max() <= 1
+    # The crop comes from the whole image: over many keys, windows reach every border.
+    many = [crop_window(tf.fill([1], 60.0), tf.fill([1], 90.0), tf.random.stateless_uniform([1, 10, 2], [i, 0]),
+                        tf.random.stateless_uniform([1, 2], [i, 1]), CROP_ONLY) for i in range(200)]
+    tops = [int(m[0][0]) for m in many]
+    lefts_right = [int(m[1][0] + m[3][0]) for m in many]
+    assert min(tops) == 0 and max(lefts_right) == 90
+
+
+def test_windowed_and_full_jpeg_decoding_give_the_same_views():
+    jpeg = io.BytesIO()
+    Image.fromarray(_rgb(120, 80, 1)).save(jpeg, format="JPEG", quality=90)
+    contents = tf.constant(jpeg.getvalue())
+    for position in range(5):
+        key = crops.view_key(0, position)
+        windowed = crops.two_crops(contents, key, CROP_ONLY, windowed=True).numpy()
+        full = crops.two_crops(contents, key, CROP_ONLY, windowed=False).numpy()
+        # Same IDCT; only the chroma upsampling at the window's edges differs (measured: at most 3 levels).
+        diff = np.abs(windowed.astype(int) - full.astype(int))
+        assert diff.max() <= 4 and diff.mean() < 0.5
+
+
+@pytest.fixture
+def hostile_folder(tmp_path):
+    """Good images of many sizes with bad files in the middle of the listing."""
+    root = tmp_path / "photos"
+    good = []
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(9):
+            size = (20 + 7 * i, 50 - 3 * i)
+            path = root / c / f"{i:02d}.{'jpg' if i % 2 else 'png'}"
+            Image.fromarray(_rgb(*size, seed=i)).save(str(path))
+            good.append(str(path))
+    jpeg = io.BytesIO()
+    Image.fromarray(_rgb(40, 40, 9)).save(jpeg, format="JPEG")
+    bad = {
+        root / "a" / "03b_truncated.jpg": jpeg.getvalue()[:200],
+        root / "a" / "05b_empty.png": b"",
+        root / "b" / "02b_text.jpg": b"this is not an image",
+        root / "b" / "06b_corrupt.png": b"\x89PNG\r\n\x1a\n" + bytes(8) + b"IHDR" + bytes(8) + os.urandom(100),
+    }
+    for path, contents in bad.items():
+        path.write_bytes(contents)
+    return str(root), good, sorted(str(p) for p in bad)
+
+
+def test_hostile_files_are_skipped_named_and_counted_while_streaming(hostile_folder):
+    root, good, bad = hostile_folder
+    source = data.open_source(root)
+    assert isinstance(source, data.FolderSource) and source.num_examples == len(good) + len(bad)
+    tracker = data.StreamPosition(source)
+    ds = data.pretrain_dataset(source, 4, CROP_ONLY, seed=0, tracker=tracker, with_labels=True, autotune=False)
+    steps = 2 * len(good) // 4  # two epochs of good images
+    for (v1, v2), labels in ds.take(steps):
+        assert v1.shape == (4, 16, 16, 3) and labels.shape == (4,)
+    assert sorted(name for name, _ in source.skips.items()) == bad
+    reasons = dict(source.skips.items())
+    assert reasons[bad[1]] == "empty file"
+    assert "Unknown image file format" in reasons[bad[2]]
+    # Every bad file once per epoch: two epochs of records consumed.
+    assert tracker.after(steps) == 2 * len(good) + 2 * len(bad)
+    assert source.num_skipped == len(bad)
+
+
+def test_resume_from_a_stream_position_gives_the_same_batches(hostile_folder):
+    root, good, bad = hostile_folder
+    source = data.open_source(root)
+    tracker = data.StreamPosition(source)
+    full = [v1.numpy() for v1, _ in data.pretrain_dataset(source, 4, CROP_ONLY, seed=5, tracker=tracker,
+                                                           autotune=False).take(9)]
+    for step in (3, 5, 7):
+        # A killed run resumes from the backup's position, which is past skipped files.
+        position = tracker.after(step)
+        resumed = data.pretrain_dataset(data.open_source(root), 4, CROP_ONLY, seed=5, start_step=step,
+                                        start_position=position, autotune=False)
+        for expected, (v1, _) in zip(full[step:], resumed.take(9 - step)):
+            np.testing.assert_array_equal(v1.numpy(), expected)
+
+
+def test_shards_keep_original_bytes_and_stream_like_the_folder(hostile_folder, tmp_path):
+    root, good, bad = hostile_folder
+    index = data.write_shards(root, str(tmp_path / "shards"), shard_size=5)
+    # Header-level bad files are left out at writing, with reasons; the truncated JPEG passes its header.
+    assert index["num_examples"] == len(good) + 1 and len(index["skipped"]) == 3
+    names = {}
+    for shard in index["shards"]:
+        for record in tf.data.TFRecordDataset(str(tmp_path / "shards" / shard["file"])):
+            example = tf.io.parse_single_example(record, data.sources.SHARD_FEATURES)
+            names[example["image/filename"].numpy().decode()] = example
+    for path in good:
+        example = names[os.path.relpath(path, root)]
+        with open(path, "rb") as f:
+            assert example["image/encoded"].numpy() == f.read()  # no re-encoding
+        assert example["image/class/label"].numpy() == ("ab".index(os.path.basename(os.path.dirname(path))))
+    source = data.open_source(str(tmp_path / "shards"))
+    assert isinstance(source, data.ShardSource) and source.class_names == ["a", "b"]
+    steps = 2 * len(good) // 4  # two epochs
+    batches = list(data.pretrain_dataset(source, 4, CROP_ONLY, seed=0, autotune=False).take(steps))
+    assert len(batches) == steps
+    # The truncated JPEG in the middle of a shard is skipped and named while training.
+    assert [name for name, _ in source.skips.items()] == [f"{source.name}: a/03b_truncated.jpg"]
+    with pytest.raises(ValueError, match="already holds shards"):
+        data.write_shards(root, str(tmp_path / "shards"))
+
+
+def test_eval_dataset_streams_a_folder_through_the_eval_preprocessing(hostile_folder):
+    root, good, bad = hostile_folder
+    source = data.open_source(root)
+    images, labels = [], []
+    for x, y in data.eval_dataset(source, 16, crop_fraction=0.875, batch_size=5):
+        images.append(x.numpy())
+        labels.append(y.numpy())
+    images, labels = np.concatenate(images), np.concatenate(labels)
+    assert len(images) == len(good) and labels.tolist() == [0] * 9 + [1] * 9
+    assert sorted(name for name, _ in source.skips.items()) == bad
+    # Image 0 of class a is the 20x50 PNG: short side to floor(16 / 0.875) = 18, long int(18 * 50 / 20) = 45,
+    # centre crop at (1, 14) -- worked out by hand, checked against PIL's resize.
+    first = _rgb(20, 50, 0)
+    ref = np.stack([np.asarray(Image.fromarray(first[..., c].astype(np.float32), mode="F").resize(
+        (45, 18), Image.BILINEAR)) for c in range(3)], -1)[1:17, 14:30] / 255.0
+    np.testing.assert_allclose(images[0], ref, atol=1e-5)
+
+
+def test_any_tf_data_dataset_of_images_streams():
+    # Decoded images of six different sizes, with labels.
+    ds = tf.data.Dataset.range(6).map(
+        lambda i: (tf.cast(tf.fill(tf.stack([12 + 5 * i, 30 - 2 * i, 3]), 40 * i), tf.uint8), i % 2))
+    with pytest.raises(ValueError, match="num_examples"):
+        data.DatasetSource(ds.filter(lambda x, y: True))
+    source = data.DatasetSource(ds)
+    assert source.labelled and source.num_examples == 6
+    (v1, v2), labels = next(iter(data.pretrain_dataset(source, 3, CROP_ONLY, with_labels=True, autotune=False)))
+    assert v1.shape == (3, 16, 16, 3) and set(labels.numpy().tolist()) <= {0, 1}
+    # A constant image stays constant through crop and resize: each view is one of the six values.
+    values = np.unique(np.round(v1.numpy() * 255))
+    assert set(values.tolist()) <= {0.0, 40.0, 80.0, 120.0, 160.0, 200.0}
+
+
+def test_tfds_source_streams_encoded_images():
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=12):
+        source = data.open_source("tfds:cifar10", split="train")
+        assert isinstance(source, data.TfdsSource) and source.num_examples == 12
+        assert len(source.class_names) == 10
+        (v1, _), labels = next(iter(data.pretrain_dataset(source, 4, CROP_ONLY, with_labels=True, autotune=False)))
+        assert v1.shape == (4, 16, 16, 3) and labels.dtype == tf.int64
+
+
+def test_open_source_errors_name_the_value(tmp_path):
+    with pytest.raises(ValueError, match="No image files"):
+        (tmp_path / "empty").mkdir()
+        data.open_source(str(tmp_path / "empty"))
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "index.json").write_text("{not json")
+    with pytest.raises(ValueError, match="Not a shard folder"):
+        data.open_source(str(tmp_path / "s"))
+    with pytest.raises(ValueError, match="limit=0"):
+        data.open_source("shapes", limit=0)
