@@ -286,6 +286,6 @@ def finetune(classifier, train, test, epochs=30, batch_size=128, lr=0.05, weight
     backbone.trainable = True
     # Scored like the linear probe: Keras' top-k metric counts ties as hits,
     # which makes a saturated (one-hot) classifier look perfect at top-5.
-    probs = classifier.predict(data_lib.eval_dataset(test.images, None, image_size, 256), verbose=0)
+    probs = classifier.predict(data_lib.eval_dataset(test.images, image_size, 1.0, 256).map(lambda x, _: x), verbose=0)
     return FinetuneResult(top1=topk_accuracy(probs, test.labels, 1), top5=topk_accuracy(probs, test.labels, 5),
                           history=history, num_train=len(train))

@@ -142,7 +142,7 @@ def resolve_sources(data, eval_data, config=None):
     return data, eval_data
 
 
-def load_labelled(source, image_size, split, limit=None):
+def load_labelled(source, image_size, split, limit=None, crop_fraction=1.0):
     """Loads a labelled `data.ImageSet` (`shapes`, tfds, .npz or folder).
 
     Args:
@@ -150,10 +150,11 @@ def load_labelled(source, image_size, split, limit=None):
         image_size: side the images are fitted to.
         split: "train" or "test" (the held-out `shapes` use another seed).
         limit: keep at most this many images (a fixed random subset).
+        crop_fraction: the evaluation preprocessing's (`preprocess_eval`).
     """
-    from byol_tf.training import load_source
+    from byol_tf import data
 
-    images = load_source(source, image_size, split, limit)
+    images = data.load_images(source, image_size, split, limit, crop_fraction)
     if images.labels is None:
         raise ValueError(f"Evaluation needs labelled data. Received: data={source!r} (unlabelled)")
     return images
@@ -169,8 +170,9 @@ def load_eval_inputs(run_dir, encoder_path, random_init, data, eval_data, limit=
     encoder, config = load_encoder(run_dir, encoder_path, random_init)
     data, eval_data = resolve_sources(data, eval_data, config)
     image_size = encoder_image_size(encoder)
-    train = load_labelled(data, image_size, "train", limit)
-    test = load_labelled(eval_data, image_size, "test", eval_limit)
+    crop_fraction = config.eval_crop_fraction if config is not None else 1.0
+    train = load_labelled(data, image_size, "train", limit, crop_fraction)
+    test = load_labelled(eval_data, image_size, "test", eval_limit, crop_fraction)
     return encoder, config, train, test, data, eval_data
 
 

@@ -8,6 +8,8 @@
 --what=augment: the tf.data pipeline alone (`data.pretrain_dataset` on random
   uint8 images in memory, both views with the preset's augmentation at
   --image_size); images/sec = batches x batch_size / elapsed.
+--what=input: the same from files (--data=FOLDER): read, decode, crop from the
+originals, both views.
 --what=step: the compiled train step alone, on one fixed pair of random views
   repeated from memory, through `model.fit` with the `EMAUpdate` callback.
 --what=fit: `model.fit` on the real augmentation pipeline, EMA included.
@@ -29,7 +31,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("what", "step", ["augment", "step", "fit"], "What to time.")
+flags.DEFINE_enum("what", "step", ["augment", "input", "step", "fit"], "What to time.")
+flags.DEFINE_string("data", None, "--what=input: the image folder (or shards, tfds:NAME) to stream both views from.")
 flags.DEFINE_string("preset", "imagenet", "Preset for the heads, optimizer, EMA and augmentation.")
 flags.DEFINE_string("backbone", "resnet18", "Backbone name (resnet18: the ImageNet-stem ResNet-18).")
 flags.DEFINE_integer("image_size", 32, "Image (view) side in pixels.")
@@ -69,11 +72,13 @@ def _check_flags():
         value = getattr(FLAGS, name)
         if value is not None and value < low:
             raise app.UsageError(f"--{name} must be >= {low}. Received: --{name}={value}")
-    if FLAGS.what != "augment" and FLAGS.warmup < 1:
+    if FLAGS.what == "input" and not FLAGS.data:
+        raise app.UsageError("--what=input streams from --data. Received: --data=None")
+    if FLAGS.what not in ("augment", "input") and FLAGS.warmup < 1:
         # The first step traces and compiles; it must not be timed.
         raise app.UsageError(f"--warmup must be >= 1 for --what={FLAGS.what}. Received: --warmup={FLAGS.warmup}")
     spe = FLAGS.steps_per_execution
-    if spe is not None and spe >= 1 and FLAGS.what != "augment":
+    if spe is not None and spe >= 1 and FLAGS.what not in ("augment", "input"):
         for name in ("steps", "warmup"):
             if getattr(FLAGS, name) % spe:
                 raise app.UsageError(
@@ -131,7 +136,12 @@ def _time_augment(config):
     from byol_tf import data
 
     num_images = FLAGS.num_images or max(2 * config.batch_size, 1024)
-    dataset = data.pretrain_dataset(_random_images(config, num_images), config.batch_size, config.augment, seed=config.seed)
+    if FLAGS.what == "input":
+        # The whole input pipeline from files: read, decode the crop windows, both views.
+        source = data.open_source(FLAGS.data)
+    else:
+        source = _random_images(config, num_images)
+    dataset = data.pretrain_dataset(source, config.batch_size, config.augment, seed=config.seed)
     iterator = iter(dataset)
     for _ in range(FLAGS.warmup):
         next(iterator)
@@ -210,7 +220,7 @@ def main(argv):
               f"projection_dim={config.projection_dim}")
         print(f"strategy={type(strategy).__name__} ({FLAGS.strategy}) replicas={strategy.num_replicas_in_sync}")
         print(f"devices={[d.name for d in tf.config.list_logical_devices()]}")
-        if FLAGS.what == "augment":
+        if FLAGS.what in ("augment", "input"):
             print(f"augment={config.augment}")
             images_per_sec = _time_augment(config)
         else:
