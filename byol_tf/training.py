@@ -326,7 +326,7 @@ def run_pretraining(config, train, out_dir, eval_set=None, knn_every=1, backup_e
 
     def fit(first_step, epoch, end_epoch, steps_per_epoch):
         # The stream is a pure function of the position: resume where step `first_step` starts.
-        position = tracker.after(first_step)
+        position = tracker.after(first_step) if position_fn is not None else None  # arrays: the batch index
         dataset = data_lib.pretrain_dataset(train, config.batch_size, config.augment, seed=config.seed,
                                             autotune=autotune, start_step=first_step, start_position=position,
                                             with_labels=config.probe, tracker=tracker)
