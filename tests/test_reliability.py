@@ -318,7 +318,7 @@ def test_header_sizes_without_decoding(tmp_path):
         path = str(tmp_path / f"x.{ext}")
         Image.fromarray(_rgb(13, 29, 0)).save(path, fmt)
         with open(path, "rb") as f:
-            assert data._header_size(f, f.read(32)) == (29, 13), fmt
+            assert data.files.header_size(f.read()) == (29, 13), fmt
 
 
 def test_resume_in_process_after_a_nan_stop(tmp_path, tiny_images, capsys):
