@@ -165,7 +165,7 @@ def pretrain_dataset(source, batch_size: int, augment_config: AugmentConfig, see
     if source.num_examples < batch_size:
         # There would be no full batch at all and `fit` would hang.
         raise ValueError("Not enough images for one batch: need at least `batch_size` images. "
-                         f"Received: {source.num_examples} images, batch_size={batch_size}")
+                         f"Received: {source.num_examples} images, batch_size={batch_size}, data={source.name!r}")
     if with_labels and not source.labelled:
         raise ValueError(f"`with_labels` needs labelled data. Received: data={source.name!r} (unlabelled)")
     if isinstance(source, ArraySource):
