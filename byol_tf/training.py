@@ -225,7 +225,7 @@ def run_pretraining(config, train, out_dir, eval_set=None, knn_every=1, backup_e
     steps = data_lib.steps_per_epoch(train.num_examples, config.batch_size)
     if steps < 1:
         raise ValueError(
-            f"Not enough images for one batch: {train.num_examples} images, batch_size={config.batch_size}. Received: batch_size={config.batch_size}"
+            f"Not enough images for one batch: {train.num_examples} images in {train.name}. Received: batch_size={config.batch_size}"
         )
     total_steps = steps * config.epochs
     run_info = {"data": train.name, "num_train_images": train.num_examples, "steps_per_epoch": steps,
