@@ -17,7 +17,7 @@ from byol_tf.config import AugmentConfig
 # ITU-R 601-2 luma, the weights torchvision and `tf.image.rgb_to_grayscale` use.
 _LUMA = (0.2989, 0.587, 0.114)
 # torchvision's RandomResizedCrop makes 10 attempts before its fallback.
-_CROP_TRIES = 10
+CROP_TRIES = 10
 
 
 def augment_view(images, seed, config: AugmentConfig, view: int) -> tf.Tensor:
@@ -46,7 +46,7 @@ def augment_view(images, seed, config: AugmentConfig, view: int) -> tf.Tensor:
     batch = tf.shape(images)[0]
     height = tf.fill([batch], tf.cast(tf.shape(images)[1], tf.float32))
     width = tf.fill([batch], tf.cast(tf.shape(images)[2], tf.float32))
-    tries = tf.random.stateless_uniform(tf.stack([batch, _CROP_TRIES, 2]), keys[0])
+    tries = tf.random.stateless_uniform(tf.stack([batch, CROP_TRIES, 2]), keys[0])
     offsets = tf.random.stateless_uniform(tf.stack([batch, 2]), keys[1])
     top, left, h, w = crop_window(height, width, tries, offsets, config)
     # Flipping is free here: a box with x1 > x2 samples the crop mirrored.

@@ -227,6 +227,7 @@ def run_pretraining(config, train, out_dir, eval_set=None, knn_every=1, backup_e
         raise ValueError(
             f"Not enough images for one batch: {train.num_examples} images in {train.name}. Received: batch_size={config.batch_size}"
         )
+    data_lib.check_decodable(train)
     total_steps = steps * config.epochs
     run_info = {"data": train.name, "num_train_images": train.num_examples, "steps_per_epoch": steps,
                 "total_steps": total_steps, "replicas": replicas}
@@ -358,7 +359,7 @@ def run_pretraining(config, train, out_dir, eval_set=None, knn_every=1, backup_e
         "images_per_sec": round((steps_done - start_step) * config.batch_size / max(train_seconds, 1e-9), 1),
         "num_train_images": train.num_examples,
         "num_skipped": train.num_skipped,
-        "skipped_files": [list(item) for item in (getattr(train, "skipped", []) + train.skips.items())[:100]],
+        "skipped_files": [list(item) for item in train.skips.items()[:100]],
         "strategy": type(strategy).__name__,
         "replicas": replicas,
         "final": {k: float(v[-1]) for k, v in history.items() if len(v)},

@@ -239,3 +239,12 @@ def test_open_source_errors_name_the_value(tmp_path):
         data.open_source(str(tmp_path / "s"))
     with pytest.raises(ValueError, match="limit=0"):
         data.open_source("shapes", limit=0)
+
+
+def test_a_source_with_nothing_decodable_is_refused_not_streamed_forever(tmp_path):
+    for i in range(6):
+        (tmp_path / f"{i}.jpg").write_bytes(b"not an image " + bytes([i]))
+    with pytest.raises(ValueError, match=r"None of the first 256 images could be decoded.*Unknown image file format"):
+        data.check_decodable(str(tmp_path))
+    Image.fromarray(_rgb(20, 20, 0)).save(str(tmp_path / "9.png"))
+    data.check_decodable(str(tmp_path))  # one good file is enough to start

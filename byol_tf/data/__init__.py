@@ -7,7 +7,7 @@
 
 from byol_tf.data.arrays import ArraySource, ImageSet, load_npz
 from byol_tf.data.files import IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS
-from byol_tf.data.pipeline import (StreamPosition, eval_dataset, load_images, open_source, pretrain_dataset,
+from byol_tf.data.pipeline import (StreamPosition, check_decodable, eval_dataset, load_images, open_source, pretrain_dataset,
                                    steps_per_epoch)
 from byol_tf.data.shapes import SHAPE_CLASSES, make_shapes
 from byol_tf.data.shards import write_shards

@@ -11,10 +11,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 import tensorflow as tf
 
-from byol_tf.data.sources import Source
-
-# `limit` keeps a random subset; a fixed seed makes it the same subset each run.
-_LIMIT_SEED = 1234
+from byol_tf.data.sources import LIMIT_SEED, Source
 
 
 @dataclasses.dataclass
@@ -156,11 +153,12 @@ class ArraySource(Source):
         self.name = images.source or "arrays"
         super().__init__()
         if limit is not None and limit < len(images):
-            keep = np.random.default_rng(_LIMIT_SEED).permutation(len(images))[:limit]
+            keep = np.random.default_rng(LIMIT_SEED).permutation(len(images))[:limit]
             images = dataclasses.replace(images, images=images.images[keep],
                                          labels=None if images.labels is None else images.labels[keep])
         self.images, self.labels, self.class_names = images.images, images.labels, images.class_names
-        self.skipped = list(images.skipped)
+        for path, reason in images.skipped:
+            self.skips.add(path, reason)
         self.labelled = images.labels is not None
         self.num_examples = len(images)
 

@@ -10,13 +10,13 @@ stages then run batched (`byol_tf.augment.finish_pair`).
 
 import tensorflow as tf
 
-from byol_tf.augment import _CROP_TRIES, crop_window, preprocess_eval
+from byol_tf.augment import CROP_TRIES, crop_window, preprocess_eval
 from byol_tf.config import AugmentConfig
 from byol_tf.data import files
 
 # JPEG crops: two windowed decodes (`decode_and_crop_jpeg`) or one full
 # decode and two slices. BENCHMARKS.md ("JPEG crop decoding") has the figures.
-WINDOWED_JPEG = True
+WINDOWED_JPEG = False
 
 
 def view_key(seed, position):
@@ -42,7 +42,7 @@ def two_crops(data, key, config: AugmentConfig, max_pixels=files.MAX_IMAGE_PIXEL
         uint8 `[2, image_size, image_size, 3]`, view 1 then view 2.
     """
     keys = tf.random.experimental.stateless_split(key, num=3)
-    tries = tf.random.stateless_uniform([2, _CROP_TRIES, 2], keys[0])
+    tries = tf.random.stateless_uniform([2, CROP_TRIES, 2], keys[0])
     offsets = tf.random.stateless_uniform([2, 2], keys[1])
     flips = tf.random.stateless_uniform([2], keys[2]) < config.flip_prob
 

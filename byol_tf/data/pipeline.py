@@ -125,7 +125,8 @@ class StreamPosition:
         """The stream position after `steps` optimizer steps (batches `0 .. steps - 1`)."""
         return self.ends[int(steps) - 1]
 
-    def _observe_op(self, step, positions):
+    def observe_op(self, step, positions):
+        """`observe` as an op in the `tf.data` graph; returns `step`."""
         def observe(s, p):
             self.observe(s.numpy(), p.numpy())
             return s
@@ -217,7 +218,7 @@ def _streamed_views(source, batch_size, config, seed, start_step, start, with_la
     # A file that fails to decode is dropped here; `tracker` notices the gap and logs it.
     ds = ds.ignore_errors().batch(batch_size, drop_remainder=True)
     ds = tf.data.Dataset.zip(tf.data.Dataset.counter(start=int(start_step), dtype=tf.int64), ds)
-    ds = ds.map(lambda step, batch: (tracker._observe_op(step, batch["position"]), batch))
+    ds = ds.map(lambda step, batch: (tracker.observe_op(step, batch["position"]), batch))
 
     def finish(step, batch):
         views = finish_pair(batch["views"][:, 0], batch["views"][:, 1], tf.stack([tf.constant(int(seed), tf.int64), step]),
@@ -266,9 +267,28 @@ def eval_dataset(source, image_size: int, crop_fraction: float = 1.0, batch_size
            "image": tf.zeros([0, image_size, image_size, 3]), "label": tf.zeros([0], tf.int64)}
     ds = ds.ignore_errors().batch(batch_size).concatenate(tf.data.Dataset.from_tensors(end))
     ds = tf.data.Dataset.zip(tf.data.Dataset.counter(dtype=tf.int64), ds)
-    ds = ds.map(lambda i, b: (tracker._observe_op(i, b["position"]), b))
+    ds = ds.map(lambda i, b: (tracker.observe_op(i, b["position"]), b))
     ds = ds.filter(lambda _, b: tf.size(b["label"]) > 0)
     return ds.map(lambda _, b: (b["image"], b["label"])).prefetch(tf.data.AUTOTUNE)
+
+
+def check_decodable(source, tries=256):
+    """Raises a ValueError naming the data unless one of its first `tries` images decodes.
+
+    The stream skips what fails, so a source of nothing but bad files would
+    otherwise wait forever for its first batch.
+    """
+    source = open_source(source)
+    if isinstance(source, ArraySource):
+        return
+    max_pixels = getattr(source, "max_pixels", files.MAX_IMAGE_PIXELS)
+    probe = source.eval_records().take(tries).map(
+        lambda r: tf.shape(crops.eval_image(source.fetch(r), 8, 1.0, max_pixels))).ignore_errors().take(1)
+    if any(True for _ in probe):
+        return
+    examples = "; ".join("{}: {}".format(*source.describe(p, train=False)) for p in range(min(3, tries)))
+    raise ValueError(f"None of the first {tries} images could be decoded (e.g. {examples}). "
+                     f"Received: data={source.name!r}")
 
 
 def load_images(data, image_size: int, split: str = "train", limit=None, crop_fraction: float = 1.0,
@@ -298,7 +318,7 @@ def load_images(data, image_size: int, split: str = "train", limit=None, crop_fr
                          f"Received: data={source.name!r}")
     labels = np.concatenate(labels)
     return ImageSet(np.concatenate(images), labels if source.labelled else None, source.class_names,
-                    skipped=getattr(source, "skipped", []) + source.skips.items(), source=source.name)
+                    skipped=source.skips.items(), source=source.name)
 
 
 def _check_batch_size(batch_size):

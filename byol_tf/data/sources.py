@@ -26,8 +26,7 @@ from byol_tf.data import files
 # Records permuted together by the sequential sources (shards, tfds, datasets).
 SHUFFLE_WINDOW = 1024
 # `limit` keeps a random subset; a fixed seed makes it the same subset each run.
-_LIMIT_SEED = 1234
-# Each epoch is one stateless permutation; its seed word: `[seed, -1 - epoch]`.
+LIMIT_SEED = 1234
 
 
 class SkipLog:
@@ -44,6 +43,7 @@ class SkipLog:
         self.reasons = {}
 
     def add(self, name, reason):
+        """Records `name` (once) with why it could not be used."""
         if name in self.reasons:
             return
         self.reasons[name] = reason
@@ -61,6 +61,7 @@ class SkipLog:
 
 
 def _epoch_order(num, seed, epoch):
+    """Epoch `epoch`'s stateless permutation of `num` records, seeded `[seed, -1 - epoch]`."""
     return tf.random.experimental.stateless_shuffle(
         tf.range(num, dtype=tf.int64), seed=tf.stack([tf.cast(seed, tf.int64), -1 - tf.cast(epoch, tf.int64)]))
 
@@ -85,7 +86,7 @@ class Source:
 
     @property
     def num_skipped(self):
-        return self.skips.count + len(getattr(self, "skipped", []))
+        return self.skips.count
 
     def describe(self, position):
         """`(name, reason)` of the record at stream `position`, for the skip log."""
@@ -104,16 +105,15 @@ class FolderSource(Source):
     def __init__(self, folder, limit=None, max_pixels=files.MAX_IMAGE_PIXELS):
         self.name = os.path.abspath(folder)
         super().__init__()
-        paths, labels, self.class_names, self.skipped = files.list_image_folder(folder)
+        paths, labels, self.class_names, skipped = files.list_image_folder(folder)
         if not paths:
             raise ValueError(f"No image files ({', '.join(files.IMAGE_EXTENSIONS)}) found in the folder. "
                              f"Received: data={folder!r}")
         if limit is not None and limit < len(paths):
-            keep = np.sort(np.random.default_rng(_LIMIT_SEED).permutation(len(paths))[:limit])
+            keep = np.sort(np.random.default_rng(LIMIT_SEED).permutation(len(paths))[:limit])
             paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
-        for path, reason in self.skipped:
+        for path, reason in skipped:
             self.skips.add(path, reason)
-        self.skipped = []
         self.paths = paths
         self.labels = np.asarray(labels, np.int64)
         self.labelled = self.class_names is not None
