@@ -50,7 +50,7 @@ def augment_view(images, seed, config: AugmentConfig, view: int) -> tf.Tensor:
     offsets = tf.random.stateless_uniform(tf.stack([batch, 2]), keys[1])
     top, left, h, w = crop_window(height, width, tries, offsets, config)
     # Flipping is free here: a box with x1 > x2 samples the crop mirrored.
-    y1, x1, y2, x2 = tf.unstack(_window_boxes(top, left, h, w, height, width, config.image_size), axis=1)
+    y1, x1, y2, x2 = tf.unstack(window_boxes(top, left, h, w, height, width, config.image_size), axis=1)
     flip = tf.random.stateless_uniform(tf.stack([batch]), keys[2]) < config.flip_prob
     boxes = tf.stack([y1, tf.where(flip, x2, x1), y2, tf.where(flip, x1, x2)], axis=1)
     # Bilinear samples of 0..1 stay in 0..1 (to a rounding error that the
@@ -231,7 +231,7 @@ def crop_window(height, width, tries, offsets, config: AugmentConfig):
     return top, left, h, w
 
 
-def _window_boxes(top, left, h, w, height, width, image_size):
+def window_boxes(top, left, h, w, height, width, image_size):
     """Pixel windows as normalised `crop_and_resize` boxes `[n, 4]`."""
     # crop_and_resize puts the box edges on pixel centres (align-corners).
     # Shrinking them by half an output pixel samples like tf.image.resize

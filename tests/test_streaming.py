@@ -61,46 +61,61 @@ def test_crop_window_is_torchvision_random_resized_crop(height, width):
     assert np.all(got[:, 0] + got[:, 2] <= height) and np.all(got[:, 1] + got[:, 3] <= width)
 
 
-def test_views_are_crops_of_the_original_resized_like_pil():
+def _drawn_windows(key, height, width, scale=(0.08, 1.0)):
+    """The windows and flips `two_crops` draws for `key`, via the torchvision reference above."""
+    u = tf.random.stateless_uniform([2, 23], key).numpy()
+    tries, offsets, flips = u[:, :20].reshape(2, 10, 2), u[:, 20:22], u[:, 22] < 0.5
+    return [_torchvision_window(height, width, t, o, scale) for t, o in zip(tries, offsets)], flips
+
+
+def _bilinear(image, top, left, h, w, size):
+    """NumPy bilinear resize of a window: half-pixel centres when downscaling, edge pixels kept when upscaling."""
+    def coords(start, length):
+        if length >= size:
+            return start + (np.arange(size) + 0.5) * length / size - 0.5
+        return start + np.arange(size) * (length - 1) / (size - 1)
+    ys, xs = coords(top, h), coords(left, w)
+    y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
+    y1, x1 = np.minimum(y0 + 1, image.shape[0] - 1), np.minimum(x0 + 1, image.shape[1] - 1)
+    fy, fx = (ys - y0)[:, None, None], (xs - x0)[None, :, None]
+    im = image.astype(float)
+    return ((1 - fy) * (1 - fx) * im[y0][:, x0] + (1 - fy) * fx * im[y0][:, x1]
+            + fy * (1 - fx) * im[y1][:, x0] + fy * fx * im[y1][:, x1])
+
+
+def test_views_are_bilinear_crops_of_the_original_image():
     image = _rgb(60, 90, 0)
     png = io.BytesIO()
     Image.fromarray(image).save(png, format="PNG")
-    key = crops.view_key(3, 17)
-    views = crops.two_crops(tf.constant(png.getvalue()), key, CROP_ONLY).numpy()
-    # The same windows and flips, drawn as two_crops draws them.
-    keys = tf.random.experimental.stateless_split(key, num=3)
-    tries = tf.random.stateless_uniform([2, 10, 2], keys[0])
-    offsets = tf.random.stateless_uniform([2, 2], keys[1])
-    flips = (tf.random.stateless_uniform([2], keys[2]) < 0.5).numpy()
-    windows = crop_window(tf.fill([2], 60.0), tf.fill([2], 90.0), tries, offsets, CROP_ONLY)
-    windows = np.stack([w.numpy() for w in windows], axis=1).astype(int)
-    for view, (top, left, h, w), flip in zip(views, windows, flips):
-        crop = image[top:top + h, left:left + w]
-        # PIL's antialiased bilinear resize in float, then the flip and rounding.
-        ref = np.stack([np.asarray(Image.fromarray(crop[..., c].astype(np.float32), mode="F").resize(
-            (16, 16), Image.BILINEAR)) for c in range(3)], -1)
-        ref = ref[:, ::-1] if flip else ref
-        assert np.abs(view.astype(float) - np.round(np.clip(ref, 0, 255))).max() <= 1
-    # The crop comes from the whole image: over many keys, windows reach every border.
-    many = [crop_window(tf.fill([1], 60.0), tf.fill([1], 90.0), tf.random.stateless_uniform([1, 10, 2], [i, 0]),
-                        tf.random.stateless_uniform([1, 2], [i, 1]), CROP_ONLY) for i in range(200)]
-    tops = [int(m[0][0]) for m in many]
-    lefts_right = [int(m[1][0] + m[3][0]) for m in many]
-    assert min(tops) == 0 and max(lefts_right) == 90
+    for position in range(6):
+        key = crops.view_key(3, position)
+        views = crops.two_crops(tf.constant(png.getvalue()), key, CROP_ONLY).numpy()
+        windows, flips = _drawn_windows(key, 60, 90)
+        for view, (top, left, h, w), flip in zip(views, windows, flips):
+            ref = _bilinear(image, top, left, h, w, 16)
+            ref = ref[:, ::-1] if flip else ref
+            # float32 box coordinates against float64: a fraction of a level, then rounding.
+            assert np.abs(view.astype(float) - ref).max() <= 1.01
 
 
-def test_windowed_and_full_jpeg_decoding_give_the_same_views():
+def test_large_jpeg_crops_decode_at_a_dct_scale_close_to_the_full_decode():
+    # A smooth 800x600 image: a 1/2 or 1/4 DCT-scaled decode is an antialiased downscale of it.
+    yy, xx = np.mgrid[0:600, 0:800]
+    smooth = np.stack([128 + 100 * np.sin(xx / 40.0), 128 + 100 * np.cos(yy / 50.0), np.full(xx.shape, 90.0)], -1)
     jpeg = io.BytesIO()
-    Image.fromarray(_rgb(120, 80, 1)).save(jpeg, format="JPEG", quality=90)
-    contents = tf.constant(jpeg.getvalue())
-    for position in range(5):
+    Image.fromarray(smooth.astype(np.uint8)).save(jpeg, format="JPEG", quality=95)
+    config = AugmentConfig(image_size=32, crop_scale=(0.5, 1.0), jitter_prob=0.0, grayscale_prob=0.0,
+                           blur_prob=(0.0, 0.0), solarize_prob=(0.0, 0.0))
+    full = np.asarray(Image.open(io.BytesIO(jpeg.getvalue())).convert("RGB"))
+    for position in range(4):
         key = crops.view_key(0, position)
-        windowed = crops.two_crops(contents, key, CROP_ONLY, windowed=True).numpy()
-        full = crops.two_crops(contents, key, CROP_ONLY, windowed=False).numpy()
-        # Same IDCT; only the chroma upsampling at the window's edges differs (measured: at most 3 levels).
-        diff = np.abs(windowed.astype(int) - full.astype(int))
-        assert diff.max() <= 4 and diff.mean() < 0.5
-
+        views = crops.two_crops(tf.constant(jpeg.getvalue()), key, config).numpy().astype(float)
+        windows, flips = _drawn_windows(key, 600, 800, config.crop_scale)
+        for view, (top, left, h, w), flip in zip(views, windows, flips):
+            assert min(h, w) >= 2 * 32  # so the decode was scaled
+            ref = _bilinear(full, top, left, h, w, 32)
+            ref = ref[:, ::-1] if flip else ref
+            assert np.abs(view - ref).mean() < 3.0
 
 @pytest.fixture
 def hostile_folder(tmp_path):

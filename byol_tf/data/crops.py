@@ -2,21 +2,20 @@
 
 The paper, torchvision, DeepMind, lightly and solo-learn all crop from the
 original photo and then resize. Here each image draws its two crop windows
-from its own size (`byol_tf.augment.crop_window`), a JPEG decodes only
-what it needs, each crop is resized to the view size and flipped, and the
-views are rounded to uint8, as torchvision's PIL pipeline is. The colour
-stages then run batched (`byol_tf.augment.finish_pair`).
+from its own size (`byol_tf.augment.crop_window`), both are resized to the
+view size (and flipped) in one op, and the views are rounded to uint8, as
+torchvision's PIL pipeline is. The colour stages then run batched
+(`byol_tf.augment.finish_pair`).
 """
 
 import tensorflow as tf
 
-from byol_tf.augment import CROP_TRIES, crop_window, preprocess_eval
+from byol_tf.augment import CROP_TRIES, window_boxes, crop_window, preprocess_eval
 from byol_tf.config import AugmentConfig
 from byol_tf.data import files
 
-# JPEG crops: two windowed decodes (`decode_and_crop_jpeg`) or one full
-# decode and two slices. BENCHMARKS.md ("JPEG crop decoding") has the figures.
-WINDOWED_JPEG = False
+# libjpeg's DCT-domain downscaling factors (`decode_jpeg(ratio=...)`).
+JPEG_RATIOS = (1, 2, 4, 8)
 
 
 def view_key(seed, position):
@@ -26,8 +25,15 @@ def view_key(seed, position):
     return tf.random.experimental.stateless_fold_in(base, tf.cast(position, tf.int64))
 
 
-def two_crops(data, key, config: AugmentConfig, max_pixels=files.MAX_IMAGE_PIXELS, windowed=None):
+def two_crops(data, key, config: AugmentConfig, max_pixels=files.MAX_IMAGE_PIXELS):
     """Two random resized, flipped crops of one image, uint8 `[2, S, S, 3]`.
+
+    The windows follow torchvision's RandomResizedCrop on the original size.
+    Both are sampled bilinearly in one `crop_and_resize` (a mirrored box
+    flips), as the in-memory path does. A JPEG is decoded at the smallest
+    DCT scale (1/2, 1/4, 1/8) that keeps both windows' short sides at least
+    the view size: libjpeg's scaled decode is an antialiased downscale, and
+    it is several times cheaper on large photos.
 
     Args:
         data: a scalar string of encoded image bytes, or a decoded
@@ -35,47 +41,42 @@ def two_crops(data, key, config: AugmentConfig, max_pixels=files.MAX_IMAGE_PIXEL
         key: the example's RNG key (`view_key`).
         config: crop scale, ratio, flip probability and the view size.
         max_pixels: larger images fail (the stream skips them).
-        windowed: for JPEG, decode only the crop windows (default
-            `WINDOWED_JPEG`).
 
     Returns:
         uint8 `[2, image_size, image_size, 3]`, view 1 then view 2.
     """
-    keys = tf.random.experimental.stateless_split(key, num=3)
-    tries = tf.random.stateless_uniform([2, CROP_TRIES, 2], keys[0])
-    offsets = tf.random.stateless_uniform([2, 2], keys[1])
-    flips = tf.random.stateless_uniform([2], keys[2]) < config.flip_prob
+    # One draw per example (per-element ops dominate a tf.data map's cost).
+    u = tf.random.stateless_uniform([2, 2 * CROP_TRIES + 3], key)
+    tries = tf.reshape(u[:, :2 * CROP_TRIES], [2, CROP_TRIES, 2])
+    offsets, flips = u[:, 2 * CROP_TRIES:2 * CROP_TRIES + 2], u[:, -1] < config.flip_prob
+    size = config.image_size
 
-    def windows(height, width):
-        size = lambda n: tf.fill([2], tf.cast(n, tf.float32))
-        top, left, h, w = crop_window(size(height), size(width), tries, offsets, config)
-        return tf.cast(tf.stack([top, left, h, w], axis=1), tf.int32)
+    def boxes(shape):
+        height, width = tf.fill([2], tf.cast(shape[0], tf.float32)), tf.fill([2], tf.cast(shape[1], tf.float32))
+        top, left, h, w = crop_window(height, width, tries, offsets, config)
+        y1, x1, y2, x2 = tf.unstack(window_boxes(top, left, h, w, height, width, size), axis=1)
+        short = tf.reduce_min(tf.minimum(h, w))
+        return tf.stack([y1, tf.where(flips, x2, x1), y2, tf.where(flips, x1, x2)], axis=1), short
 
-    def from_image(image):
-        shape = tf.shape(image)
-        win = windows(shape[0], shape[1])
-        return [image[w[0]:w[0] + w[2], w[1]:w[1] + w[3]] for w in tf.unstack(win)]
+    def decoded(image):
+        image = files.to_rgb_float(image)
+        return image, boxes(tf.shape(image))[0]
+
+    def jpeg():
+        shape = tf.image.extract_jpeg_shape(data)
+        with tf.control_dependencies([files.check_pixels(shape[0], shape[1], max_pixels)]):
+            box, short = boxes(shape)
+        # Normalised boxes select the same region of the scaled image, to a fraction of its pixel.
+        index = tf.reduce_sum(tf.cast(tf.constant(JPEG_RATIOS[1:], tf.float32) * size <= short, tf.int32))
+        branches = [lambda r=r: tf.io.decode_jpeg(data, channels=3, ratio=r) for r in JPEG_RATIOS]
+        return tf.cast(tf.switch_case(index, branches), tf.float32) / 255.0, box
 
     if data.dtype != tf.string:
-        crops = from_image(files.to_rgb_float(tf.convert_to_tensor(data)))
+        image, box = decoded(tf.convert_to_tensor(data))
     else:
-        windowed = WINDOWED_JPEG if windowed is None else windowed
-        crops = tf.cond(files.is_jpeg(data), lambda: _jpeg_crops(data, windows, max_pixels, windowed),
-                        lambda: from_image(_decode_other(data, max_pixels)))
-    views = [_resize_and_flip(c, config.image_size, f) for c, f in zip(crops, tf.unstack(flips))]
-    return tf.stack(views)
-
-
-def _jpeg_crops(data, windows, max_pixels, windowed):
-    shape = tf.image.extract_jpeg_shape(data)
-    with tf.control_dependencies([files.check_pixels(shape[0], shape[1], max_pixels)]):
-        win = windows(shape[0], shape[1])
-    if windowed:
-        crops = [tf.image.decode_and_crop_jpeg(data, w, channels=3) for w in tf.unstack(win)]
-    else:
-        image = tf.io.decode_jpeg(data, channels=3)
-        crops = [image[w[0]:w[0] + w[2], w[1]:w[1] + w[3]] for w in tf.unstack(win)]
-    return [tf.cast(c, tf.float32) / 255.0 for c in crops]
+        image, box = tf.cond(files.is_jpeg(data), jpeg, lambda: decoded(_decode_other(data, max_pixels)))
+    views = tf.image.crop_and_resize(image[None], box, tf.zeros([2], tf.int32), [size, size])
+    return tf.cast(tf.round(tf.clip_by_value(views, 0.0, 1.0) * 255.0), tf.uint8)
 
 
 def _decode_other(data, max_pixels):
@@ -91,13 +92,6 @@ def _decode_other(data, max_pixels):
     shape = tf.shape(image)
     with tf.control_dependencies([files.check_pixels(shape[0], shape[1], max_pixels)]):
         return tf.identity(image)
-
-
-def _resize_and_flip(crop, size, flip):
-    """A float crop in [0, 1] -> uint8 `[size, size, 3]`, mirrored if `flip`."""
-    x = tf.image.resize(crop, [size, size], method="bilinear", antialias=True)
-    x = tf.where(flip, tf.reverse(x, [1]), x)
-    return tf.cast(tf.round(tf.clip_by_value(x, 0.0, 1.0) * 255.0), tf.uint8)
 
 
 def eval_image(data, image_size, crop_fraction, max_pixels=files.MAX_IMAGE_PIXELS):
