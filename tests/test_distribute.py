@@ -169,10 +169,11 @@ def test_pretrain_script_on_two_workers_writes_one_run_folder(tmp_path):
     multi_encoder = keras.saving.load_model(run / "encoder.keras")
     single_encoder = keras.saving.load_model(tmp_path / "single" / "encoder.keras")
     # LARS's trust ratios over 8 steps amplify float32 reduction-order
-    # differences to ~2e-3 here; the SGD test above agrees to 1e-5, and the
-    # loss checks that both saw the same batches.
+    # differences: measured max 5.7e-3 (AMD EPYC Zen 4, 2026-12-01, two runs
+    # alike), so 1e-2 absolute, no relative slack. The SGD test above agrees
+    # to 1e-5, and the loss checks that both saw the same batches.
     for a, b in zip(multi_encoder.weights, single_encoder.weights):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-2, atol=1e-2, err_msg=a.path)
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=0, atol=1e-2, err_msg=a.path)
 
 
 @pytest.mark.slow
