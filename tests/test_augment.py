@@ -245,8 +245,6 @@ def test_tf_data_pipeline():
 
 def _pil_resize(image, width, height):
     """PIL's antialiased bilinear resize of each channel, in float (the reference torchvision uses)."""
-    from PIL import Image
-
     return np.stack([np.asarray(Image.fromarray(image[..., c].astype(np.float32), mode="F").resize(
         (width, height), Image.BILINEAR)) for c in range(image.shape[-1])], -1)
 

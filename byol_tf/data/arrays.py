@@ -5,7 +5,6 @@ The fast path for CIFAR-sized data: the arrays are cropped batch-wise by
 """
 
 import dataclasses
-import os
 from typing import List, Optional, Tuple
 
 import numpy as np
