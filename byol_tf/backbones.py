@@ -14,6 +14,12 @@ Names:
 - `keras_cv:CLASS`, `keras_hub:CLASS`, `applications:NAME`: any such backbone,
   with constructor arguments in `backbone_kwargs`.
 - any `keras.Model` passed directly to `build_encoder`.
+
+BatchNormalization: `build_encoder` sets every BN layer of the backbone,
+whatever its origin, to the run's momentum and epsilon (the paper's 0.9 and
+1e-5 by default; keras-cv, keras-hub and keras.applications build theirs
+with 0.99 and 1.001e-5) and, under several replicas, to cross-replica
+statistics (`configure_batch_norm`).
 """
 
 import importlib
@@ -121,13 +127,55 @@ def _from_module(module_name, attr_path, image_size, kwargs):
     return target(**kwargs)
 
 
+def configure_batch_norm(model, synchronized=False, momentum=None, epsilon=None):
+    """Sets every `BatchNormalization` layer in `model` (nested ones too) in place.
+
+    Keras reads `synchronized`, `momentum` and `epsilon` when the layer is
+    called, so a built layer keeps its weights and switches. This reaches the
+    BN layers of any backbone (keras-cv, keras-hub, keras.applications, a
+    user's model) without rebuilding it. A saved model keeps the settings
+    where its config lists its layers (the built-in ResNets,
+    keras.applications, functional models); keras-cv and keras-hub backbones
+    are rebuilt from their constructor arguments on loading, with their own
+    BN settings, so call this again after loading one to train it further.
+
+    Args:
+        model: a `keras.Model` or layer.
+        synchronized: cross-replica batch statistics (TensorFlow backend).
+        momentum: moving-statistics momentum; `None` keeps each layer's.
+        epsilon: variance epsilon; `None` keeps each layer's.
+
+    Returns:
+        The number of BatchNormalization layers set.
+    """
+    if momentum is not None and not 0.0 <= momentum < 1.0:
+        raise ValueError(f"`bn_momentum` must be in [0, 1). Received: bn_momentum={momentum!r}")
+    if epsilon is not None and not epsilon > 0.0:
+        raise ValueError(f"`bn_epsilon` must be > 0. Received: bn_epsilon={epsilon!r}")
+    layers = batch_norm_layers(model)
+    for layer in layers:
+        layer.synchronized = bool(synchronized)
+        if momentum is not None:
+            layer.momentum = float(momentum)
+        if epsilon is not None:
+            layer.epsilon = float(epsilon)
+    return len(layers)
+
+
+def batch_norm_layers(model):
+    """Every `BatchNormalization` layer in `model`, nested ones included, in a fixed order."""
+    return [layer for layer in model._flatten_layers(include_self=True, recursive=True)
+            if isinstance(layer, keras.layers.BatchNormalization)]
+
+
 def build_backbone(name, image_size, synchronized=False, backbone_kwargs=None):
     """Builds the backbone `name`, returning a feature map or pooled features.
 
     Args:
         name: see the module docstring.
         image_size: input side in pixels.
-        synchronized: cross-replica BatchNorm (built-in ResNets only).
+        synchronized: cross-replica BatchNorm (the built-in ResNets; `build_encoder`
+            sets it on every backbone).
         backbone_kwargs: constructor arguments for the prefix forms.
     """
     kwargs = backbone_kwargs or {}
@@ -154,15 +202,18 @@ def build_backbone(name, image_size, synchronized=False, backbone_kwargs=None):
     check_backbone(name)
 
 
-def build_encoder(backbone, image_size, synchronized=False, backbone_kwargs=None, name="encoder"):
+def build_encoder(backbone, image_size, synchronized=False, backbone_kwargs=None, name="encoder",
+                  bn_momentum=None, bn_epsilon=None):
     """Wraps a backbone into an encoder: [0, 1] images -> pooled features.
 
     Args:
         backbone: a registry name or a `keras.Model`.
         image_size: input side in pixels.
-        synchronized: cross-replica BatchNorm (built-in ResNets only).
+        synchronized: cross-replica BatchNorm, on every BN layer of the backbone.
         backbone_kwargs: constructor arguments for the prefix forms.
         name: model name.
+        bn_momentum, bn_epsilon: set on every BN layer of the backbone
+            (`configure_batch_norm`); `None` keeps the backbone's own.
 
     Example:
     >>> encoder = build_encoder("resnet_tiny", 32)
@@ -173,6 +224,7 @@ def build_encoder(backbone, image_size, synchronized=False, backbone_kwargs=None
         backbone = build_backbone(backbone, image_size, synchronized, backbone_kwargs)
     elif not isinstance(backbone, keras.Model):
         raise ValueError(f"`backbone` must be a name or a keras.Model. Received: backbone={backbone!r}")
+    configure_batch_norm(backbone, synchronized, bn_momentum, bn_epsilon)
     inputs = keras.Input((image_size, image_size, 3), name="images")
     x = keras.layers.Normalization(
         mean=IMAGENET_MEAN, variance=[s * s for s in IMAGENET_STD], name="imagenet_norm"

@@ -6,7 +6,7 @@ value in its error.
 """
 
 import dataclasses
-from typing import Tuple
+from typing import Optional, Tuple
 
 OPTIMIZERS = ("lars", "sgd", "adam", "adamw")
 LOSSES = ("byol", "infonce")
@@ -121,6 +121,10 @@ class PretrainConfig:
             `image_size / eval_crop_fraction` and centre-crops `image_size`:
             0.875 is the paper's ImageNet protocol (256 -> 224), 1.0 keeps the
             whole short side (CIFAR).
+        bn_momentum, bn_epsilon: set on every BatchNorm layer of the encoder
+            and heads; the paper's 0.9 and 1e-5 by default (keras-cv,
+            keras-hub and keras.applications build 0.99 and 1.001e-5).
+            `None` keeps each backbone's own.
     """
 
     preset: str = "custom"
@@ -148,6 +152,8 @@ class PretrainConfig:
     probe_lr: float = 1e-3
     fast_kernels: bool = True
     eval_crop_fraction: float = 0.875
+    bn_momentum: Optional[float] = 0.9
+    bn_epsilon: Optional[float] = 1e-5
 
     def __post_init__(self):
         _check(self.image_size >= 8, "image_size", self.image_size, "must be >= 8")
@@ -166,6 +172,9 @@ class PretrainConfig:
         _check(isinstance(self.probe, bool), "probe", self.probe, "must be True or False")
         _check(isinstance(self.fast_kernels, bool), "fast_kernels", self.fast_kernels, "must be True or False")
         _check(0.0 < self.eval_crop_fraction <= 1.0, "eval_crop_fraction", self.eval_crop_fraction, "must be in (0, 1]")
+        _check(self.bn_momentum is None or 0.0 <= self.bn_momentum < 1.0, "bn_momentum", self.bn_momentum,
+               "must be None or in [0, 1)")
+        _check(self.bn_epsilon is None or self.bn_epsilon > 0.0, "bn_epsilon", self.bn_epsilon, "must be None or > 0")
         _check(self.steps_per_execution >= 1, "steps_per_execution", self.steps_per_execution, "must be >= 1")
         for name in ("projector_hidden", "projection_dim", "predictor_hidden"):
             _check(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")

@@ -21,7 +21,7 @@ class MLPHead(keras.layers.Layer):
     (4, 16)
     """
 
-    def __init__(self, hidden_dim=4096, output_dim=256, synchronized=False, bn_momentum=0.9, **kwargs):
+    def __init__(self, hidden_dim=4096, output_dim=256, synchronized=False, bn_momentum=0.9, bn_epsilon=1e-5, **kwargs):
         super().__init__(**kwargs)
         for name, value in (("hidden_dim", hidden_dim), ("output_dim", output_dim)):
             if not isinstance(value, int) or value < 1:
@@ -30,10 +30,11 @@ class MLPHead(keras.layers.Layer):
         self.output_dim = output_dim
         self.synchronized = synchronized
         self.bn_momentum = bn_momentum
+        self.bn_epsilon = bn_epsilon
         # The bias of the hidden layer is redundant: BatchNorm's beta follows.
         self.hidden = keras.layers.Dense(hidden_dim, use_bias=False, name="hidden")
         self.bn = keras.layers.BatchNormalization(
-            momentum=bn_momentum, epsilon=1e-5, synchronized=synchronized, name="bn"
+            momentum=bn_momentum, epsilon=bn_epsilon, synchronized=synchronized, name="bn"
         )
         self.out = keras.layers.Dense(output_dim, name="out")
 
@@ -58,5 +59,6 @@ class MLPHead(keras.layers.Layer):
             output_dim=self.output_dim,
             synchronized=self.synchronized,
             bn_momentum=self.bn_momentum,
+            bn_epsilon=self.bn_epsilon,
         )
         return config

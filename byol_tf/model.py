@@ -4,6 +4,7 @@ import keras
 import tensorflow as tf
 
 from byol_tf import kernels, losses
+from byol_tf.backbones import batch_norm_layers, configure_batch_norm
 from byol_tf.heads import MLPHead
 
 
@@ -11,6 +12,10 @@ def _clone(layer, input_shape):
     """A fresh copy of `layer` (a functional model or a layer) with the same weights."""
     if isinstance(layer, keras.Model):
         copy = keras.models.clone_model(layer)
+        # Subclassed backbones (keras-cv, keras-hub) are cloned from their constructor
+        # arguments, without the BatchNorm settings `configure_batch_norm` made.
+        for source, target in zip(batch_norm_layers(layer), batch_norm_layers(copy)):
+            configure_batch_norm(target, source.synchronized, source.momentum, source.epsilon)
     else:
         copy = layer.__class__.from_config(layer.get_config())
         copy.build(input_shape)
@@ -306,8 +311,9 @@ def build_byol(config, strategy_replicas=1, backbone=None, probe_classes=None):
 
     Args:
         config: the run's configuration.
-        strategy_replicas: replicas of the current strategy; BatchNorm is
-            synchronised across them when there are several.
+        strategy_replicas: replicas of the current strategy; every BatchNorm
+            layer (backbone and heads) is synchronised across them when there
+            are several.
         backbone: optional `keras.Model` to use instead of `config.backbone`.
         probe_classes: classes of the online linear probe (`None`: no probe);
             it trains with `config.probe_lr`.
@@ -315,9 +321,13 @@ def build_byol(config, strategy_replicas=1, backbone=None, probe_classes=None):
     from byol_tf.backbones import build_encoder
 
     sync = strategy_replicas > 1
-    encoder = build_encoder(backbone if backbone is not None else config.backbone, config.image_size, synchronized=sync)
-    projector = MLPHead(config.projector_hidden, config.projection_dim, synchronized=sync, name="projector")
-    predictor = MLPHead(config.predictor_hidden, config.projection_dim, synchronized=sync, name="predictor")
+    encoder = build_encoder(backbone if backbone is not None else config.backbone, config.image_size, synchronized=sync,
+                            bn_momentum=config.bn_momentum, bn_epsilon=config.bn_epsilon)
+    # The heads are ours: the paper's BN unless the config says otherwise.
+    heads_bn = dict(synchronized=sync, bn_momentum=0.9 if config.bn_momentum is None else config.bn_momentum,
+                    bn_epsilon=1e-5 if config.bn_epsilon is None else config.bn_epsilon)
+    projector = MLPHead(config.projector_hidden, config.projection_dim, name="projector", **heads_bn)
+    predictor = MLPHead(config.predictor_hidden, config.projection_dim, name="predictor", **heads_bn)
     return BYOL(encoder, projector, predictor, loss=config.loss, temperature=config.temperature,
                 probe_classes=probe_classes, probe_learning_rate=config.probe_lr,
                 fast_kernels=config.fast_kernels, name="byol")

@@ -156,7 +156,7 @@ def knn_eval(encoder, config, memory, test, k=200):
 def random_init_encoder(config):
     """The run's backbone at the random init the run started from."""
     keras.utils.set_random_seed(config.seed)
-    return build_encoder(config.backbone, config.image_size)
+    return build_encoder(config.backbone, config.image_size, bn_momentum=config.bn_momentum, bn_epsilon=config.bn_epsilon)
 
 
 def run_pretraining(config, train, out_dir, eval_set=None, knn_every=1, backup_every_steps=None,

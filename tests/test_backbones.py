@@ -2,7 +2,7 @@ import keras
 import numpy as np
 import pytest
 
-from byol_tf.backbones import available_backbones, build_encoder
+from byol_tf.backbones import available_backbones, batch_norm_layers, build_encoder, configure_batch_norm
 
 
 @pytest.mark.parametrize("name, dim", [("resnet_tiny", 128), ("resnet_small_cifar", 256)])
@@ -42,3 +42,47 @@ def test_unknown_backbone_names_value():
     with pytest.raises(ValueError, match="backbone='resnet7'"):
         build_encoder("resnet7", 32)
     assert "resnet18" in available_backbones()
+
+
+@pytest.mark.parametrize("name, kwargs, count, own", [
+    ("resnet18", None, 20, (0.99, 1.001e-5)),
+    ("resnet50", None, 53, (0.99, 1.001e-5)),
+    ("applications:MobileNetV3Small", {"include_preprocessing": False}, 34, (0.999, 1e-3)),
+    ("resnet_tiny", None, 12, (0.9, 1e-5)),
+])
+def test_every_batch_norm_takes_the_run_settings(name, kwargs, count, own):
+    encoder = build_encoder(name, 32, backbone_kwargs=kwargs)
+    # Left alone, each keeps what its library builds.
+    assert {(layer.momentum, layer.epsilon) for layer in batch_norm_layers(encoder)} == {own}
+    encoder = build_encoder(name, 32, synchronized=True, backbone_kwargs=kwargs, bn_momentum=0.8, bn_epsilon=2e-5)
+    layers = batch_norm_layers(encoder)
+    assert len(layers) == count
+    assert all(layer.synchronized and layer.momentum == 0.8 and layer.epsilon == 2e-5 for layer in layers)
+
+
+def test_batch_norm_momentum_is_what_the_layer_uses():
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.BatchNormalization()(inputs))
+    configure_batch_norm(model, momentum=0.5, epsilon=1e-3)
+    x = np.arange(8, dtype="float32").reshape(2, 4)
+    model(x, training=True)
+    layer = batch_norm_layers(model)[0]
+    # moving = m * moving + (1 - m) * batch, with the batch mean and (biased) variance.
+    np.testing.assert_allclose(layer.moving_mean.numpy(), 0.5 * x.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), 0.5 + 0.5 * x.var(0), rtol=1e-6)
+    with pytest.raises(ValueError, match="bn_momentum=1.0"):
+        configure_batch_norm(model, momentum=1.0)
+    with pytest.raises(ValueError, match="bn_epsilon=0"):
+        configure_batch_norm(model, epsilon=0)
+
+
+def test_the_target_network_keeps_the_batch_norm_settings():
+    from byol_tf import get_preset
+    from byol_tf.model import build_byol
+
+    config = get_preset("demo", backbone="resnet18", image_size=32, projector_hidden=8, projection_dim=4,
+                        predictor_hidden=8, bn_momentum=0.7, bn_epsilon=3e-5)
+    model = build_byol(config, strategy_replicas=2)
+    layers = batch_norm_layers(model)
+    assert len(layers) == 43
+    assert all(layer.synchronized and layer.momentum == 0.7 and layer.epsilon == 3e-5 for layer in layers)

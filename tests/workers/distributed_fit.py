@@ -21,6 +21,10 @@ parser.add_argument("--steps", type=int, default=3)
 parser.add_argument("--steps_per_execution", type=int, default=1)
 parser.add_argument("--batch", type=int, default=16)
 parser.add_argument("--precision", default="float32")
+parser.add_argument("--backbone", default="resnet_tiny")
+parser.add_argument("--image_size", type=int, default=16)
+parser.add_argument("--nofast_kernels", action="store_true", help="Keras's own BatchNorm and Conv2D paths.")
+parser.add_argument("--nosync_bn", action="store_true", help="Per-replica BatchNorm (to show what sync changes).")
 parser.add_argument("--init", default=None, help="Initial weights to load (saved there first if missing).")
 args = parser.parse_args()
 
@@ -36,20 +40,22 @@ from byol_tf.ema import EMAUpdate
 from byol_tf.model import build_byol
 
 keras.mixed_precision.set_global_policy(args.precision)
-config = get_preset("demo", backbone="resnet_tiny", image_size=16, batch_size=args.batch,
-                    projector_hidden=32, projection_dim=16, predictor_hidden=32, precision=args.precision)
+size = args.image_size
+config = get_preset("demo", backbone=args.backbone, image_size=size, batch_size=args.batch,
+                    projector_hidden=32, projection_dim=16, predictor_hidden=32, precision=args.precision,
+                    fast_kernels=not args.nofast_kernels)
 distribute.check_global_batch(config.batch_size, strategy)
 rng = np.random.default_rng(0)
-x1 = rng.random((args.batch * args.steps, 16, 16, 3)).astype("float32")
+x1 = rng.random((args.batch * args.steps, size, size, 3)).astype("float32")
 x2 = np.clip(x1 + 0.2 * rng.random(x1.shape).astype("float32"), 0, 1)
 
 keras.utils.set_random_seed(0)
 with strategy.scope():
-    model = build_byol(config, strategy.num_replicas_in_sync)
+    model = build_byol(config, 1 if args.nosync_bn else strategy.num_replicas_in_sync)
     # Plain SGD: the comparison is about the distributed step, not the optimizer.
     model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9), steps_per_execution=args.steps_per_execution)
 # Same initial weights whatever the strategy: load them from a shared file if present.
-init = args.init or os.path.join(os.path.dirname(args.out), "init.weights.h5")
+init = args.init or os.path.join(os.path.dirname(args.out), f"init_{args.backbone}.weights.h5")
 if os.path.exists(init):
     model.load_weights(init)
 elif distribute.is_chief():
@@ -69,6 +75,10 @@ for v in model.weights:
         spread = max([spread] + [float(np.abs(c.numpy() - first).max()) for c in copies[1:]])
 values["replica_spread"] = np.float32(spread)
 values["replicas"] = np.int32(strategy.num_replicas_in_sync)
+values["names"] = np.array([v.path for v in model.weights])
+bn = [layer for layer in model._flatten_layers(recursive=True) if isinstance(layer, keras.layers.BatchNormalization)]
+values["bn_layers"] = np.int32(len(bn))
+values["bn_synchronized"] = np.int32(sum(layer.synchronized for layer in bn))
 values["loss_dtype"] = np.array(str(model.loss_tracker.result().dtype.name if hasattr(model.loss_tracker.result().dtype, "name") else model.loss_tracker.result().dtype))
 # Every worker saves (to its own OUT), so the test can compare them.
 np.savez(args.out, **values)
