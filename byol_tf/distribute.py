@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import tensorflow as tf
 from absl import logging
 
@@ -106,3 +107,41 @@ def is_chief():
         return True
     has_chief = "chief" in config.get("cluster", {})
     return kind == "chief" or (kind == "worker" and task.get("index", 0) == 0 and not has_chief)
+
+
+def input_pipelines(strategy):
+    """`(count, index)`: the workers of a multi-worker cluster and this one's index, else `(1, 0)`.
+
+    The index is TensorFlow's `input_pipeline_id`: the chief first, then the workers.
+    """
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) or resolver is None:
+        return 1, 0
+    spec = resolver.cluster_spec()
+    count = sum(spec.num_tasks(job) for job in ("chief", "worker") if job in spec.jobs)
+    if count <= 1:
+        return 1, 0
+    offset = 1 if resolver.task_type == "worker" and "chief" in spec.jobs else 0
+    return count, int(resolver.task_id) + offset
+
+
+def gather_from_workers(strategy, value):
+    """`[value on worker 0, ..., value on worker n - 1]` for an integer `value` (< 2**53) on each.
+
+    A collective (an all-reduce of one-hot vectors): every worker must call
+    it at the same point, from the cross-replica context (a callback).
+    """
+    count, index = input_pipelines(strategy)
+    if count == 1:
+        return [int(value)]
+    local = strategy.num_replicas_in_sync // count
+    mine = np.zeros(count, np.float64)
+    mine[index] = value
+
+    def contribute():
+        # One replica per worker contributes, so the sum is each worker's value once.
+        first = tf.distribute.get_replica_context().replica_id_in_sync_group % local == 0
+        return tf.where(first, tf.constant(mine), tf.zeros(count, tf.float64))
+
+    total = strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(contribute), axis=None)
+    return [int(v) for v in np.round(total.numpy())]

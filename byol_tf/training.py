@@ -221,6 +221,7 @@ def run_pretraining(config, train, out_dir, eval_set=None, knn_every=1, backup_e
     if hasattr(distribute, "check_steps_per_execution"):
         distribute.check_steps_per_execution(config.steps_per_execution, strategy)
     replicas = strategy.num_replicas_in_sync
+    workers, worker = distribute.input_pipelines(strategy)
     resuming = check_resume(out_dir, config, overwrite)
     steps = data_lib.steps_per_epoch(train.num_examples, config.batch_size)
     if steps < 1:
@@ -230,7 +231,7 @@ def run_pretraining(config, train, out_dir, eval_set=None, knn_every=1, backup_e
     data_lib.check_decodable(train)
     total_steps = steps * config.epochs
     run_info = {"data": train.name, "num_train_images": train.num_examples, "steps_per_epoch": steps,
-                "total_steps": total_steps, "replicas": replicas}
+                "total_steps": total_steps, "replicas": replicas, "workers": workers}
     backup_dir = os.path.join(out_dir, BACKUP)
     if resuming:
         info = guards.read_backup(backup_dir)
@@ -295,9 +296,14 @@ def run_pretraining(config, train, out_dir, eval_set=None, knn_every=1, backup_e
         callback_list.append(KNNMonitor(eval_data(train, config), None, eval_data(eval_set, config), None,
                                         config.image_size, every_n_epochs=knn_every))
     checkpoint = os.path.join(write_dir, "checkpoints", "byol.keras")
+    # Each worker streams its own share; the backup keeps every worker's position.
     tracker = data_lib.StreamPosition(train)
-    tracker.restart(start_step, info.get("data_position", start_step * config.batch_size) if resuming else 0)
-    position_fn = None if isinstance(train, data_lib.ArraySource) else tracker.after
+    position = info.get("data_position", start_step * config.batch_size // workers) if resuming else 0
+    tracker.restart(start_step, position[worker] if isinstance(position, list) else position)
+    position_fn = None
+    if not isinstance(train, data_lib.ArraySource):
+        position_fn = tracker.after if workers == 1 else (
+            lambda step: distribute.gather_from_workers(strategy, tracker.after(step)))
     callback_list += [
         guards.StepBackup(os.path.join(write_dir, BACKUP), backup_every_steps or steps, steps, state, run_info,
                           position_fn),
@@ -328,9 +334,14 @@ def run_pretraining(config, train, out_dir, eval_set=None, knn_every=1, backup_e
     def fit(first_step, epoch, end_epoch, steps_per_epoch):
         # The stream is a pure function of the position: resume where step `first_step` starts.
         position = tracker.after(first_step) if position_fn is not None else None  # arrays: the batch index
-        dataset = data_lib.pretrain_dataset(train, config.batch_size, config.augment, seed=config.seed,
-                                            autotune=autotune, start_step=first_step, start_position=position,
-                                            with_labels=config.probe, tracker=tracker)
+
+        def make(context=None):
+            return data_lib.pretrain_dataset(train, config.batch_size, config.augment, seed=config.seed,
+                                             autotune=autotune, start_step=first_step, start_position=position,
+                                             with_labels=config.probe, tracker=tracker, input_context=context)
+
+        # Several workers: each builds its own share (its files), in per-replica batches.
+        dataset = strategy.distribute_datasets_from_function(make) if workers > 1 else make()
         return model.fit(dataset, initial_epoch=epoch, epochs=end_epoch, steps_per_epoch=steps_per_epoch,
                          callbacks=callback_list, verbose=verbose, **validation).history
 
@@ -358,7 +369,8 @@ def run_pretraining(config, train, out_dir, eval_set=None, knn_every=1, backup_e
         "train_seconds": round(train_seconds, 1),
         "images_per_sec": round((steps_done - start_step) * config.batch_size / max(train_seconds, 1e-9), 1),
         "num_train_images": train.num_examples,
-        "num_skipped": train.num_skipped,
+        "num_skipped": sum(distribute.gather_from_workers(strategy, train.num_skipped)),
+        # This worker's (every worker logs its own); `num_skipped` counts them all.
         "skipped_files": [list(item) for item in train.skips.items()[:100]],
         "strategy": type(strategy).__name__,
         "replicas": replicas,

@@ -196,6 +196,42 @@ def test_pretrain_script_on_two_workers_writes_one_run_folder(tmp_path):
 
 
 @pytest.mark.slow
+def test_two_workers_streaming_a_folder_resume_bit_exactly(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(64):
+        Image.fromarray(rng.integers(0, 256, (20 + i, 30, 3), dtype=np.uint8)).save(folder / f"img{i:02d}.png")
+    for i in range(3):  # skipped files make the two workers' stream positions differ
+        (folder / f"bad{i}.jpg").write_bytes(b"not an image")
+    args = [os.path.join(ROOT, "scripts", "pretrain.py"), "--preset=demo", "--epochs=2", f"--data={folder}",
+            "--image_size=16", "--batch_size=16", "--verbose=0", "--warmup_epochs=0", "--backup_every_steps=3",
+            "--deterministic"]
+    for rc, _, err in _cluster([*args, f"--out={tmp_path / 'unbroken'}"], tmp_path):
+        assert rc == 0, err[-3000:]
+    run = tmp_path / "resumed"
+    marker = str(tmp_path / "paused.json")
+    _cluster([*args, f"--out={run}"], tmp_path, kill_when=marker,
+             env={"BYOL_TF_TEST_PAUSE_AT_STEP": "5", "BYOL_TF_TEST_PAUSE_MARKER": marker})
+    backup = json.load(open(run / "backup" / "latest.json"))
+    assert backup["step"] == 3
+    with open(run / "backup" / backup["folder"] / "run.json") as f:
+        positions = json.load(f)["data_position"]
+    assert len(positions) == 2  # one per worker
+    for rc, out, err in _cluster([*args, f"--out={run}"], tmp_path):
+        assert rc == 0, err[-3000:]
+        assert "Resumed from step 3" in out, out[-2000:]
+    summary = json.load(open(run / "summary.json"))
+    assert summary["num_skipped"] == 3 and summary["steps"] == 8
+    resumed = keras.saving.load_model(run / "encoder.keras")
+    unbroken = keras.saving.load_model(tmp_path / "unbroken" / "encoder.keras")
+    for a, b in zip(resumed.weights, unbroken.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+
+
+@pytest.mark.slow
 def test_pretrain_on_two_workers_resumes_from_the_chiefs_backup(tmp_path):
     run = tmp_path / "multi"
     args = [*_tiny_pretrain_args(tmp_path), "--strategy=multi_worker", f"--out={run}"]
@@ -227,3 +263,34 @@ def test_strategy_names_and_chief(monkeypatch):
     monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 1}}))
     assert not distribute.is_chief()
     assert isinstance(distribute.get_strategy("default"), tf.distribute.Strategy)
+
+
+def test_each_worker_reads_its_own_files(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(32):
+        Image.fromarray(rng.integers(0, 256, (20 + i, 24, 3), dtype=np.uint8)).save(folder / f"img{i:02d}.png")
+    worker = os.path.join(ROOT, "tests", "workers", "sharded_read.py")
+    results = _cluster([worker, str(folder), str(tmp_path / "run"), str(tmp_path / "reads{index}.json")], tmp_path)
+    for rc, _, err in results:
+        assert rc == 0, err[-3000:]
+    logs = [json.load(open(tmp_path / f"reads{i}.json")) for i in range(2)]
+    assert [tuple(log["pipelines"]) for log in logs] == [(2, 0), (2, 1)]
+    # What a backup stores of each worker's stream position reaches every worker, exactly.
+    assert [log["gathered"] for log in logs] == [[2**40, 2**40 + 7]] * 2
+    # One epoch: 32 images, global batch 8 -> 4 steps of 4 images per worker, positions 0-15 of each
+    # worker's stream (the pipeline reads ahead into the next epoch; those reads are left out).
+    epoch = []
+    for log in logs:
+        positions = sorted(p for p, _ in log["reads"] if p < 16)
+        assert positions == list(range(16))
+        epoch.append({os.path.basename(path) for p, path in log["reads"] if p < 16})
+    assert len(epoch[0]) == len(epoch[1]) == 16
+    assert not epoch[0] & epoch[1]
+    assert epoch[0] | epoch[1] == {f"img{i:02d}.png" for i in range(32)}
+    summary = logs[0]["summary"]
+    assert summary["status"] == "finished" and summary["steps"] == 4 and summary["replicas"] == 2
+    assert summary["num_skipped"] == 0

@@ -263,3 +263,50 @@ def test_a_source_with_nothing_decodable_is_refused_not_streamed_forever(tmp_pat
         data.check_decodable(str(tmp_path))
     Image.fromarray(_rgb(20, 20, 0)).save(str(tmp_path / "9.png"))
     data.check_decodable(str(tmp_path))  # one good file is enough to start
+
+
+def _names(records, key, root=""):
+    return [os.path.relpath(r[key].decode(), root) if root else r[key].decode() for r in records]
+
+
+def test_folder_workers_split_every_epoch_of_files(hostile_folder):
+    root, good, bad = hostile_folder
+    source = data.open_source(root)
+    everything = sorted(os.path.relpath(p, root) for p in good + bad)
+    streams = []
+    for worker in range(3):
+        share = source.share_size((3, worker))
+        records = list(source.train_records(7, 0, (3, worker)).take(2 * share).as_numpy_iterator())
+        assert [int(r["position"]) for r in records] == list(range(2 * share))
+        names = _names(records, "path", root)
+        streams.append((names[:share], names[share:]))
+        # A pure function of (seed, epoch): the same stream again, and a resume mid-way continues it.
+        again = source.train_records(7, 3, (3, worker)).take(2 * share - 3).as_numpy_iterator()
+        assert _names(list(again), "path", root) == names[3:]
+    for epoch in range(2):
+        # Every file once per epoch, in exactly one worker's share.
+        assert sorted(sum((s[epoch] for s in streams), [])) == everything
+    assert streams[0][0] != streams[0][1]  # each epoch reshuffles
+
+
+@pytest.mark.parametrize("workers, file_level", [(3, True), (2, False)])
+def test_shard_workers_split_files_when_they_balance(tmp_path, workers, file_level):
+    root = tmp_path / "photos"
+    root.mkdir()
+    for i in range(15):
+        Image.fromarray(_rgb(10 + i, 12, seed=i)).save(str(root / f"{i:02d}.png"))
+    index = data.write_shards(str(root), str(tmp_path / "shards"), shard_size=5)
+    source = data.open_source(str(tmp_path / "shards"))
+    assert source.counts == [5, 5, 5]
+    # Each shard file's names, read directly.
+    files = [{tf.io.parse_single_example(r, data.sources.SHARD_FEATURES)["image/filename"].numpy().decode()
+              for r in tf.data.TFRecordDataset(str(tmp_path / "shards" / s["file"]))} for s in index["shards"]]
+    seen = []
+    for worker in range(workers):
+        size = len(range(worker, 15, workers))
+        seen.append(_names(list(source.train_records(0, 0, (workers, worker)).take(size).as_numpy_iterator()), "name"))
+    # One pass of every worker covers each record once.
+    assert sorted(sum(seen, [])) == sorted(set().union(*files))
+    # 3 shards over 3 workers: a whole file each; over 2 they cannot balance, so records are split.
+    whole_files = all(set(names) in files for names in seen)
+    assert whole_files == file_level

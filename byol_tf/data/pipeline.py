@@ -136,7 +136,8 @@ class StreamPosition:
 
 def pretrain_dataset(source, batch_size: int, augment_config: AugmentConfig, seed: int = 0, start_step: int = 0,
                      start_position=None, with_labels: bool = False, autotune: bool = True,
-                     tracker: StreamPosition = None) -> tf.data.Dataset:
+                     tracker: StreamPosition = None,
+                     input_context: tf.distribute.InputContext = None) -> tf.data.Dataset:
     """An endless dataset of BYOL view pairs.
 
     Args:
@@ -150,10 +151,17 @@ def pretrain_dataset(source, batch_size: int, augment_config: AugmentConfig, see
         with_labels: yield `((view1, view2), labels)` for the online probe.
         autotune: tf.data autotuning (off avoids an idle stall after short fits).
         tracker: a `StreamPosition` to fill (streaming sources).
+        input_context: from `strategy.distribute_datasets_from_function`:
+            with several input pipelines (workers), this worker's share, in
+            per-replica batches. Streaming sources read only this worker's
+            files (`Source.train_records`); in-memory arrays make each global
+            batch and keep this worker's rows. `start_position` is then this
+            worker's own stream position.
 
     Returns:
         A `tf.data.Dataset` of `(view1, view2)`, each float32
-        `[batch_size, image_size, image_size, 3]` in [0, 1].
+        `[batch_size, image_size, image_size, 3]` in [0, 1] (per replica
+        with an `input_context`).
     """
     if not isinstance(augment_config, AugmentConfig):
         raise ValueError(f"`augment_config` must be an AugmentConfig. Received: augment_config={augment_config!r}")
@@ -169,16 +177,25 @@ def pretrain_dataset(source, batch_size: int, augment_config: AugmentConfig, see
                          f"Received: {source.num_examples} images, batch_size={batch_size}, data={source.name!r}")
     if with_labels and not source.labelled:
         raise ValueError(f"`with_labels` needs labelled data. Received: data={source.name!r} (unlabelled)")
+    workers, worker = (input_context.num_input_pipelines, input_context.input_pipeline_id) if input_context else (1, 0)
+    if batch_size % workers:
+        raise ValueError(f"`batch_size` must divide by the {workers} workers. Received: batch_size={batch_size}")
     if isinstance(source, ArraySource):
         ds = _array_views(source, batch_size, augment_config, seed, start_step, with_labels)
+        if workers > 1:
+            rows = slice(worker * batch_size // workers, (worker + 1) * batch_size // workers)
+            ds = ds.map(lambda *element: tf.nest.map_structure(lambda t: t[rows], element))
     else:
-        start = start_step * batch_size if start_position is None else int(start_position)
-        ds = _streamed_views(source, batch_size, augment_config, seed, start_step, start, with_labels, tracker)
+        start = start_step * batch_size // workers if start_position is None else int(start_position)
+        ds = _streamed_views(source, batch_size // workers, augment_config, seed, start_step, start, with_labels,
+                             tracker, (workers, worker))
+    if input_context is not None:
+        ds = ds.rebatch(input_context.get_per_replica_batch_size(batch_size), drop_remainder=True)
     options = tf.data.Options()
     options.autotune.enabled = bool(autotune)
     options.deterministic = True
-    # Multi-worker: every worker makes the same batches and keeps its share of
-    # each (the global batch is unchanged).
+    # Multi-worker without an input context (`experimental_distribute_dataset`):
+    # every worker makes the same batches and keeps its share of each.
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
 
@@ -205,7 +222,7 @@ def _array_views(source, batch_size, config, seed, start_step, with_labels):
     return ds.map(make_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
-def _streamed_views(source, batch_size, config, seed, start_step, start, with_labels, tracker):
+def _streamed_views(source, batch_size, config, seed, start_step, start, with_labels, tracker, shard):
     max_pixels = getattr(source, "max_pixels", files.MAX_IMAGE_PIXELS)
     tracker = tracker or StreamPosition(source)
     tracker.restart(start_step, start)
@@ -214,15 +231,18 @@ def _streamed_views(source, batch_size, config, seed, start_step, start, with_la
         two = crops.two_crops(source.fetch(record), crops.view_key(seed, record["position"]), config, max_pixels)
         return {"position": record["position"], "views": two, "label": record["label"]}
 
-    ds = source.train_records(seed, start).map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = source.train_records(seed, start, shard).map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     # A file that fails to decode is dropped here; `tracker` notices the gap and logs it.
     ds = ds.ignore_errors().batch(batch_size, drop_remainder=True)
     ds = tf.data.Dataset.zip(tf.data.Dataset.counter(start=int(start_step), dtype=tf.int64), ds)
     ds = ds.map(lambda step, batch: (tracker.observe_op(step, batch["position"]), batch))
 
+    workers, worker = shard
+
     def finish(step, batch):
-        views = finish_pair(batch["views"][:, 0], batch["views"][:, 1], tf.stack([tf.constant(int(seed), tf.int64), step]),
-                            config)
+        # Each worker's batch of a step gets its own colour draws: batch seed `step * workers + worker`.
+        batch_seed = tf.stack([tf.constant(int(seed), tf.int64), step * workers + worker])
+        views = finish_pair(batch["views"][:, 0], batch["views"][:, 1], batch_seed, config)
         return (views, batch["label"]) if with_labels else views
 
     return ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

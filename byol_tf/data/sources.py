@@ -9,6 +9,12 @@ two record streams:
   (folders) or by skipping undecoded records (shards, tfds, datasets);
 - `eval_records()`: every record once, in a fixed order.
 
+`train_records(seed, start, shard=(count, index))` is one worker's share
+under multi-worker training: folders split their files (each epoch's order,
+`index::count`), shards split their files when they balance across the
+workers, and the rest split records (every worker reads all, keeps its
+own). Each worker's stream is again a pure function of `seed`.
+
 Records are dicts `{"position": int64, "data": bytes or image, "label": int64}`
 (label -1 when unlabelled). `ArraySource` holds images in memory, the fast
 path for CIFAR-sized arrays. Files that fail are skipped by the pipeline and
@@ -73,6 +79,13 @@ def _epochs(num, start, make_epoch):
     return epochs.flat_map(lambda e: make_epoch(e, tf.maximum(start - e * num, 0)))
 
 
+def _check_shard(shard):
+    count, index = (int(v) for v in shard)
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"`shard` must be (count, index) with 0 <= index < count. Received: shard={shard!r}")
+    return count, index
+
+
 class Source:
     """What every source has: a name, a size, class names and a skip log."""
 
@@ -80,6 +93,8 @@ class Source:
     num_examples = None
     class_names = None
     labelled = False
+    # The last training stream's seed and worker share, for `describe`.
+    _seed, _shard = 0, (1, 0)
 
     def __init__(self):
         self.skips = SkipLog(self.name)
@@ -127,14 +142,20 @@ class FolderSource(Source):
     def _records(self, positions, index):
         return {"position": positions, "path": tf.gather(self._paths, index), "label": tf.gather(self._labels, index)}
 
-    def train_records(self, seed, start=0):
-        num = self.num_examples
+    def share_size(self, shard=(1, 0)):
+        """Records in one epoch of worker `shard = (count, index)`'s stream."""
+        return len(range(shard[1], self.num_examples, shard[0]))
+
+    def train_records(self, seed, start=0, shard=(1, 0)):
+        count, index = _check_shard(shard)
+        num = self.share_size(shard)
 
         def epoch(e, first):
-            index = tf.gather(_epoch_order(num, seed, e), tf.range(first, num))
-            return tf.data.Dataset.from_tensor_slices(self._records(e * num + tf.range(first, num), index))
+            mine = _epoch_order(self.num_examples, seed, e)[index::count]
+            return tf.data.Dataset.from_tensor_slices(
+                self._records(e * num + tf.range(first, num), tf.gather(mine, tf.range(first, num))))
 
-        self._seed = seed
+        self._seed, self._shard = seed, (count, index)
         return _epochs(num, start, epoch)
 
     def eval_records(self):
@@ -149,9 +170,11 @@ class FolderSource(Source):
     def path_at(self, position, train=True):
         if not train:
             return self.paths[position]
-        epoch, index = divmod(int(position), self.num_examples)
-        if self._order_cache[0] != epoch:
-            self._order_cache = (epoch, _epoch_order(self.num_examples, self._seed, epoch).numpy())
+        count, worker = self._shard
+        epoch, index = divmod(int(position), self.share_size(self._shard))
+        if self._order_cache[0] != (epoch, self._shard):
+            order = _epoch_order(self.num_examples, self._seed, epoch).numpy()[worker::count]
+            self._order_cache = ((epoch, self._shard), order)
         return self.paths[int(self._order_cache[1][index])]
 
     def describe(self, position, train=True):
@@ -172,11 +195,18 @@ class _SequentialSource(Source):
     first records unread by the decoder.
     """
 
-    def train_records(self, seed, start=0):
-        self._seed = seed
-        records = self._epoch_base(seed).shuffle(SHUFFLE_WINDOW, seed=int(seed) + 1, reshuffle_each_iteration=True)
+    def train_records(self, seed, start=0, shard=(1, 0)):
+        self._seed, self._shard = seed, _check_shard(shard)
+        records = self._share(seed, self._shard)
+        records = records.shuffle(SHUFFLE_WINDOW, seed=int(seed) + 1, reshuffle_each_iteration=True)
         records = records.repeat().enumerate().skip(int(start))
         return records.map(lambda i, r: {"position": i, **r})
+
+    def _share(self, seed, shard):
+        """One pass of worker `shard`'s records: every worker reads all and keeps every `count`-th."""
+        count, index = shard
+        base = self._epoch_base(seed)
+        return base.shard(count, index) if count > 1 else base
 
     def eval_records(self):
         return self._epoch_base(None).enumerate().map(lambda i, r: {"position": i, **r})
@@ -186,7 +216,7 @@ class _SequentialSource(Source):
         return record["data"]
 
     def describe(self, position, train=True):
-        records = self.train_records(self._seed, position) if train else self.eval_records().skip(int(position))
+        records = self.train_records(self._seed, position, self._shard) if train else self.eval_records().skip(int(position))
         for record in records.take(1):
             name = record.get("name", tf.constant(f"record {position}")).numpy()
             name = name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
@@ -235,12 +265,37 @@ class ShardSource(_SequentialSource):
         self.num_examples = sum(counts) if limit is None else min(limit, sum(counts))
         self._limit = limit
 
-    def _epoch_base(self, seed):
-        shards = tf.data.Dataset.from_tensor_slices(tf.constant(self.shards))
+    def worker_files(self, count):
+        """Shard files per worker, balanced by record count, or None when they cannot balance within 1%.
+
+        Largest shards first, each to the worker with the fewest records so far.
+        """
+        if count > len(self.shards) or self._limit is not None:
+            return None
+        loads, assigned = [0] * count, [[] for _ in range(count)]
+        for k in sorted(range(len(self.shards)), key=lambda k: (-self.counts[k], k)):
+            worker = loads.index(min(loads))
+            loads[worker] += self.counts[k]
+            assigned[worker].append(self.shards[k])
+        return assigned if max(loads) <= 1.01 * min(loads) else None
+
+    def _share(self, seed, shard):
+        count, index = shard
+        assigned = self.worker_files(count) if count > 1 else None
+        if assigned is not None:
+            return self._epoch_base(seed, sorted(assigned[index]))
+        if count > 1:
+            logging.info("%d shards do not split evenly over %d workers: each reads all and keeps its records.",
+                         len(self.shards), count)
+        return super()._share(seed, shard)
+
+    def _epoch_base(self, seed, files=None):
+        files = self.shards if files is None else files
+        shards = tf.data.Dataset.from_tensor_slices(tf.constant(files))
         if seed is not None:
-            shards = shards.shuffle(len(self.shards), seed=int(seed), reshuffle_each_iteration=True)
+            shards = shards.shuffle(len(files), seed=int(seed), reshuffle_each_iteration=True)
         records = shards.interleave(
-            tf.data.TFRecordDataset, cycle_length=min(8, len(self.shards)), block_length=1,
+            tf.data.TFRecordDataset, cycle_length=min(8, len(files)), block_length=1,
             num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         if self._limit is not None:
             records = records.take(self._limit)
