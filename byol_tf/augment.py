@@ -41,6 +41,14 @@ def augment_view(images, seed, config: AugmentConfig, view: int) -> tf.Tensor:
         config.image_size, 3]` with values in `[0, 1]`.
     """
     _check_view(view)
+    return _colour_and_finish(crop_view(images, seed, config), _view_keys(seed), config, view)
+
+
+def crop_view(images, seed, config: AugmentConfig) -> tf.Tensor:
+    """The crop and flip of `augment_view` (same `seed`): float32 `[batch, size, size, 3]`.
+
+    `finish_view` with the same seed completes the view, here or on the accelerator.
+    """
     images = _unit_float(images)
     keys = _view_keys(seed)
     batch = tf.shape(images)[0]
@@ -55,11 +63,10 @@ def augment_view(images, seed, config: AugmentConfig, view: int) -> tf.Tensor:
     boxes = tf.stack([y1, tf.where(flip, x2, x1), y2, tf.where(flip, x1, x2)], axis=1)
     # Bilinear samples of 0..1 stay in 0..1 (to a rounding error that the
     # view's last op, a clip, removes), so the crop is not clipped here.
-    x = tf.image.crop_and_resize(images, boxes, tf.range(batch), [config.image_size] * 2)
-    return _colour_and_finish(x, keys, config, view)
+    return tf.image.crop_and_resize(images, boxes, tf.range(batch), [config.image_size] * 2)
 
 
-def finish_view(crops, seed, config: AugmentConfig, view: int) -> tf.Tensor:
+def finish_view(crops, seed, config: AugmentConfig, view: int, rows=None) -> tf.Tensor:
     """The stages of `augment_view` after the crop and flip, on a batch of crops.
 
     Args:
@@ -68,18 +75,29 @@ def finish_view(crops, seed, config: AugmentConfig, view: int) -> tf.Tensor:
         seed: int32 or int64 tensor of shape `[2]`.
         config: an `AugmentConfig`.
         view: 0 or 1.
+        rows: `(first, total)`: `crops` are rows `first .. first + batch` of
+            a batch of `total` made with `seed`, and get those rows' random
+            draws (one replica's share, `byol_tf.device_views`). Default:
+            the whole batch.
 
     Returns:
         float32 `[batch, image_size, image_size, 3]` in `[0, 1]`.
     """
     _check_view(view)
-    return _colour_and_finish(_unit_float(crops), _view_keys(seed), config, view)
+    return _colour_and_finish(_unit_float(crops), _view_keys(seed), config, view, rows)
 
 
-def finish_pair(crops1, crops2, seed, config: AugmentConfig):
+def finish_pair(crops1, crops2, seed, config: AugmentConfig, rows=None):
     """`finish_view` for both views, from the seeds `augment_pair` gives them."""
     seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=2)
-    return finish_view(crops1, seeds[0], config, 0), finish_view(crops2, seeds[1], config, 1)
+    return finish_view(crops1, seeds[0], config, 0, rows), finish_view(crops2, seeds[1], config, 1, rows)
+
+
+def crop_pair(images, seed, config: AugmentConfig):
+    """The crops of `augment_pair` (same `seed`); `finish_pair` with that seed completes both views."""
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=2)
+    images = _unit_float(images)
+    return crop_view(images, seeds[0], config), crop_view(images, seeds[1], config)
 
 
 def _check_view(view):
@@ -92,18 +110,25 @@ def _view_keys(seed):
     return tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=9)
 
 
-def _colour_and_finish(x, keys, config, view):
-    """Colour jitter, grayscale, blur and solarize of float views `x`, from `keys[3:]`."""
+def _colour_and_finish(x, keys, config, view, rows=None):
+    """Colour jitter, grayscale, blur and solarize of float views `x`, from `keys[3:]`.
+
+    With `rows = (first, total)`, every draw is made for `total` images and
+    rows `first .. first + batch` of it are used (see `finish_view`).
+    """
     batch = tf.shape(x)[0]
+    first, total = (0, batch) if rows is None else (tf.cast(rows[0], tf.int32), tf.cast(rows[1], tf.int32))
+    mine = lambda t: t[first:first + batch]
 
     def draw(i, minval=0.0, maxval=1.0):
-        return tf.random.stateless_uniform(tf.stack([batch]), keys[i], minval, maxval)
+        return mine(tf.random.stateless_uniform(tf.stack([total]), keys[i], minval, maxval))
 
     def chance(i, prob):
         return draw(i) < prob
 
     if config.jitter_prob > 0:
-        x = _color_jitter(x, chance(3, config.jitter_prob), keys[4], config)
+        params = _jitter_params(total, keys[4], config)
+        x = _color_jitter(x, chance(3, config.jitter_prob), None if params is None else tuple(map(mine, params)), config)
     gray = chance(5, config.grayscale_prob) if config.grayscale_prob > 0 else None
     solarize_prob = config.solarize_prob[view]
     # Images left alone get a threshold no pixel reaches.
@@ -280,7 +305,7 @@ def _jitter_params(batch, key, config):
     return tf.gather(ops, order), tf.gather(amounts, order, batch_dims=1)
 
 
-def _color_jitter(x, apply, key, config):
+def _color_jitter(x, apply, params, config):
     """torchvision's ColorJitter on the images in `apply`, ops in a random order per image.
 
     Brightness, contrast and saturation are each a blend `f * x + (1 - f) *
@@ -288,8 +313,8 @@ def _color_jitter(x, apply, key, config):
     grey image). The images are grouped by the stage of their hue shift, and
     each group runs its whole chain (blends, and the hue shift at its stage)
     as one XLA call, which fuses it; images left alone are not touched.
+    `params` are `_jitter_params`' draws for these images (None: no op).
     """
-    params = _jitter_params(tf.shape(x)[0], key, config)
     if params is None:
         return x
     stage_ops, stage_amounts = params

@@ -11,6 +11,7 @@ from typing import Optional, Tuple
 OPTIMIZERS = ("lars", "sgd", "adam", "adamw")
 LOSSES = ("byol", "infonce")
 BN_STATS_MODES = ("own", "ema", "copy")
+AUGMENT_ON = ("host", "device")
 
 
 def _check(ok: bool, name: str, value, requirement: str) -> None:
@@ -125,6 +126,10 @@ class PretrainConfig:
             and heads; the paper's 0.9 and 1e-5 by default (keras-cv,
             keras-hub and keras.applications build 0.99 and 1.001e-5).
             `None` keeps each backbone's own.
+        augment_on: "host" (`tf.data` makes the views) or "device": the host
+            decodes, crops and flips, and the colour stages run inside the
+            compiled train step on each replica (the same views, to float
+            rounding; for GPUs and TPUs that the host cannot keep fed).
     """
 
     preset: str = "custom"
@@ -154,6 +159,7 @@ class PretrainConfig:
     eval_crop_fraction: float = 0.875
     bn_momentum: Optional[float] = 0.9
     bn_epsilon: Optional[float] = 1e-5
+    augment_on: str = "host"
 
     def __post_init__(self):
         _check(self.image_size >= 8, "image_size", self.image_size, "must be >= 8")
@@ -175,6 +181,7 @@ class PretrainConfig:
         _check(self.bn_momentum is None or 0.0 <= self.bn_momentum < 1.0, "bn_momentum", self.bn_momentum,
                "must be None or in [0, 1)")
         _check(self.bn_epsilon is None or self.bn_epsilon > 0.0, "bn_epsilon", self.bn_epsilon, "must be None or > 0")
+        _check(self.augment_on in AUGMENT_ON, "augment_on", self.augment_on, f"must be one of {AUGMENT_ON}")
         _check(self.steps_per_execution >= 1, "steps_per_execution", self.steps_per_execution, "must be >= 1")
         for name in ("projector_hidden", "projection_dim", "predictor_hidden"):
             _check(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")

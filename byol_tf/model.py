@@ -5,6 +5,7 @@ import tensorflow as tf
 
 from byol_tf import kernels, losses
 from byol_tf.backbones import batch_norm_layers, configure_batch_norm
+from byol_tf.device_views import DeviceViews
 from byol_tf.heads import MLPHead
 
 
@@ -59,6 +60,9 @@ class BYOL(keras.Model):
             `BatchNormalization` layers to `byol_tf.kernels`' paths: the
             same maths, faster on CPUs. The layers passed in are switched
             too; they keep their class, weights and config.
+        device_views: a `byol_tf.device_views.DeviceViews`: the batches are
+            host crops (`pretrain_dataset(..., augment_on="device")`), and
+            the views are finished inside the train step, per replica.
         **kwargs: passed to `keras.Model`.
 
     Example:
@@ -72,7 +76,7 @@ class BYOL(keras.Model):
     """
 
     def __init__(self, encoder, projector, predictor, loss="byol", temperature=0.1, probe_classes=None,
-                 probe_learning_rate=1e-3, fast_kernels=True, **kwargs):
+                 probe_learning_rate=1e-3, fast_kernels=True, device_views=None, **kwargs):
         super().__init__(**kwargs)
         if loss not in losses.LOSSES:
             raise ValueError(f"Unknown loss; expected one of {sorted(losses.LOSSES)}. Received: loss={loss!r}")
@@ -100,6 +104,7 @@ class BYOL(keras.Model):
         for online, target in zip(self.online_ema_variables, self.target_ema_variables):
             if online.shape != target.shape:
                 raise ValueError(f"Online and target variables do not match. Received: {online.path} {online.shape} vs {target.path} {target.shape}")
+        self.device_views = device_views
         self.fast_kernels = fast_kernels
         if fast_kernels:
             for network in (encoder, projector, predictor, self.target_encoder, self.target_projector):
@@ -163,11 +168,18 @@ class BYOL(keras.Model):
         super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
     def _unpack(self, data):
-        """`(view1, view2)` or `((view1, view2), labels)` -> views, labels or None."""
-        if len(data) == 2 and isinstance(data[0], (tuple, list)):
-            (view1, view2), labels = data
-            return view1, view2, labels
-        return data[0], data[1], None
+        """`(view1, view2)` or `((view1, view2), labels)` -> views, labels or None.
+
+        Host crops (a dict, with or without labels) are finished into views here.
+        """
+        views, labels = (data, None) if isinstance(data, dict) else (
+            data if len(data) == 2 and isinstance(data[0], (tuple, list, dict)) else (data, None))
+        if isinstance(views, dict):
+            if self.device_views is None:
+                raise ValueError("The batches are host crops (augment_on='device'), but this BYOL has no "
+                                 "`device_views` to finish them. Received: device_views=None")
+            views = self.device_views(views)
+        return views[0], views[1], labels
 
     def _train_probe(self, features, labels):
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
@@ -264,14 +276,16 @@ class BYOL(keras.Model):
             probe_classes=self.probe_classes,
             probe_learning_rate=self.probe_learning_rate,
             fast_kernels=self.fast_kernels,
+            device_views=None if self.device_views is None else keras.saving.serialize_keras_object(self.device_views),
         )
         return config
 
     @classmethod
     def from_config(cls, config):
         config = dict(config)
-        for key in ("encoder", "projector", "predictor"):
-            config[key] = keras.saving.deserialize_keras_object(config[key])
+        for key in ("encoder", "projector", "predictor", "device_views"):
+            if config.get(key) is not None:
+                config[key] = keras.saving.deserialize_keras_object(config[key])
         return cls(**config)
 
 
@@ -328,6 +342,7 @@ def build_byol(config, strategy_replicas=1, backbone=None, probe_classes=None):
                     bn_epsilon=1e-5 if config.bn_epsilon is None else config.bn_epsilon)
     projector = MLPHead(config.projector_hidden, config.projection_dim, name="projector", **heads_bn)
     predictor = MLPHead(config.predictor_hidden, config.projection_dim, name="predictor", **heads_bn)
+    device_views = DeviceViews(config.augment, name="device_views") if config.augment_on == "device" else None
     return BYOL(encoder, projector, predictor, loss=config.loss, temperature=config.temperature,
                 probe_classes=probe_classes, probe_learning_rate=config.probe_lr,
-                fast_kernels=config.fast_kernels, name="byol")
+                fast_kernels=config.fast_kernels, device_views=device_views, name="byol")

@@ -338,7 +338,8 @@ def run_pretraining(config, train, out_dir, eval_set=None, knn_every=1, backup_e
         def make(context=None):
             return data_lib.pretrain_dataset(train, config.batch_size, config.augment, seed=config.seed,
                                              autotune=autotune, start_step=first_step, start_position=position,
-                                             with_labels=config.probe, tracker=tracker, input_context=context)
+                                             with_labels=config.probe, tracker=tracker, input_context=context,
+                                             augment_on=config.augment_on)
 
         # Several workers: each builds its own share (its files), in per-replica batches.
         dataset = strategy.distribute_datasets_from_function(make) if workers > 1 else make()

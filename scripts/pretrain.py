@@ -51,6 +51,7 @@ flags.DEFINE_float("probe_lr", None, "The online probe's Adam learning rate.")
 flags.DEFINE_float("eval_crop_fraction", None, "Evaluation and serving: resize the short side to image_size / this, centre-crop image_size (0.875: the ImageNet protocol; 1: CIFAR).")
 flags.DEFINE_float("bn_momentum", None, "Momentum of every BatchNorm layer, backbone and heads (default 0.9, the paper's; keras-cv/keras-hub/applications build 0.99).")
 flags.DEFINE_float("bn_epsilon", None, "Epsilon of every BatchNorm layer (default 1e-5, the paper's).")
+flags.DEFINE_enum("augment_on", None, ["host", "device"], "Where the colour stages of the views run: in tf.data on the host, or inside the compiled train step on each replica (the host still decodes and crops).")
 flags.DEFINE_integer("verbose", 2, "fit verbosity: 0, 1 (progress bar) or 2 (a line per epoch).")
 
 _OVERRIDES = {
@@ -59,7 +60,7 @@ _OVERRIDES = {
     "base_tau": "base_tau", "loss": "loss", "seed": "seed", "steps_per_execution": "steps_per_execution",
     "precision": "precision", "probe": "probe", "probe_lr": "probe_lr",
     "fast_kernels": "fast_kernels", "eval_crop_fraction": "eval_crop_fraction",
-    "bn_momentum": "bn_momentum", "bn_epsilon": "bn_epsilon",
+    "bn_momentum": "bn_momentum", "bn_epsilon": "bn_epsilon", "augment_on": "augment_on",
 }
 
 # Exit status of a run a guard stopped (NaN loss or collapse).

@@ -457,7 +457,7 @@ def test_grouped_jitter_matches_torchvision_per_image():
     np.testing.assert_array_equal(np.sort(ops, axis=1), np.tile(np.arange(4), (40, 1)))
     assert np.all(np.abs(amounts) <= strengths[ops] + 1e-7)
     assert len({tuple(row) for row in ops}) > 10  # the orders vary
-    got = augment._color_jitter(tf.constant(x), tf.constant(apply), key, config).numpy()
+    got = augment._color_jitter(tf.constant(x), tf.constant(apply), augment._jitter_params(40, key, config), config).numpy()
     for img, on, row, amount, out in zip(x, apply, ops, amounts, got):
         if not on:
             np.testing.assert_array_equal(out, img)

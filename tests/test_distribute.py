@@ -67,6 +67,16 @@ def test_resnet18_has_every_batch_norm_synchronised_and_one_step_matches_one_rep
     assert max(float(np.abs(unsynced[k] - single[k]).max()) for k in weights) > 1e-2
 
 
+def test_device_augmentation_on_two_replicas_trains_as_host_augmentation_on_one(runs):
+    _, _, folder = runs
+    init = f"--init={folder / 'init_resnet_tiny.weights.h5'}"
+    host = _run(str(folder / "host.npz"), "--augment_on=host", init)
+    device = _run(str(folder / "device.npz"), "--augment_on=device", "--strategy=mirrored", "--cpu_replicas=2", init)
+    np.testing.assert_allclose(device["loss"], host["loss"], rtol=1e-5, atol=1e-5)
+    for key in sorted(k for k in host if k.startswith("v")):
+        np.testing.assert_allclose(device[key], host[key], rtol=1e-4, atol=2e-5, err_msg=str(host["names"][int(key[1:])]))
+
+
 def test_mirrored_variables_identical_on_every_replica(runs):
     _, mirrored, _ = runs
     assert float(mirrored["replica_spread"]) == 0.0

@@ -16,8 +16,8 @@ import re
 import numpy as np
 import tensorflow as tf
 
-from byol_tf.augment import augment_pair, finish_pair, preprocess_eval
-from byol_tf.config import AugmentConfig
+from byol_tf.augment import augment_pair, crop_pair, finish_pair, preprocess_eval
+from byol_tf.config import AUGMENT_ON, AugmentConfig
 from byol_tf.data import crops, files
 from byol_tf.data.arrays import ArraySource, ImageSet, load_npz
 from byol_tf.data.shapes import make_shapes
@@ -136,8 +136,8 @@ class StreamPosition:
 
 def pretrain_dataset(source, batch_size: int, augment_config: AugmentConfig, seed: int = 0, start_step: int = 0,
                      start_position=None, with_labels: bool = False, autotune: bool = True,
-                     tracker: StreamPosition = None,
-                     input_context: tf.distribute.InputContext = None) -> tf.data.Dataset:
+                     tracker: StreamPosition = None, input_context: tf.distribute.InputContext = None,
+                     augment_on: str = "host") -> tf.data.Dataset:
     """An endless dataset of BYOL view pairs.
 
     Args:
@@ -157,15 +157,21 @@ def pretrain_dataset(source, batch_size: int, augment_config: AugmentConfig, see
             files (`Source.train_records`); in-memory arrays make each global
             batch and keep this worker's rows. `start_position` is then this
             worker's own stream position.
+        augment_on: "host" makes the views here; "device" stops after the
+            crops and flips and yields what `byol_tf.device_views.DeviceViews`
+            finishes inside the train step (the same views, to float rounding).
 
     Returns:
         A `tf.data.Dataset` of `(view1, view2)`, each float32
         `[batch_size, image_size, image_size, 3]` in [0, 1] (per replica
-        with an `input_context`).
+        with an `input_context`); with `augment_on="device"`, the dict of
+        crops that `DeviceViews` takes instead of the views.
     """
     if not isinstance(augment_config, AugmentConfig):
         raise ValueError(f"`augment_config` must be an AugmentConfig. Received: augment_config={augment_config!r}")
     _check_batch_size(batch_size)
+    if augment_on not in AUGMENT_ON:
+        raise ValueError(f"`augment_on` must be one of {AUGMENT_ON}. Received: augment_on={augment_on!r}")
     if isinstance(start_step, bool) or not isinstance(start_step, (int, np.integer)) or start_step < 0:
         raise ValueError(f"`start_step` must be an integer >= 0. Received: start_step={start_step!r}")
     if isinstance(source, np.ndarray):
@@ -181,14 +187,14 @@ def pretrain_dataset(source, batch_size: int, augment_config: AugmentConfig, see
     if batch_size % workers:
         raise ValueError(f"`batch_size` must divide by the {workers} workers. Received: batch_size={batch_size}")
     if isinstance(source, ArraySource):
-        ds = _array_views(source, batch_size, augment_config, seed, start_step, with_labels)
+        ds = _array_views(source, batch_size, augment_config, seed, start_step, with_labels, augment_on)
         if workers > 1:
             rows = slice(worker * batch_size // workers, (worker + 1) * batch_size // workers)
             ds = ds.map(lambda *element: tf.nest.map_structure(lambda t: t[rows], element))
     else:
         start = start_step * batch_size // workers if start_position is None else int(start_position)
         ds = _streamed_views(source, batch_size // workers, augment_config, seed, start_step, start, with_labels,
-                             tracker, (workers, worker))
+                             tracker, (workers, worker), augment_on)
     if input_context is not None:
         ds = ds.rebatch(input_context.get_per_replica_batch_size(batch_size), drop_remainder=True)
     options = tf.data.Options()
@@ -200,7 +206,16 @@ def pretrain_dataset(source, batch_size: int, augment_config: AugmentConfig, see
     return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
 
 
-def _array_views(source, batch_size, config, seed, start_step, with_labels):
+def _views_or_crops(crops1, crops2, batch_seed, config, augment_on):
+    """The finished views, or (for the device) both crops with the seed and row of each image."""
+    if augment_on == "host":
+        return finish_pair(crops1, crops2, batch_seed, config)
+    batch = tf.shape(crops1)[0]
+    return {"crops": tf.stack([crops1, crops2], axis=1), "seed": tf.tile(batch_seed[None], [batch, 1]),
+            "row": tf.range(batch, dtype=tf.int32), "rows": tf.fill([batch], tf.cast(batch, tf.int32))}
+
+
+def _array_views(source, batch_size, config, seed, start_step, with_labels, augment_on):
     """In-memory images: epoch `e` is the stateless permutation `[seed, -1 - e]`, cut into full batches."""
     num_images, steps = source.num_examples, steps_per_epoch(source.num_examples, batch_size)
     seed_const = tf.constant(int(seed), tf.int64)
@@ -214,7 +229,11 @@ def _array_views(source, batch_size, config, seed, start_step, with_labels):
             tf.range(num_images, dtype=tf.int64), seed=tf.stack([seed_const, -1 - epoch]))
         chosen = order[position * batch_size:(position + 1) * batch_size]
         batch = tf.ensure_shape(tf.gather(images_t, chosen), element_shape)
-        views = augment_pair(batch, tf.stack([seed_const, index]), config)
+        batch_seed = tf.stack([seed_const, index])
+        if augment_on == "host":
+            views = augment_pair(batch, batch_seed, config)
+        else:
+            views = _views_or_crops(*crop_pair(batch, batch_seed, config), batch_seed, config, augment_on)
         return (views, tf.ensure_shape(tf.gather(labels_t, chosen), [int(batch_size)])) if with_labels else views
 
     # The batch index (int64) counts across epochs, so every batch gets its own seed.
@@ -222,7 +241,7 @@ def _array_views(source, batch_size, config, seed, start_step, with_labels):
     return ds.map(make_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
-def _streamed_views(source, batch_size, config, seed, start_step, start, with_labels, tracker, shard):
+def _streamed_views(source, batch_size, config, seed, start_step, start, with_labels, tracker, shard, augment_on):
     max_pixels = getattr(source, "max_pixels", files.MAX_IMAGE_PIXELS)
     tracker = tracker or StreamPosition(source)
     tracker.restart(start_step, start)
@@ -242,7 +261,7 @@ def _streamed_views(source, batch_size, config, seed, start_step, start, with_la
     def finish(step, batch):
         # Each worker's batch of a step gets its own colour draws: batch seed `step * workers + worker`.
         batch_seed = tf.stack([tf.constant(int(seed), tf.int64), step * workers + worker])
-        views = finish_pair(batch["views"][:, 0], batch["views"][:, 1], batch_seed, config)
+        views = _views_or_crops(batch["views"][:, 0], batch["views"][:, 1], batch_seed, config, augment_on)
         return (views, batch["label"]) if with_labels else views
 
     return ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

@@ -23,6 +23,7 @@ parser.add_argument("--batch", type=int, default=16)
 parser.add_argument("--precision", default="float32")
 parser.add_argument("--backbone", default="resnet_tiny")
 parser.add_argument("--image_size", type=int, default=16)
+parser.add_argument("--augment_on", default=None, help="Train on BYOL views of uint8 images made on the host or device.")
 parser.add_argument("--nofast_kernels", action="store_true", help="Keras's own BatchNorm and Conv2D paths.")
 parser.add_argument("--nosync_bn", action="store_true", help="Per-replica BatchNorm (to show what sync changes).")
 parser.add_argument("--init", default=None, help="Initial weights to load (saved there first if missing).")
@@ -43,7 +44,7 @@ keras.mixed_precision.set_global_policy(args.precision)
 size = args.image_size
 config = get_preset("demo", backbone=args.backbone, image_size=size, batch_size=args.batch,
                     projector_hidden=32, projection_dim=16, predictor_hidden=32, precision=args.precision,
-                    fast_kernels=not args.nofast_kernels)
+                    fast_kernels=not args.nofast_kernels, augment_on=args.augment_on or "host")
 distribute.check_global_batch(config.batch_size, strategy)
 rng = np.random.default_rng(0)
 x1 = rng.random((args.batch * args.steps, size, size, 3)).astype("float32")
@@ -61,6 +62,11 @@ if os.path.exists(init):
 elif distribute.is_chief():
     model.save_weights(init)
 ds = tf.data.Dataset.from_tensor_slices((x1, x2)).batch(args.batch)
+if args.augment_on:
+    from byol_tf.data import ArraySource, ImageSet, pretrain_dataset
+
+    images = ArraySource(ImageSet(np.round(x1 * 255).astype(np.uint8)))
+    ds = pretrain_dataset(images, args.batch, config.augment, augment_on=args.augment_on, autotune=False)
 history = model.fit(ds, epochs=1, steps_per_epoch=args.steps, callbacks=[EMAUpdate(args.steps, 0.9)], verbose=0)
 
 values = {f"v{i}": np.asarray(v.numpy(), "float32") for i, v in enumerate(model.weights)}
