@@ -32,7 +32,8 @@ from absl import app, flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("what", "step", ["augment", "input", "step", "fit"], "What to time.")
-flags.DEFINE_string("data", None, "--what=input: the image folder (or shards, tfds:NAME) to stream both views from.")
+flags.DEFINE_string("data", None, "--what=input (required) and --what=fit (default: random images in memory): the image folder (or shards, tfds:NAME) to stream both views from.")
+flags.DEFINE_enum("augment_on", "host", ["host", "device"], "--what=fit: the colour stages in tf.data, or inside the train step (--what=input/augment then time the host's part).")
 flags.DEFINE_string("preset", "imagenet", "Preset for the heads, optimizer, EMA and augmentation.")
 flags.DEFINE_string("backbone", "resnet18", "Backbone name (resnet18: the ImageNet-stem ResNet-18).")
 flags.DEFINE_integer("image_size", 32, "Image (view) side in pixels.")
@@ -54,7 +55,7 @@ flags.DEFINE_integer("seed", 0, "Seed for the model, the random images and the a
 _OVERRIDES = {
     "backbone": "backbone", "image_size": "image_size", "batch_size": "batch_size", "precision": "precision",
     "steps_per_execution": "steps_per_execution", "projector_hidden": "projector_hidden",
-    "predictor_hidden": "predictor_hidden", "seed": "seed", "fast_kernels": "fast_kernels",
+    "predictor_hidden": "predictor_hidden", "seed": "seed", "fast_kernels": "fast_kernels", "augment_on": "augment_on",
 }
 
 
@@ -141,7 +142,8 @@ def _time_augment(config):
         source = data.open_source(FLAGS.data)
     else:
         source = _random_images(config, num_images)
-    dataset = data.pretrain_dataset(source, config.batch_size, config.augment, seed=config.seed)
+    dataset = data.pretrain_dataset(source, config.batch_size, config.augment, seed=config.seed,
+                                    augment_on=config.augment_on)
     iterator = iter(dataset)
     for _ in range(FLAGS.warmup):
         next(iterator)
@@ -168,7 +170,9 @@ def _time_fit(config, strategy):
     keras.utils.set_random_seed(config.seed)
     if FLAGS.what == "fit":
         num_images = FLAGS.num_images or max(2 * config.batch_size, 1024)
-        dataset = data.pretrain_dataset(_random_images(config, num_images), config.batch_size, config.augment, seed=config.seed)
+        source = data.open_source(FLAGS.data) if FLAGS.data else _random_images(config, num_images)
+        dataset = data.pretrain_dataset(source, config.batch_size, config.augment, seed=config.seed,
+                                        augment_on=config.augment_on)
     else:
         shape = (config.batch_size, config.image_size, config.image_size, 3)
         views = (tf.random.uniform(shape, seed=1), tf.random.uniform(shape, seed=2))
