@@ -6,4 +6,6 @@ from byol_tf.config import AugmentConfig, PretrainConfig, PRESETS, get_preset
 from byol_tf.ema import EMAUpdate, cosine_tau, update_target
 from byol_tf.heads import MLPHead
 from byol_tf.losses import infonce_loss, regression_loss, symmetric_loss
-from byol_tf.model import BYOL, build_byol, collapse_std
+from byol_tf.model import BYOL, build_byol, collapse_std, pooled_encoder
+from byol_tf.optim import LARS, lars
+from byol_tf.data.views import views

@@ -58,13 +58,14 @@ class EMAUpdate(keras.callbacks.Callback):
 
     Args:
         total_steps: optimizer steps of the whole run; tau reaches 1 there.
+            `None`: `fit`'s epochs times its steps per epoch.
         base_tau: tau at step 0 (0.996 in the paper).
         bn_stats: "own", "ema" or "copy" (see `update_target`).
     """
 
     def __init__(self, total_steps, base_tau=0.996, bn_stats="own"):
         super().__init__()
-        if not isinstance(total_steps, int) or total_steps < 1:
+        if total_steps is not None and (not isinstance(total_steps, int) or total_steps < 1):
             raise ValueError(f"`total_steps` must be a positive int. Received: total_steps={total_steps!r}")
         if not 0.0 <= base_tau <= 1.0:
             raise ValueError(f"`base_tau` must be in [0, 1]. Received: base_tau={base_tau!r}")
@@ -106,6 +107,12 @@ class EMAUpdate(keras.callbacks.Callback):
         return tf.identity(model.tau)
 
     def on_train_begin(self, logs=None):
+        if self.total_steps is None:
+            steps = (self.params or {}).get("steps")
+            if not steps:
+                raise ValueError("EMAUpdate needs the run's length: pass `total_steps`, or `steps_per_epoch` to "
+                                 f"`fit` for a dataset of unknown size. Received: total_steps=None, steps={steps}")
+            self.total_steps = int(self.params["epochs"]) * int(steps)
         self.in_step = getattr(self.model, "steps_per_execution", 1) > 1
         # The model reads the schedule to log the tau of each step, and runs
         # the update itself when batch callbacks fire too rarely.

@@ -6,6 +6,7 @@ import tensorflow as tf
 from byol_tf import kernels, losses
 from byol_tf.backbones import batch_norm_layers, configure_batch_norm
 from byol_tf.device_views import DeviceViews
+from byol_tf.ema import EMAUpdate
 from byol_tf.heads import MLPHead
 
 
@@ -22,6 +23,34 @@ def _clone(layer, input_shape):
         copy.build(input_shape)
     copy.set_weights(layer.get_weights())
     return copy
+
+
+def pooled_encoder(encoder, input_shape=None):
+    """`encoder` as a functional model from images to pooled features `[batch, features]`.
+
+    A functional encoder that pools is returned as it is; one that returns
+    feature maps `[batch, h, w, c]` (a keras-hub `Backbone`) gets a global
+    average pooling; a subclassed one is first called on
+    `keras.Input(input_shape)`. The layers (and weights) are the encoder's.
+    """
+    if not isinstance(encoder, keras.Model):
+        raise ValueError(f"`encoder` must be a keras.Model. Received: encoder={encoder!r}")
+    try:
+        shape, rank = tuple(encoder.inputs[0].shape[1:]), len(encoder.output.shape)
+    except (AttributeError, ValueError, TypeError, IndexError):  # subclassed: no graph yet
+        if input_shape is None:
+            raise ValueError("A subclassed encoder has no input shape of its own: pass `input_shape`, e.g. "
+                             "(224, 224, 3). Received: input_shape=None") from None
+        shape, rank = tuple(input_shape), None
+    if rank == 2:
+        return encoder
+    inputs = keras.Input(shape, name="images")
+    features = encoder(inputs)
+    if len(features.shape) == 4:
+        features = keras.layers.GlobalAveragePooling2D(name="pool")(features)
+    elif len(features.shape) != 2:
+        raise ValueError(f"The encoder must return [B, H, W, C] or [B, C]. Received: output shape={features.shape}")
+    return keras.Model(inputs, features, name=f"{encoder.name}_pooled")
 
 
 @keras.saving.register_keras_serializable(package="byol_tf")
@@ -42,9 +71,12 @@ class BYOL(keras.Model):
     includes them.
 
     Args:
-        encoder: a `keras.Model` from images to pooled features.
-        projector: the projector head (an `MLPHead`).
-        predictor: the predictor head (an `MLPHead`).
+        encoder: any `keras.Model` from images to features. One that returns
+            feature maps (a keras-hub `Backbone`) gets a global average
+            pooling; a subclassed one is called on `input_shape` first
+            (`pooled_encoder`). `model.encoder` is the pooled encoder.
+        projector: the projector head; default `MLPHead(4096, 256)` (the paper's).
+        predictor: the predictor head; default `MLPHead(4096, 256)`.
         loss: "byol" (the paper's regression loss) or "infonce".
         temperature: InfoNCE temperature.
         probe_classes: number of classes of the online linear probe, or
@@ -63,6 +95,10 @@ class BYOL(keras.Model):
         device_views: a `byol_tf.device_views.DeviceViews`: the batches are
             host crops (`pretrain_dataset(..., augment_on="device")`), and
             the views are finished inside the train step, per replica.
+        base_tau: tau at step 0 of the `EMAUpdate` that `fit` adds when
+            none is passed (cosine to 1 over the run's steps).
+        input_shape: the image shape, `(height, width, channels)`, for a
+            subclassed encoder.
         **kwargs: passed to `keras.Model`.
 
     Example:
@@ -73,11 +109,23 @@ class BYOL(keras.Model):
     ...     heads.MLPHead(64, 16),
     ... )
     >>> model.compile(optimizer="sgd")
+
+    `fit` adds an `EMAUpdate(base_tau)` when `callbacks` hold none (the
+    target never moves without one), and takes `steps_per_epoch` from a
+    `byol_tf.views` stream when it is not given.
     """
 
-    def __init__(self, encoder, projector, predictor, loss="byol", temperature=0.1, probe_classes=None,
-                 probe_learning_rate=1e-3, fast_kernels=True, device_views=None, **kwargs):
+    def __init__(self, encoder, projector=None, predictor=None, loss="byol", temperature=0.1, probe_classes=None,
+                 probe_learning_rate=1e-3, fast_kernels=True, device_views=None, base_tau=0.996, input_shape=None,
+                 **kwargs):
         super().__init__(**kwargs)
+        if not 0.0 <= base_tau <= 1.0:
+            raise ValueError(f"`base_tau` must be in [0, 1]. Received: base_tau={base_tau!r}")
+        encoder = pooled_encoder(encoder, input_shape)
+        # The paper's heads: 4096 hidden units, 256 outputs.
+        projector = MLPHead(4096, 256, name="projector") if projector is None else projector
+        predictor = MLPHead(4096, 256, name="predictor") if predictor is None else predictor
+        self.base_tau = base_tau
         if loss not in losses.LOSSES:
             raise ValueError(f"Unknown loss; expected one of {sorted(losses.LOSSES)}. Received: loss={loss!r}")
         if probe_classes is not None and (isinstance(probe_classes, bool) or not isinstance(probe_classes, int)
@@ -148,6 +196,15 @@ class BYOL(keras.Model):
         h = self.encoder(images, training=True)
         z = self.projector(h, training=True)
         return h, z, self.predictor(z, training=True)
+
+    def fit(self, x=None, *args, callbacks=None, steps_per_epoch=None, **kwargs):
+        callbacks = list(callbacks or [])
+        if not any(isinstance(c, EMAUpdate) for c in callbacks):
+            # Without it the target never moves; first, so that later callbacks see the update.
+            callbacks.insert(0, EMAUpdate(None, self.base_tau))
+        steps_per_epoch = steps_per_epoch or getattr(x, "byol_steps_per_epoch", None)
+        kwargs.setdefault("shuffle", False)  # the views are shuffled already; Keras would warn
+        return super().fit(x, *args, callbacks=callbacks, steps_per_epoch=steps_per_epoch, **kwargs)
 
     def compile(self, *args, **kwargs):
         super().compile(*args, **kwargs)
@@ -277,6 +334,7 @@ class BYOL(keras.Model):
             probe_learning_rate=self.probe_learning_rate,
             fast_kernels=self.fast_kernels,
             device_views=None if self.device_views is None else keras.saving.serialize_keras_object(self.device_views),
+            base_tau=self.base_tau,
         )
         return config
 
@@ -345,4 +403,4 @@ def build_byol(config, strategy_replicas=1, backbone=None, probe_classes=None):
     device_views = DeviceViews(config.augment, name="device_views") if config.augment_on == "device" else None
     return BYOL(encoder, projector, predictor, loss=config.loss, temperature=config.temperature,
                 probe_classes=probe_classes, probe_learning_rate=config.probe_lr,
-                fast_kernels=config.fast_kernels, device_views=device_views, name="byol")
+                fast_kernels=config.fast_kernels, device_views=device_views, base_tau=config.base_tau, name="byol")

@@ -193,3 +193,17 @@ def build_optimizer(config, steps_per_epoch):
     if name == "adamw":
         return MaskedAdamW(schedule, weight_decay=config.weight_decay)
     raise ValueError(f"Unknown optimizer. Received: optimizer={name!r}")
+
+
+def lars(learning_rate=0.2, total_steps=None, warmup_steps=0, weight_decay=1.5e-6, momentum=0.9):
+    """The paper's optimizer: `LARS` (bias and BatchNorm excluded) on a warm-up and cosine schedule.
+
+    Args:
+        learning_rate: the peak rate (the paper: 0.2 * batch_size / 256).
+        total_steps: the run's optimizer steps, for the cosine; `None`: a constant rate.
+        warmup_steps: linear warm-up steps.
+        weight_decay: decoupled decay of the weights (not biases or BatchNorm).
+        momentum: heavy-ball momentum.
+    """
+    schedule = WarmupCosine(learning_rate, warmup_steps, total_steps) if total_steps else learning_rate
+    return LARS(schedule, momentum=momentum, weight_decay=weight_decay)
