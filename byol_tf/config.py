@@ -300,7 +300,7 @@ PRESETS = {
 
 
 # Real photos at 96 px, 20 CPU-minutes (BENCHMARKS.md, "Photo folders"):
-#   python scripts/pretrain.py --preset=photos96_cpu20 --data=imagewoof/train --eval_data=imagewoof/val --out=runs/woof
+#   byol-pretrain --preset=photos96_cpu20 --data=imagewoof/train --eval_data=imagewoof/val --out=runs/woof
 # cifar10_cpu20's short-run recipe on a tiny ResNet whose stem downsamples 4x
 # (24x24 maps at 96 px, the cost of CIFAR at 32 px), with the paper's views
 # (blur included) and crops of at least 20%.

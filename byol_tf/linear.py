@@ -146,7 +146,7 @@ def load_labelled(source, image_size, split, limit=None, crop_fraction=1.0):
     """Loads a labelled `data.ImageSet` (`shapes`, tfds, .npz or folder).
 
     Args:
-        source: as `--data` of `scripts/pretrain.py`.
+        source: as `--data` of `byol-pretrain`.
         image_size: side the images are fitted to.
         split: "train" or "test" (the held-out `shapes` use another seed).
         limit: keep at most this many images (a fixed random subset).

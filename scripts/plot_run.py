@@ -1,49 +1,6 @@
-"""Writes a run's plots (PNG) into its folder (see `byol_tf.plots`).
+"""`byol-plot` from a checkout: see `byol_tf/cli/plot_run.py` for the flags (`--helpfull`)."""
 
-    python scripts/plot_run.py runs/demo                       # metrics.png
-    python scripts/plot_run.py runs/demo --eval_data=shapes    # + embedding_map.png
-
-`metrics.png`: loss, tau, lr, collapse_std and knn_acc per epoch.
-`embedding_map.png` (with labelled --eval_data): the encoder's features of
-the test images, projected to 2-D with PCA, coloured by label.
-"""
-
-import os
-import sys
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from absl import app, flags
-
-FLAGS = flags.FLAGS
-flags.DEFINE_string("eval_data", None, "Labelled data for the embedding map (its test split); none: metrics only.")
-flags.DEFINE_integer("eval_limit", 2000, "Embed at most this many images.")
-
-
-def main(argv):
-    if len(argv) != 2:
-        raise app.UsageError(f"Usage: plot_run.py RUN [--eval_data=...]. Received: {argv[1:]}")
-    run_dir = argv[1]
-    if not os.path.exists(os.path.join(run_dir, "metrics.csv")):
-        raise app.UsageError(f"RUN must be a run folder with metrics.csv. Received: RUN={run_dir}")
-    if FLAGS.eval_limit < 1:
-        raise app.UsageError(f"--eval_limit must be >= 1. Received: --eval_limit={FLAGS.eval_limit}")
-
-    from byol_tf import linear, plots
-
-    eval_set = encoder = None
-    if FLAGS.eval_data:
-        try:
-            encoder, _ = linear.load_encoder(run_dir)
-            _, eval_data = linear.resolve_sources(FLAGS.eval_data, FLAGS.eval_data)
-            eval_set = linear.load_labelled(eval_data, linear.encoder_image_size(encoder), "test", FLAGS.eval_limit)
-        except ValueError as error:
-            raise app.UsageError(str(error).replace("Received: eval_data=", "Received: --eval_data=")
-                                 .replace("Received: data=", "Received: --eval_data="))
-    written = plots.plot_run(run_dir, eval_set, encoder=encoder, max_points=FLAGS.eval_limit)
-    for path in written.values():
-        print(f"Wrote {path}")
-
+from byol_tf.cli.plot_run import run
 
 if __name__ == "__main__":
-    sys.exit(app.run(main))
+    run()

@@ -1,8 +1,5 @@
 """`--augment_on=device`: the host crops, the train step finishes the views."""
 
-import os
-
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf

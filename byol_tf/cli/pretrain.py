@@ -1,0 +1,197 @@
+"""Pretrains a BYOL encoder with `model.fit`.
+
+    byol-pretrain --preset=demo --out=runs/demo
+    byol-pretrain --preset=cifar10_cpu20 --data=data/cifar10/train.npz \
+        --eval_data=data/cifar10/test.npz --out=runs/cifar10_cpu20
+
+Flags left unset keep the preset's value.
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags, logging
+
+from byol_tf.cli import run_main
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("preset", "demo", "demo, cifar10, cifar10_cpu20, photos96_cpu20 or imagenet.")
+flags.DEFINE_string("data", None, "An image folder, a folder of TFRecord shards (byol-make-shards), tfds:NAME[:SPLIT], a .npz, or 'shapes' (generated). Folders, shards and tfds are streamed. Default: 'shapes' for the demo preset.")
+flags.DEFINE_string("tfds_data_dir", None, "tfds's data folder, for --data=tfds:NAME (default: tfds's own).")
+flags.DEFINE_string("eval_data", None, "Labelled held-out data for kNN; the training data is the memory. Default: 'shapes' for the demo preset.")
+flags.DEFINE_string("out", None, "Run folder: logs, metrics.csv, checkpoints, encoder.keras.")
+flags.DEFINE_string("backbone", None, "Backbone name (see byol_tf.backbones).")
+flags.DEFINE_integer("image_size", None, "Training resolution.")
+flags.DEFINE_integer("epochs", None, "Epochs.")
+flags.DEFINE_integer("batch_size", None, "Global batch size.")
+flags.DEFINE_enum("optimizer", None, ["lars", "sgd", "adam", "adamw"], "Optimizer.")
+flags.DEFINE_float("lr", None, "Base learning rate for a batch of 256 (peak = lr * batch / 256).")
+flags.DEFINE_float("weight_decay", None, "Weight decay (not on biases and BatchNorm).")
+flags.DEFINE_float("warmup_epochs", None, "Linear warm-up epochs.")
+flags.DEFINE_float("base_tau", None, "EMA decay at step 0, cosine-annealed to 1.")
+flags.DEFINE_enum("loss", None, ["byol", "infonce"], "Loss.")
+flags.DEFINE_integer("seed", None, "Seed for data order, augmentation and init.")
+flags.DEFINE_integer("steps_per_execution", None, "Optimizer steps per compiled call.")
+flags.DEFINE_integer("limit", None, "Use at most this many training images.")
+flags.DEFINE_integer("knn_every", 1, "kNN monitor every N epochs (with --eval_data).")
+flags.DEFINE_integer("backup_every_steps", None, "Back up for resume every N steps (default: each epoch).")
+flags.DEFINE_boolean("overwrite", False, "Replace a finished run in --out (or start over a run folder with another config).")
+flags.DEFINE_boolean("deterministic", False, "Enable TF op determinism and seed everything: the same command gives bit-identical weights, also after a kill and resume.")
+flags.DEFINE_float("collapse_threshold", None, "Collapse guard: per-batch collapse_std below this counts as collapsed (default 0.1/sqrt(projection_dim); 0 = off).")
+flags.DEFINE_integer("collapse_patience", 50, "Collapse guard: consecutive collapsed steps before acting.")
+flags.DEFINE_enum("on_collapse", "stop", ["stop", "warn"], "Collapse guard action.")
+flags.DEFINE_enum("strategy", "auto", ["auto", "default", "one_device", "mirrored", "multi_worker", "tpu"], "tf.distribute strategy (see byol_tf.distribute.get_strategy).")
+flags.DEFINE_integer("cpu_replicas", None, "Split the CPU into this many logical devices (Mirrored on CPU, for testing).")
+flags.DEFINE_enum("precision", None, ["float32", "mixed_bfloat16", "mixed_float16"], "Keras dtype policy.")
+flags.DEFINE_boolean("jit_compile", None, "XLA-compile the train step (default: Keras's 'auto').")
+flags.DEFINE_boolean("sync_bn", True, "Synchronise BatchNorm across replicas when there are several (--nosync_bn: per replica).")
+flags.DEFINE_boolean("probe", None, "Online linear probe: a stop-gradient linear classifier trained on the labels alongside BYOL, logged as probe_acc (and val_probe_acc on --eval_data). Needs labelled --data.")
+flags.DEFINE_boolean("fast_kernels", None, "Fused BatchNorm and faster convolution gradients (byol_tf.kernels; the same maths). --nofast_kernels: Keras's own layers' paths.")
+flags.DEFINE_float("probe_lr", None, "The online probe's Adam learning rate.")
+flags.DEFINE_float("eval_crop_fraction", None, "Evaluation and serving: resize the short side to image_size / this, centre-crop image_size (0.875: the ImageNet protocol; 1: CIFAR).")
+flags.DEFINE_float("bn_momentum", None, "Momentum of every BatchNorm layer, backbone and heads (default 0.9, the paper's; keras-cv/keras-hub/applications build 0.99).")
+flags.DEFINE_float("bn_epsilon", None, "Epsilon of every BatchNorm layer (default 1e-5, the paper's).")
+flags.DEFINE_enum("augment_on", None, ["host", "device"], "Where the colour stages of the views run: in tf.data on the host, or inside the compiled train step on each replica (the host still decodes and crops).")
+flags.DEFINE_integer("verbose", 2, "fit verbosity: 0, 1 (progress bar) or 2 (a line per epoch).")
+
+_OVERRIDES = {
+    "backbone": "backbone", "image_size": "image_size", "epochs": "epochs", "batch_size": "batch_size",
+    "optimizer": "optimizer", "lr": "base_lr", "weight_decay": "weight_decay", "warmup_epochs": "warmup_epochs",
+    "base_tau": "base_tau", "loss": "loss", "seed": "seed", "steps_per_execution": "steps_per_execution",
+    "precision": "precision", "probe": "probe", "probe_lr": "probe_lr",
+    "fast_kernels": "fast_kernels", "eval_crop_fraction": "eval_crop_fraction",
+    "bn_momentum": "bn_momentum", "bn_epsilon": "bn_epsilon", "augment_on": "augment_on",
+}
+
+# Exit status of a run a guard stopped (NaN loss or collapse).
+EXIT_STOPPED = 3
+
+
+def _config():
+    from byol_tf import config as config_lib
+
+    overrides = {field: getattr(FLAGS, flag) for flag, field in _OVERRIDES.items() if getattr(FLAGS, flag) is not None}
+    try:
+        return config_lib.get_preset(FLAGS.preset, **overrides)
+    except ValueError as error:
+        # Name the flag, not the config field, in what the user reads.
+        head, _, received = str(error).partition("Received: ")
+        name, _, value = received.partition("=")
+        flag = {field: flag for flag, field in _OVERRIDES.items()}.get(name, name)
+        raise app.UsageError(f"{head}Received: --{flag}={value}" if received else str(error))
+
+
+def _check_image_size(config):
+    """Builds the encoder once, so a size the backbone cannot take fails before any work."""
+    import keras
+
+    from byol_tf import backbones
+
+    try:
+        backbones.build_encoder(config.backbone, config.image_size)
+    except Exception as error:  # noqa: BLE001 - backbones fail in many ways on small inputs.
+        raise app.UsageError(
+            f"--image_size is too small (or otherwise unusable) for --backbone={config.backbone} "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
+            f"Received: --image_size={config.image_size}"
+        )
+    finally:
+        keras.backend.clear_session()
+
+
+def main(argv):
+    del argv
+    if not FLAGS.out:
+        raise app.UsageError("--out is required: the run folder. Received: --out=None")
+    config = _config()
+    data = FLAGS.data or ("shapes" if config.preset == "demo" else None)
+    if data is None:
+        raise app.UsageError("--data is required for this preset. Received: --data=None")
+    eval_data = FLAGS.eval_data or ("shapes" if data == "shapes" else None)
+    for name, value in (("data", data), ("eval_data", eval_data)):
+        if value and value != "shapes" and not value.startswith("tfds:") and not os.path.exists(value):
+            raise app.UsageError(f"--{name} does not exist. Received: --{name}={value}")
+    for name in ("knn_every", "limit", "backup_every_steps", "cpu_replicas", "collapse_patience"):
+        value = getattr(FLAGS, name)
+        if value is not None and value < 1:
+            raise app.UsageError(f"--{name} must be >= 1. Received: --{name}={value}")
+    if FLAGS.collapse_threshold is not None and not FLAGS.collapse_threshold >= 0:
+        raise app.UsageError(f"--collapse_threshold must be >= 0. Received: --collapse_threshold={FLAGS.collapse_threshold}")
+
+    # Importing TensorFlow does not initialise its devices; the first op does.
+    from byol_tf import backbones, distribute, training
+
+    try:
+        backbones.check_backbone(config.backbone)
+    except ValueError as error:
+        raise app.UsageError(str(error).replace("backbone=", "--backbone="))
+    try:
+        training.check_out_dir(FLAGS.out, FLAGS.overwrite)
+        training.check_resume(FLAGS.out, config, FLAGS.overwrite)
+    except ValueError as error:
+        raise app.UsageError(str(error).replace("out=", "--out=").replace("overwrite=True (--overwrite)", "--overwrite"))
+
+    # The strategy first of all TF work: --cpu_replicas must split the CPU
+    # before TensorFlow initialises its devices.
+    try:
+        strategy = distribute.get_strategy(FLAGS.strategy, FLAGS.cpu_replicas)
+        distribute.check_global_batch(config.batch_size, strategy)
+        if hasattr(distribute, "check_steps_per_execution"):
+            distribute.check_steps_per_execution(config.steps_per_execution, strategy)
+    except ValueError as error:
+        message = str(error)
+        for name in ("steps_per_execution", "batch_size", "cpu_replicas", "strategy"):
+            message = message.replace(f"Received: {name}=", f"Received: --{name}=").replace(f" {name}=", f" --{name}=")
+        raise app.UsageError(message)
+    if FLAGS.deterministic:
+        import keras
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+        keras.utils.set_random_seed(config.seed)
+    _check_image_size(config)
+
+    logging.info("Config: %s", config)
+    try:
+        train = training.load_source(data, config.image_size, "train", FLAGS.limit, FLAGS.tfds_data_dir)
+        eval_set = training.load_source(eval_data, config.image_size, "test", None, FLAGS.tfds_data_dir) if eval_data else None
+    except ValueError as error:
+        raise app.UsageError(str(error).replace("Received: data=", "Received: --data="))
+    if config.probe and not train.labelled:
+        raise app.UsageError(f"--probe trains a classifier on the labels, but --data has none. Received: --data={data}")
+    print(f"Training data: {train.num_examples} images from {train.name}", flush=True)
+    summary = training.run_pretraining(
+        config, train, FLAGS.out, eval_set=eval_set, knn_every=FLAGS.knn_every,
+        backup_every_steps=FLAGS.backup_every_steps, verbose=FLAGS.verbose, overwrite=FLAGS.overwrite,
+        strategy=strategy, jit_compile="auto" if FLAGS.jit_compile is None else FLAGS.jit_compile,
+        sync_bn=FLAGS.sync_bn, deterministic=FLAGS.deterministic, collapse_threshold=FLAGS.collapse_threshold,
+        collapse_patience=FLAGS.collapse_patience, on_collapse=FLAGS.on_collapse,
+    )
+    print(f"Run folder: {FLAGS.out}")
+    if summary["status"] != "finished":
+        print(f"Run stopped ({summary['status']}) after {summary['steps']} steps: see {os.path.join(FLAGS.out, 'summary.json')}")
+        return EXIT_STOPPED
+    print(f"Trained {summary['steps']} steps in {summary['train_seconds']} s ({summary['images_per_sec']} img/s)")
+    if summary["num_skipped"]:
+        print(f"Skipped {summary['num_skipped']} unusable files (names and reasons in summary.json and the log).")
+    final = summary.get("final", {})
+    if "probe_acc" in final:
+        line = f"Online linear probe: {100 * final['probe_acc']:.2f}% on the last epoch's training views"
+        if "val_probe_acc" in final:
+            line += f", {100 * final['val_probe_acc']:.2f}% on --eval_data"
+        print(line)
+    if "knn_acc" in summary:
+        line = f"kNN top-1 (k=200): {100 * summary['knn_acc']:.2f}% learned"
+        if "knn_acc_random_init" in summary:
+            line += f" vs {100 * summary['knn_acc_random_init']:.2f}% at random init"
+        print(line)
+
+
+def run():
+    """The `byol-pretrain` console command."""
+    run_main(main, __name__)
+
+
+if __name__ == "__main__":
+    run()
