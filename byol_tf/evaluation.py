@@ -5,9 +5,12 @@ DINO: cosine similarity to every train sample, top-k neighbours, each vote
 weighted by `exp(sim / temperature)`, predict the class with the most weight.
 """
 
+import sys
+import time
+
+import keras
 import numpy as np
 import tensorflow as tf
-import keras
 
 try:  # Honours `keras.config.disable_interactive_logging()`; private in 3.x.
     from keras.src.utils.io_utils import print_msg as _print_msg
@@ -36,7 +39,23 @@ def _make_embed_fn(encoder, image_size):
     return fn
 
 
-def _run_embed_fn(fn, images, batch_size):
+class _Progress:
+    """An embedding's progress: a Keras bar on a terminal, and one line when done (what logs keep)."""
+
+    def __init__(self, what, total_batches=None):
+        self.what, self.images, self.batches, self.start = what, 0, 0, time.time()
+        self.bar = keras.utils.Progbar(total_batches, unit_name="batch") if sys.stdout.isatty() else None
+
+    def step(self, images):
+        self.images, self.batches = self.images + int(images), self.batches + 1
+        if self.bar is not None:
+            self.bar.update(self.batches)
+
+    def done(self):
+        _print_msg(f"Embedded {self.images} {self.what} in {time.time() - self.start:.1f} s")
+
+
+def _run_embed_fn(fn, images, batch_size, what="images"):
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
         raise ValueError("Expected uint8 images of shape [N, H, W, 3]. Received: "
@@ -46,7 +65,7 @@ def _run_embed_fn(fn, images, batch_size):
                          f"images.shape={images.shape}, batch_size={batch_size}")
     # One fixed batch shape => one trace; the last batch is zero-padded and the
     # padding rows cut off (training=False, so they cannot affect the others).
-    out = []
+    out, progress = [], _Progress(what, -(-len(images) // batch_size))
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size]
         real = len(batch)
@@ -54,11 +73,15 @@ def _run_embed_fn(fn, images, batch_size):
             pad = np.zeros((batch_size - real,) + batch.shape[1:], np.uint8)
             batch = np.concatenate([batch, pad])
         out.append(np.asarray(fn(tf.constant(batch)), np.float32)[:real])
+        progress.step(real)
+    progress.done()
     return np.concatenate(out)
 
 
-def embed_dataset(encoder, dataset):
+def embed_dataset(encoder, dataset, what="images"):
     """Embeds an evaluation dataset of `(images, labels)` batches (`byol_tf.data.eval_dataset`).
+
+    Shows progress (see `_Progress`), naming the images as `what`.
 
     Returns:
         `(features, labels)`: float32 `[N, D]` and int64 `[N]` numpy arrays.
@@ -67,15 +90,19 @@ def embed_dataset(encoder, dataset):
     fn = tf.function(lambda x: encoder(x, training=False), input_signature=[tf.TensorSpec([None, size, size, 3])],
                      reduce_retracing=True)
     features, labels = [], []
+    total = int(dataset.cardinality())
+    progress = _Progress(what, total if total > 0 else None)
     for images, batch_labels in dataset:
         features.append(np.asarray(fn(images), np.float32))
         labels.append(batch_labels.numpy())
+        progress.step(len(labels[-1]))
+    progress.done()
     if not features:
         raise ValueError("The evaluation dataset is empty. Received: dataset with no batches")
     return np.concatenate(features), np.concatenate(labels)
 
 
-def embed(encoder, images, image_size, batch_size=512):
+def embed(encoder, images, image_size, batch_size=512, what="images"):
     """Embeds uint8 images with a frozen encoder (inference mode).
 
     Args:
@@ -92,7 +119,7 @@ def embed(encoder, images, image_size, batch_size=512):
     >>> feats = embed(model.encoder, x_test, image_size=32)
     """
     batch_size = min(batch_size, len(images)) if len(images) else batch_size
-    return _run_embed_fn(_make_embed_fn(encoder, image_size), images, batch_size)
+    return _run_embed_fn(_make_embed_fn(encoder, image_size), images, batch_size, what)
 
 
 def _check_knn_args(k, temperature):
@@ -248,15 +275,15 @@ class KNNMonitor(keras.callbacks.Callback):
         """Returns the current kNN top-1 accuracy of the online encoder."""
         encoder = self._encoder()
         if self.streamed:
-            train, self.train_labels = embed_dataset(encoder, self.train_images)
-            test, self.test_labels = embed_dataset(encoder, self.test_images)
+            train, self.train_labels = embed_dataset(encoder, self.train_images, "kNN memory images")
+            test, self.test_labels = embed_dataset(encoder, self.test_images, "kNN test images")
         else:
             if self._fn_cache[0] is not encoder:
                 self._fn_cache = (encoder, _make_embed_fn(encoder, self.image_size))
             # One batch size for both sets, so both reuse a single trace.
             bs = min(self.batch_size, max(len(self.train_images), len(self.test_images)))
-            train = _run_embed_fn(self._fn_cache[1], self.train_images, bs)
-            test = _run_embed_fn(self._fn_cache[1], self.test_images, bs)
+            train = _run_embed_fn(self._fn_cache[1], self.train_images, bs, "kNN memory images")
+            test = _run_embed_fn(self._fn_cache[1], self.test_images, bs, "kNN test images")
         return knn_accuracy(train, self.train_labels, test, self.test_labels,
                             k=self.k, temperature=self.temperature)
 

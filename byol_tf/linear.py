@@ -230,7 +230,8 @@ def embed_with_flips(encoder, images, image_size):
     """
     # A copy, since a reversed view has negative strides.
     flipped = np.ascontiguousarray(np.asarray(images)[:, :, ::-1])
-    return np.concatenate([embed(encoder, images, image_size), embed(encoder, flipped, image_size)])
+    return np.concatenate([embed(encoder, images, image_size, what="training images"),
+                           embed(encoder, flipped, image_size, what="flipped training images")])
 
 
 def topk_accuracy(logits, labels, k):
@@ -363,8 +364,8 @@ def linear_eval(encoder, train, test, label_fraction=1.0, flip_augment=False, se
     if flip_augment:
         train_features, labels = embed_with_flips(encoder, images, image_size), np.concatenate([labels, labels])
     else:
-        train_features = embed(encoder, images, image_size)
-    test_features = embed(encoder, test.images, image_size)
+        train_features = embed(encoder, images, image_size, what="training images")
+    test_features = embed(encoder, test.images, image_size, what="test images")
     num_classes = max(train.num_classes or 0, test.num_classes or 0) or None
     result = train_linear(train_features, labels, test_features, test.labels, num_classes=num_classes,
                           seed=seed, **kwargs)

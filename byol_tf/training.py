@@ -148,8 +148,8 @@ def eval_data(source, config, batch_size=256):
 
 def knn_eval(encoder, config, memory, test, k=200):
     """kNN top-1 on `test` with `memory` (labelled sources) as memory."""
-    train_features, train_labels = embed_dataset(encoder, eval_data(memory, config))
-    test_features, test_labels = embed_dataset(encoder, eval_data(test, config))
+    train_features, train_labels = embed_dataset(encoder, eval_data(memory, config), "kNN memory images")
+    test_features, test_labels = embed_dataset(encoder, eval_data(test, config), "kNN test images")
     return knn_accuracy(train_features, train_labels, test_features, test_labels, k=k)
 
 

@@ -210,3 +210,14 @@ def test_knn_monitor_encoder_fn_and_errors():
         bare.on_epoch_end(0, {})
     with pytest.raises(ValueError, match="k=0"):
         KNNMonitor(xtr, ytr, xte, yte, image_size=6, k=0)
+
+
+def test_embedding_reports_its_progress_in_one_line(capsys):
+    from byol_tf.evaluation import embed
+
+    encoder = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.GlobalAveragePooling2D()])
+    images = np.random.default_rng(0).integers(0, 256, (10, 8, 8, 3), dtype=np.uint8)
+    features = embed(encoder, images, 8, batch_size=4, what="test images")
+    # Features are the per-channel means of the [0, 1] images.
+    np.testing.assert_allclose(features, images.mean(axis=(1, 2)) / 255.0, rtol=1e-5)
+    assert capsys.readouterr().out.count("Embedded 10 test images in") == 1

@@ -11,6 +11,7 @@ import re
 import struct
 
 import tensorflow as tf
+from absl import logging
 
 # Extensions `tf.io.decode_image` understands; matched case-insensitively.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
@@ -21,6 +22,10 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 MAX_IMAGE_PIXELS = 50_000_000
 
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+# A large folder's listing logs a line every this many files.
+LIST_PROGRESS_EVERY = 100_000
 
 
 def list_image_folder(folder):
@@ -42,6 +47,8 @@ def list_image_folder(folder):
         for path in _walk_images(root):
             paths.append(path)
             labels.append(label)
+            if len(paths) % LIST_PROGRESS_EVERY == 0:
+                logging.info("Listed %d image files in %s so far", len(paths), folder)
     if class_names:
         for name in sorted(os.listdir(folder)):
             path = os.path.join(folder, name)
