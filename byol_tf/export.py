@@ -36,12 +36,12 @@ import re
 import shutil
 import tempfile
 
-import keras
 import tensorflow as tf
 
 from byol_tf import __version__
 from byol_tf.augment import preprocess_eval
 from byol_tf.data.crops import eval_image
+from byol_tf.run_dir import RunDir
 
 METADATA_FILE = "byol_metadata.json"
 EXTRA_DIR = "assets.extra"
@@ -199,13 +199,6 @@ def export_encoder(encoder, export_dir, image_size, metadata=None, crop_fraction
     return metadata
 
 
-def _read_json(path):
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
-
-
 def export_run(run_dir, out_dir, version=None):
     """Exports a run's online encoder to `out_dir/<version>/` for TF Serving.
 
@@ -228,8 +221,8 @@ def export_run(run_dir, out_dir, version=None):
     >>> export_run("runs/demo", "saved_models/demo")
     'saved_models/demo/1'
     """
-    encoder_path = os.path.join(run_dir, "encoder.keras")
-    config_path = os.path.join(run_dir, "config.json")
+    run = RunDir(run_dir)
+    encoder_path, config_path = run.encoder_file, run.config_file
     if not os.path.isdir(run_dir):
         raise ValueError(f"`run_dir` is not a folder. Received: run_dir={run_dir!r}")
     for path in (encoder_path, config_path):
@@ -250,12 +243,8 @@ def export_run(run_dir, out_dir, version=None):
             f"leave `version` unset for the next free one ({max(existing, default=0) + 1}). Received: version={version}"
         )
 
-    config = _read_json(config_path)
-    summary = _read_json(os.path.join(run_dir, "summary.json"))
-    # Importing the backbones registers any custom layers before deserialising.
-    from byol_tf import backbones  # noqa: F401
-
-    encoder = keras.saving.load_model(encoder_path, safe_mode=True)
+    config, summary = run.read_config_dict() or {}, run.read_summary()
+    encoder = run.load_encoder(safe_mode=True)
     image_size = config.get("image_size") or summary.get("image_size") or encoder.inputs[0].shape[1]
     if not image_size:
         raise ValueError(f"No image_size in config.json and the encoder's input size is not fixed. Received: run_dir={run_dir!r}")

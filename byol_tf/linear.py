@@ -28,15 +28,14 @@ is cut to a class-balanced subset with a fixed seed (`class_balanced_subset`)
 before anything is embedded.
 """
 
-import json
 import os
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from byol_tf.config import PretrainConfig
 from byol_tf.evaluation import embed
+from byol_tf.run_dir import RunDir
 
 FEATURE_NORMS = ("standardize", "l2", "none")
 
@@ -67,11 +66,7 @@ def load_run_config(run_dir):
     Returns:
         The `byol_tf.config.PretrainConfig` the run was made with.
     """
-    path = os.path.join(run_dir, "config.json")
-    if not os.path.exists(path):
-        raise ValueError(f"Not a run folder: it has no config.json. Received: run_dir={run_dir!r}")
-    with open(path) as f:
-        return PretrainConfig.from_dict(json.load(f))
+    return RunDir(run_dir).read_config()
 
 
 def load_encoder(run_dir=None, encoder_path=None, random_init=False):
@@ -99,7 +94,7 @@ def load_encoder(run_dir=None, encoder_path=None, random_init=False):
         from byol_tf.training import random_init_encoder
 
         return random_init_encoder(config), config
-    path = encoder_path or (os.path.join(run_dir, "encoder.keras") if run_dir else None)
+    path = encoder_path or (RunDir(run_dir).encoder_file if run_dir else None)
     if path is None or not os.path.exists(path):
         raise ValueError("Expected an existing encoder file (`encoder_path`, or `run_dir` holding "
                          f"encoder.keras). Received: run_dir={run_dir!r}, encoder_path={encoder_path!r}")

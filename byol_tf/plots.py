@@ -19,6 +19,7 @@ import os
 import numpy as np
 
 from byol_tf.evaluation import embed_dataset
+from byol_tf.run_dir import RunDir
 
 METRICS = ("loss", "tau", "lr", "collapse_std", "knn_acc", "probe_acc", "val_probe_acc")
 
@@ -197,12 +198,10 @@ def plot_run(run_dir, eval_set=None, encoder=None, max_points=2000, crop_fractio
     >>> plot_run("runs/demo", eval_set=data.make_shapes(2000, seed=1))
     {'metrics': 'runs/demo/metrics.png', 'embedding_map': 'runs/demo/embedding_map.png'}
     """
-    written = {"metrics": plot_metrics(os.path.join(run_dir, "metrics.csv"), os.path.join(run_dir, "metrics.png"))}
+    run = RunDir(run_dir)
+    written = {"metrics": plot_metrics(run.metrics_file, run.metrics_plot)}
     if eval_set is not None:
-        if encoder is None:
-            import keras
-
-            encoder = keras.saving.load_model(os.path.join(run_dir, "encoder.keras"))
-        written["embedding_map"] = plot_embedding_map(encoder, eval_set, os.path.join(run_dir, "embedding_map.png"),
+        encoder = run.load_encoder() if encoder is None else encoder
+        written["embedding_map"] = plot_embedding_map(encoder, eval_set, run.embedding_plot,
                                                       max_points=max_points, crop_fraction=crop_fraction)
     return written

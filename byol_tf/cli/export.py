@@ -30,11 +30,13 @@ def main(argv):
     run_dir = FLAGS.run_dir
     if not os.path.isdir(run_dir):
         raise app.UsageError(f"--run_dir is not a folder. Received: --run_dir={run_dir}")
-    for name in ("encoder.keras", "config.json"):
-        if not os.path.exists(os.path.join(run_dir, name)):
-            raise app.UsageError(
-                f"--run_dir has no {name}; pass a finished run folder from byol-pretrain. Received: --run_dir={run_dir}"
-            )
+    from byol_tf.run_dir import RunDir
+
+    run = RunDir(run_dir)
+    for path in (run.encoder_file, run.config_file):
+        if not os.path.exists(path):
+            raise app.UsageError(f"--run_dir has no {os.path.basename(path)}; pass a finished run folder from "
+                                 f"byol-pretrain. Received: --run_dir={run_dir}")
     if FLAGS.version is not None and FLAGS.version < 1:
         raise app.UsageError(f"--version must be >= 1. Received: --version={FLAGS.version}")
 

@@ -25,7 +25,9 @@ def main(argv):
     if len(argv) != 2:
         raise app.UsageError(f"Usage: byol-plot RUN [--eval_data=...]. Received: {argv[1:]}")
     run_dir = argv[1]
-    if not os.path.exists(os.path.join(run_dir, "metrics.csv")):
+    from byol_tf.run_dir import RunDir
+
+    if not os.path.exists(RunDir(run_dir).metrics_file):
         raise app.UsageError(f"RUN must be a run folder with metrics.csv. Received: RUN={run_dir}")
     if FLAGS.eval_limit < 1:
         raise app.UsageError(f"--eval_limit must be >= 1. Received: --eval_limit={FLAGS.eval_limit}")
