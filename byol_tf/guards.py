@@ -36,11 +36,6 @@ FINISHED = "finished"
 STOPPED_NAN = "stopped_nan"
 STOPPED_COLLAPSE = "stopped_collapse"
 
-# Test hook: pause (sleep) after this optimizer step, after writing the file
-# named by BYOL_TF_TEST_PAUSE_MARKER, so a test can SIGKILL a run at a known point.
-_PAUSE_ENV = "BYOL_TF_TEST_PAUSE_AT_STEP"
-_PAUSE_MARKER_ENV = "BYOL_TF_TEST_PAUSE_MARKER"
-
 
 class GuardState:
     """What the guards found, shared by the guards and the savers.
@@ -352,29 +347,3 @@ class SafeCheckpoint(keras.callbacks.Callback):
         self.model.save(tmp)
         os.replace(tmp, self.path)
         self.state.last_good["checkpoint"] = {"path": self.path, "step": _step(self.model), "epoch": epoch + 1}
-
-
-class TestPause(keras.callbacks.Callback):
-    """Test hook: sleeps after optimizer step `BYOL_TF_TEST_PAUSE_AT_STEP`.
-
-    Before sleeping it writes the file `BYOL_TF_TEST_PAUSE_MARKER`, so a test
-    knows the run is parked there and can SIGKILL it. Inactive unless the
-    environment variable is set.
-    """
-
-    def __init__(self, step, marker):
-        super().__init__()
-        self.step = int(step)
-        self.marker = marker
-
-    @classmethod
-    def from_env(cls):
-        step = os.environ.get(_PAUSE_ENV)
-        return cls(step, os.environ.get(_PAUSE_MARKER_ENV, "")) if step else None
-
-    def on_train_batch_end(self, batch, logs=None):
-        if _step(self.model) == self.step:
-            if self.marker:
-                _atomic_json(self.marker, {"step": self.step})
-            while True:
-                time.sleep(60)

@@ -194,8 +194,7 @@ def _callbacks(r, state, position_fn, knn_every, backup_every_steps, collapse_th
         state.last_good["checkpoint"] = {"path": r.run.checkpoint_file, "step": epoch * steps, "epoch": epoch}
     if r.backup:
         state.last_good["backup"] = {"path": r.backup["folder"], "step": r.start_step, "epoch": r.backup.get("epoch")}
-    pause = guards.TestPause.from_env()
-    return callbacks + ([pause] if pause is not None else [])
+    return callbacks
 
 
 def _fit(r, model, callbacks, state, tracker, streamed, knn_every, verbose, autotune):

@@ -20,6 +20,8 @@ from byol_tf import distribute
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "workers", "distributed_fit.py")
+# byol-pretrain with the BYOL_TF_TEST_PAUSE_AT_STEP hook.
+PAUSABLE_PRETRAIN = os.path.join(ROOT, "tests", "workers", "pretrain.py")
 
 
 def _run(out, *args, env=None, timeout=240):
@@ -216,7 +218,7 @@ def test_two_workers_streaming_a_folder_resume_bit_exactly(tmp_path):
         Image.fromarray(rng.integers(0, 256, (20 + i, 30, 3), dtype=np.uint8)).save(folder / f"img{i:02d}.png")
     for i in range(3):  # skipped files make the two workers' stream positions differ
         (folder / f"bad{i}.jpg").write_bytes(b"not an image")
-    args = [os.path.join(ROOT, "scripts", "pretrain.py"), "--preset=demo", "--epochs=2", f"--data={folder}",
+    args = [PAUSABLE_PRETRAIN, "--preset=demo", "--epochs=2", f"--data={folder}",
             "--image_size=16", "--batch_size=16", "--verbose=0", "--warmup_epochs=0", "--backup_every_steps=3",
             "--deterministic"]
     for rc, _, err in _cluster([*args, f"--out={tmp_path / 'unbroken'}"], tmp_path):
@@ -244,7 +246,7 @@ def test_two_workers_streaming_a_folder_resume_bit_exactly(tmp_path):
 @pytest.mark.slow
 def test_pretrain_on_two_workers_resumes_from_the_chiefs_backup(tmp_path):
     run = tmp_path / "multi"
-    args = [*_tiny_pretrain_args(tmp_path), "--strategy=multi_worker", f"--out={run}"]
+    args = [PAUSABLE_PRETRAIN, *_tiny_pretrain_args(tmp_path)[1:], "--strategy=multi_worker", f"--out={run}"]
     marker = str(tmp_path / "paused.json")
     # Both workers park after step 5 (the chief's backup is from step 3); kill them there.
     _cluster(args, tmp_path, env={"BYOL_TF_TEST_PAUSE_AT_STEP": "5", "BYOL_TF_TEST_PAUSE_MARKER": marker},

@@ -27,7 +27,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _script(*args, env=None):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT, **(env or {}))
     return subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "scripts", "pretrain.py"), *args],
+        # byol-pretrain, plus the pause hook that BYOL_TF_TEST_PAUSE_AT_STEP turns on.
+        [sys.executable, os.path.join(ROOT, "tests", "workers", "pretrain.py"), *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
     )
 
