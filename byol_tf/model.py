@@ -88,10 +88,6 @@ class BYOL(keras.Model):
             `probe_acc` in training and, on `(images, labels)` validation
             data, in `evaluate` (`val_probe_acc` in `fit`).
         probe_learning_rate: the probe's Adam learning rate.
-        fast_kernels: switch the online and target networks' `Conv2D` and
-            `BatchNormalization` layers to `byol_tf.kernels`' paths: the
-            same maths, faster on CPUs. The layers passed in are switched
-            too; they keep their class, weights and config.
         device_views: a `byol_tf.device_views.DeviceViews`: the batches are
             host crops (`pretrain_dataset(..., augment_on="device")`), and
             the views are finished inside the train step, per replica.
@@ -116,7 +112,7 @@ class BYOL(keras.Model):
     """
 
     def __init__(self, encoder, projector=None, predictor=None, loss="byol", temperature=0.1, probe_classes=None,
-                 probe_learning_rate=1e-3, fast_kernels=True, device_views=None, base_tau=0.996, input_shape=None,
+                 probe_learning_rate=1e-3, device_views=None, base_tau=0.996, input_shape=None,
                  **kwargs):
         super().__init__(**kwargs)
         if not 0.0 <= base_tau <= 1.0:
@@ -153,10 +149,6 @@ class BYOL(keras.Model):
             if online.shape != target.shape:
                 raise ValueError(f"Online and target variables do not match. Received: {online.path} {online.shape} vs {target.path} {target.shape}")
         self.device_views = device_views
-        self.fast_kernels = fast_kernels
-        if fast_kernels:
-            for network in (encoder, projector, predictor, self.target_encoder, self.target_projector):
-                kernels.install_fast_kernels(network)
         self.tau = self.add_weight(shape=(), initializer="zeros", trainable=False, name="tau")
         # Set by `EMAUpdate` at the start of `fit`.
         self.ema_schedule = None
@@ -332,7 +324,6 @@ class BYOL(keras.Model):
             temperature=self.temperature,
             probe_classes=self.probe_classes,
             probe_learning_rate=self.probe_learning_rate,
-            fast_kernels=self.fast_kernels,
             device_views=None if self.device_views is None else keras.saving.serialize_keras_object(self.device_views),
             base_tau=self.base_tau,
         )
@@ -341,6 +332,7 @@ class BYOL(keras.Model):
     @classmethod
     def from_config(cls, config):
         config = dict(config)
+        config.pop("fast_kernels", None)  # stored by models saved before the kernels became opt-in
         for key in ("encoder", "projector", "predictor", "device_views"):
             if config.get(key) is not None:
                 config[key] = keras.saving.deserialize_keras_object(config[key])
@@ -401,6 +393,10 @@ def build_byol(config, strategy_replicas=1, backbone=None, probe_classes=None):
     projector = MLPHead(config.projector_hidden, config.projection_dim, name="projector", **heads_bn)
     predictor = MLPHead(config.predictor_hidden, config.projection_dim, name="predictor", **heads_bn)
     device_views = DeviceViews(config.augment, name="device_views") if config.augment_on == "device" else None
-    return BYOL(encoder, projector, predictor, loss=config.loss, temperature=config.temperature,
-                probe_classes=probe_classes, probe_learning_rate=config.probe_lr,
-                fast_kernels=config.fast_kernels, device_views=device_views, base_tau=config.base_tau, name="byol")
+    model = BYOL(encoder, projector, predictor, loss=config.loss, temperature=config.temperature,
+                 probe_classes=probe_classes, probe_learning_rate=config.probe_lr, device_views=device_views,
+                 base_tau=config.base_tau, name="byol")
+    if config.fast_kernels:
+        # CPU speed paths (the same maths): the training entry point's choice, not the model's.
+        kernels.install_fast_kernels(model)
+    return model

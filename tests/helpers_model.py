@@ -5,12 +5,16 @@ import tensorflow as tf
 
 from byol_tf.backbones import build_encoder
 from byol_tf.heads import MLPHead
+from byol_tf.kernels import install_fast_kernels
 from byol_tf.model import BYOL
 
 
-def tiny_byol(image_size=16, loss="byol", **kwargs):
+def tiny_byol(image_size=16, loss="byol", fast_kernels=True, **kwargs):
     encoder = build_encoder("resnet_tiny", image_size)
-    return BYOL(encoder, MLPHead(32, 16, name="projector"), MLPHead(32, 16, name="predictor"), loss=loss, **kwargs)
+    model = BYOL(encoder, MLPHead(32, 16, name="projector"), MLPHead(32, 16, name="predictor"), loss=loss, **kwargs)
+    if fast_kernels:
+        install_fast_kernels(model)
+    return model
 
 
 def view_dataset(num=32, batch=8, image_size=16, seed=0):

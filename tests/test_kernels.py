@@ -194,14 +194,20 @@ def test_byol_step_in_bfloat16_stays_as_close_to_float32_as_keras():
     assert abs(fast_loss - keras_loss) <= keras_gap
 
 
-def test_byol_config_round_trips_fast_kernels():
+def test_fast_kernels_are_the_entry_points_choice_not_the_models():
+    from byol_tf import get_preset
+    from byol_tf.model import build_byol
+
     model = tiny_byol(fast_kernels=False)
     assert not any("call" in vars(l) for l in model._flatten_layers())
-    clone = BYOL.from_config(model.get_config())
-    assert clone.fast_kernels is False
-    fast = tiny_byol()
-    assert fast.get_config()["fast_kernels"] is True
+    assert "fast_kernels" not in model.get_config()
+    # A model saved before the kernels became opt-in still loads.
+    BYOL.from_config({**model.get_config(), "fast_kernels": True})
+    small = dict(image_size=16, projector_hidden=8, projection_dim=4, predictor_hidden=8)
+    fast = build_byol(get_preset("demo", **small))
     assert any("call" in vars(l) for l in fast.target_encoder._flatten_layers())
+    plain = build_byol(get_preset("demo", fast_kernels=False, **small))
+    assert not any("call" in vars(l) for l in plain._flatten_layers())
 
 
 def test_an_encoder_with_fast_kernels_exports_and_serves_like_plain_keras(tmp_path):
