@@ -48,13 +48,53 @@ def update_target(online_vars, target_vars, tau, bn_stats="own"):
             target.assign(online.value)
 
 
+class TauSchedule:
+    """tau over a run: `cosine_tau` from `base_tau` to 1 over `total_steps` optimizer steps."""
+
+    def __init__(self, total_steps, base_tau, bn_stats="own"):
+        self.total_steps, self.base_tau, self.bn_stats = total_steps, base_tau, bn_stats
+
+    def tau_at(self, step):
+        """tau for the 0-based optimizer step `step`."""
+        return cosine_tau(step, self.total_steps, self.base_tau)
+
+
+def ema_step(model, schedule, previous_iterations=None):
+    """One EMA update of `model`'s target for the optimizer step just taken; returns tau.
+
+    Args:
+        model: the `BYOL` model.
+        schedule: a `TauSchedule`.
+        previous_iterations: `optimizer.iterations` before the step, or
+            None. With a `keras.optimizers.LossScaleOptimizer` (under
+            `mixed_float16`), a step it skipped for non-finite gradients
+            leaves `iterations` there, and the target is then left as it is too.
+    """
+    optimizer = model.optimizer
+    tau = schedule.tau_at(optimizer.iterations - 1)
+
+    def update():
+        update_target(model.online_ema_variables, model.target_ema_variables, tau, schedule.bn_stats)
+        model.tau.assign(tau)
+        return tf.constant(True)
+
+    if previous_iterations is None or not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        update()
+        return tau
+    applied = optimizer.iterations > tf.cast(previous_iterations, optimizer.iterations.dtype)
+    tf.cond(applied, update, lambda: tf.constant(False))
+    return tf.identity(model.tau)
+
+
 class EMAUpdate(keras.callbacks.Callback):
     """Updates a `byol_tf.BYOL` model's target network after every step.
 
     tau is computed from `optimizer.iterations`, so it is right after a resume.
-    With `steps_per_execution > 1`, batch callbacks fire once per execution,
-    so the callback installs itself in the model's `train_step` instead and
-    the same update runs after every optimizer step.
+    At the start of `fit` the callback hands the model its `TauSchedule`
+    (the model logs each step's tau from it). With `steps_per_execution > 1`,
+    batch callbacks fire once per execution, so the callback also tells the
+    model to run the same `ema_step` inside its `train_step`, after every
+    optimizer step; otherwise the callback runs it after each batch.
 
     Args:
         total_steps: optimizer steps of the whole run; tau reaches 1 there.
@@ -76,36 +116,6 @@ class EMAUpdate(keras.callbacks.Callback):
         self.bn_stats = bn_stats
         self._update_fn = None
 
-    def tau_at(self, step):
-        """tau for the 0-based optimizer step `step`."""
-        return cosine_tau(step, self.total_steps, self.base_tau)
-
-    def step_update(self, model, previous_iterations=None):
-        """One EMA update for the optimizer step just taken; returns tau.
-
-        Args:
-            model: the `BYOL` model.
-            previous_iterations: `optimizer.iterations` before the step, or
-                None. With a `keras.optimizers.LossScaleOptimizer` (under
-                `mixed_float16`), a step it skipped for non-finite gradients
-                leaves `iterations` there, and the target is then left as it
-                is too.
-        """
-        optimizer = model.optimizer
-        tau = self.tau_at(optimizer.iterations - 1)
-
-        def update():
-            update_target(model.online_ema_variables, model.target_ema_variables, tau, self.bn_stats)
-            model.tau.assign(tau)
-            return tf.constant(True)
-
-        if previous_iterations is None or not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-            update()
-            return tau
-        applied = optimizer.iterations > tf.cast(previous_iterations, optimizer.iterations.dtype)
-        tf.cond(applied, update, lambda: tf.constant(False))
-        return tf.identity(model.tau)
-
     def on_train_begin(self, logs=None):
         if self.total_steps is None:
             steps = (self.params or {}).get("steps")
@@ -113,17 +123,15 @@ class EMAUpdate(keras.callbacks.Callback):
                 raise ValueError("EMAUpdate needs the run's length: pass `total_steps`, or `steps_per_epoch` to "
                                  f"`fit` for a dataset of unknown size. Received: total_steps=None, steps={steps}")
             self.total_steps = int(self.params["epochs"]) * int(steps)
+        schedule = TauSchedule(self.total_steps, self.base_tau, self.bn_stats)
         self.in_step = getattr(self.model, "steps_per_execution", 1) > 1
-        # The model reads the schedule to log the tau of each step, and runs
-        # the update itself when batch callbacks fire too rarely.
-        self.model.ema_schedule = self
-        self.model.ema_in_step = self.in_step
+        self.model.ema_schedule, self.model.ema_in_step = schedule, self.in_step
         self._iterations = tf.identity(self.model.optimizer.iterations)
 
         def update(previous_iterations):
             # Also returns the iterations this update saw, the next one's
             # `previous_iterations` (kept as a tensor: no wait on the device).
-            self.step_update(self.model, previous_iterations)
+            ema_step(self.model, schedule, previous_iterations)
             return tf.identity(self.model.optimizer.iterations)
 
         self._update_fn = tf.function(update)

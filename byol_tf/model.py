@@ -6,7 +6,7 @@ import tensorflow as tf
 from byol_tf import kernels, losses
 from byol_tf.backbones import batch_norm_layers, configure_batch_norm
 from byol_tf.device_views import DeviceViews
-from byol_tf.ema import EMAUpdate
+from byol_tf.ema import EMAUpdate, ema_step
 from byol_tf.heads import MLPHead
 
 
@@ -280,7 +280,7 @@ class BYOL(keras.Model):
         self.optimizer.apply(grads, variables)
         tau = self.tau
         if self.ema_schedule is not None and self.ema_in_step:
-            tau = self.ema_schedule.step_update(self, iterations)
+            tau = ema_step(self, self.ema_schedule, iterations)
         elif self.ema_schedule is not None:
             # The callback applies this tau right after the step.
             tau = self.ema_schedule.tau_at(self.optimizer.iterations - 1)
