@@ -56,13 +56,27 @@ def main(argv):
             out = -(-size // stride)
             x = tf.cast(tf.random.normal((FLAGS.batch_size, size, size, cin)), dtype)
             dy = tf.cast(tf.random.normal((FLAGS.batch_size, out, out, cout)), dtype)
-            native = tf.function(lambda x, dy: tf.raw_ops.Conv2DBackpropFilter(
-                input=x, filter_sizes=[k, k, cin, cout], out_backprop=dy, strides=[1, stride, stride, 1], padding="SAME"))
-            matmul = tf.function(lambda x, dy: tf.matmul(
-                tf.reshape(kernels._padded_patches(x, (k, k), (stride, stride), "SAME"), [-1, k * k * cin]),
-                tf.reshape(dy, [-1, cout]), transpose_a=True))
-            print(f"{dtype.name:9s} in {size}x{size}x{cin:<3d} out {out}x{out}x{cout:<3d} k{k} s{stride}: "
-                  f"native {_median_ms(native, x, dy):6.2f} ms  matmul {_median_ms(matmul, x, dy):6.2f} ms", flush=True)
+            native = tf.function(
+                lambda x, dy: tf.raw_ops.Conv2DBackpropFilter(
+                    input=x,
+                    filter_sizes=[k, k, cin, cout],
+                    out_backprop=dy,
+                    strides=[1, stride, stride, 1],
+                    padding="SAME",
+                )
+            )
+            matmul = tf.function(
+                lambda x, dy: tf.matmul(
+                    tf.reshape(kernels._padded_patches(x, (k, k), (stride, stride), "SAME"), [-1, k * k * cin]),
+                    tf.reshape(dy, [-1, cout]),
+                    transpose_a=True,
+                )
+            )
+            print(
+                f"{dtype.name:9s} in {size}x{size}x{cin:<3d} out {out}x{out}x{cout:<3d} k{k} s{stride}: "
+                f"native {_median_ms(native, x, dy):6.2f} ms  matmul {_median_ms(matmul, x, dy):6.2f} ms",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

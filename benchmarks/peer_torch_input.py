@@ -10,6 +10,7 @@ iterator whenever an epoch ends) and prints:
                               though it yields two views)
     versions: torch=... torchvision=... lightly=...
 """
+
 import argparse
 import time
 
@@ -22,8 +23,7 @@ from lightly.transforms import BYOLTransform, BYOLView1Transform, BYOLView2Trans
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="ImageFolder root (class subfolders)")
     p.add_argument("--image_size", type=int, default=224)
     p.add_argument("--batch_size", type=int, default=128)
@@ -76,10 +76,12 @@ def main():
 
     assert len(views) == 2 and views[0].shape[-1] == args.image_size
     print(f"images_per_sec={images / elapsed:.3f}")
-    print(f"versions: torch={torch.__version__} torchvision={torchvision.__version__} "
-          f"lightly={lightly.__version__} (images={images} steps={args.steps} "
-          f"warmup={args.warmup} batch_size={args.batch_size} workers={args.workers} "
-          f"image_size={args.image_size} elapsed_s={elapsed:.3f})")
+    print(
+        f"versions: torch={torch.__version__} torchvision={torchvision.__version__} "
+        f"lightly={lightly.__version__} (images={images} steps={args.steps} "
+        f"warmup={args.warmup} batch_size={args.batch_size} workers={args.workers} "
+        f"image_size={args.image_size} elapsed_s={elapsed:.3f})"
+    )
 
 
 if __name__ == "__main__":

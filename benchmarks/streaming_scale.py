@@ -42,8 +42,10 @@ def _linked_folder(data, total):
         os.makedirs(os.path.join(root, name))
     for i in range(total):
         path = paths[i % len(paths)]
-        os.symlink(os.path.abspath(path), os.path.join(root, class_names[labels[i % len(paths)]],
-                                                      f"{i:07d}{os.path.splitext(path)[1]}"))
+        os.symlink(
+            os.path.abspath(path),
+            os.path.join(root, class_names[labels[i % len(paths)]], f"{i:07d}{os.path.splitext(path)[1]}"),
+        )
     return root
 
 
@@ -77,7 +79,9 @@ def main(argv):
             dataset = data.pretrain_dataset(source, config.batch_size, config.augment)
             model.fit(dataset, epochs=1, steps_per_epoch=1, verbose=0, callbacks=[EMAUpdate(steps, config.base_tau)])
             print(f"files={source.num_examples} listing_s={listed:.2f}")
-            print(f"seconds_to_first_step={time.perf_counter() - START:.1f} (from the script's start, imports included)")
+            print(
+                f"seconds_to_first_step={time.perf_counter() - START:.1f} (from the script's start, imports included)"
+            )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -118,7 +118,7 @@ def _colour_and_finish(x, keys, config, view, rows=None):
     """
     batch = tf.shape(x)[0]
     first, total = (0, batch) if rows is None else (tf.cast(rows[0], tf.int32), tf.cast(rows[1], tf.int32))
-    mine = lambda t: t[first:first + batch]
+    mine = lambda t: t[first : first + batch]
 
     def draw(i, minval=0.0, maxval=1.0):
         return mine(tf.random.stateless_uniform(tf.stack([total]), keys[i], minval, maxval))
@@ -128,7 +128,9 @@ def _colour_and_finish(x, keys, config, view, rows=None):
 
     if config.jitter_prob > 0:
         params = _jitter_params(total, keys[4], config)
-        x = _color_jitter(x, chance(3, config.jitter_prob), None if params is None else tuple(map(mine, params)), config)
+        x = _color_jitter(
+            x, chance(3, config.jitter_prob), None if params is None else tuple(map(mine, params)), config
+        )
     gray = chance(5, config.grayscale_prob) if config.grayscale_prob > 0 else None
     solarize_prob = config.solarize_prob[view]
     # Images left alone get a threshold no pixel reaches.
@@ -207,6 +209,7 @@ def preprocess_eval(images, image_size: int, crop_fraction: float = 1.0) -> tf.T
     height, width = shape[-3], shape[-2]
     side = eval_resize_side(image_size, crop_fraction)
     short = tf.minimum(height, width)
+
     # torchvision: int(side * long / short) for the long side, exactly side for the short one.
     def scaled(length):
         return tf.where(length == short, side, tf.cast(side * length // short, tf.int32))
@@ -215,7 +218,7 @@ def preprocess_eval(images, image_size: int, crop_fraction: float = 1.0) -> tf.T
     x = tf.image.resize(tf.cast(images, tf.float32), tf.stack([new_h, new_w]), method="bilinear", antialias=True)
     top = tf.cast(tf.round(tf.cast(new_h - image_size, tf.float32) / 2.0), tf.int32)
     left = tf.cast(tf.round(tf.cast(new_w - image_size, tf.float32) / 2.0), tf.int32)
-    x = x[..., top:top + image_size, left:left + image_size, :]
+    x = x[..., top : top + image_size, left : left + image_size, :]
     x = tf.ensure_shape(x, [*images.shape[:-3], image_size, image_size, 3])
     return tf.clip_by_value(x / scale, 0.0, 1.0)
 
@@ -473,8 +476,12 @@ def _reflect_pad(x, half, axis):
 # the split, which stores the vertical pass once, is faster: for 128 images
 # on one thread 14 vs 22-27 ms at 96 px and 164 ms at 224 px, where the
 # batched-matmul blur this replaced took 467 ms.
-_finish_xla = tf.function(lambda x, gray, threshold: _solarize_and_clip(_grayscale(x, gray), threshold), jit_compile=True)
-_gray_and_blur_height_xla = tf.function(lambda x, gray, w: _pad_and_blur_height(_grayscale(x, gray), w), jit_compile=True)
+_finish_xla = tf.function(
+    lambda x, gray, threshold: _solarize_and_clip(_grayscale(x, gray), threshold), jit_compile=True
+)
+_gray_and_blur_height_xla = tf.function(
+    lambda x, gray, w: _pad_and_blur_height(_grayscale(x, gray), w), jit_compile=True
+)
 _blur_width_and_finish_xla = tf.function(
     lambda x, w, threshold: _solarize_and_clip(_valid_taps(x, w, axis=2), threshold), jit_compile=True
 )

@@ -47,7 +47,11 @@ def available_backbones():
 def check_backbone(name):
     """Raises a ValueError naming `name` unless it is a known backbone name."""
     prefix, _, cls = name.partition(":") if isinstance(name, str) else ("", "", "")
-    if name in _RESNETS or name in ("resnet18", "resnet50") or (cls and prefix in ("keras_cv", "keras_hub", "applications")):
+    if (
+        name in _RESNETS
+        or name in ("resnet18", "resnet50")
+        or (cls and prefix in ("keras_cv", "keras_hub", "applications"))
+    ):
         return
     raise ValueError(f"Unknown backbone; expected one of {available_backbones()}. Received: backbone={name!r}")
 
@@ -120,7 +124,9 @@ def _from_module(module_name, attr_path, image_size, kwargs):
     target = module
     for part in attr_path:
         if not hasattr(target, part):
-            raise ValueError(f"`{module_name}` has no backbone class `{'.'.join(attr_path)}`. Received: backbone={module_name}:{attr_path[-1]}")
+            raise ValueError(
+                f"`{module_name}` has no backbone class `{'.'.join(attr_path)}`. Received: backbone={module_name}:{attr_path[-1]}"
+            )
         target = getattr(target, part)
     kwargs = dict(kwargs)
     kwargs.setdefault("input_shape", (image_size, image_size, 3))
@@ -164,8 +170,11 @@ def configure_batch_norm(model, synchronized=False, momentum=None, epsilon=None)
 
 def batch_norm_layers(model):
     """Every `BatchNormalization` layer in `model`, nested ones included, in a fixed order."""
-    return [layer for layer in model._flatten_layers(include_self=True, recursive=True)
-            if isinstance(layer, keras.layers.BatchNormalization)]
+    return [
+        layer
+        for layer in model._flatten_layers(include_self=True, recursive=True)
+        if isinstance(layer, keras.layers.BatchNormalization)
+    ]
 
 
 def build_backbone(name, image_size, synchronized=False, backbone_kwargs=None):
@@ -185,9 +194,7 @@ def build_backbone(name, image_size, synchronized=False, backbone_kwargs=None):
     if name == "resnet18":
         return _keras_cv_resnet18(image_size)
     if name == "resnet50":
-        return keras.applications.ResNet50(
-            weights=None, include_top=False, input_shape=(image_size, image_size, 3)
-        )
+        return keras.applications.ResNet50(weights=None, include_top=False, input_shape=(image_size, image_size, 3))
     prefix, _, cls = name.partition(":")
     if cls and prefix == "keras_cv":
         return _from_module("keras_cv", ("models", cls), image_size, kwargs)
@@ -202,8 +209,9 @@ def build_backbone(name, image_size, synchronized=False, backbone_kwargs=None):
     check_backbone(name)
 
 
-def build_encoder(backbone, image_size, synchronized=False, backbone_kwargs=None, name="encoder",
-                  bn_momentum=None, bn_epsilon=None):
+def build_encoder(
+    backbone, image_size, synchronized=False, backbone_kwargs=None, name="encoder", bn_momentum=None, bn_epsilon=None
+):
     """Wraps a backbone into an encoder: [0, 1] images -> pooled features.
 
     Args:
@@ -226,9 +234,9 @@ def build_encoder(backbone, image_size, synchronized=False, backbone_kwargs=None
         raise ValueError(f"`backbone` must be a name or a keras.Model. Received: backbone={backbone!r}")
     configure_batch_norm(backbone, synchronized, bn_momentum, bn_epsilon)
     inputs = keras.Input((image_size, image_size, 3), name="images")
-    x = keras.layers.Normalization(
-        mean=IMAGENET_MEAN, variance=[s * s for s in IMAGENET_STD], name="imagenet_norm"
-    )(inputs)
+    x = keras.layers.Normalization(mean=IMAGENET_MEAN, variance=[s * s for s in IMAGENET_STD], name="imagenet_norm")(
+        inputs
+    )
     x = backbone(x)
     if len(x.shape) == 4:
         x = keras.layers.GlobalAveragePooling2D(name="pool")(x)

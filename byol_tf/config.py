@@ -170,16 +170,24 @@ class PretrainConfig:
         _check(self.bn_stats in BN_STATS_MODES, "bn_stats", self.bn_stats, f"must be one of {BN_STATS_MODES}")
         _check(self.base_lr > 0, "base_lr", self.base_lr, "must be > 0")
         _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
-        _check(0 <= self.warmup_epochs <= self.epochs, "warmup_epochs", self.warmup_epochs,
-               f"must be in [0, epochs] with epochs {self.epochs}")
+        _check(
+            0 <= self.warmup_epochs <= self.epochs,
+            "warmup_epochs",
+            self.warmup_epochs,
+            f"must be in [0, epochs] with epochs {self.epochs}",
+        )
         _check(0.0 <= self.base_tau <= 1.0, "base_tau", self.base_tau, "must be in [0, 1]")
         _check(self.temperature > 0, "temperature", self.temperature, "must be > 0")
         _check(self.probe_lr > 0, "probe_lr", self.probe_lr, "must be > 0")
         _check(isinstance(self.probe, bool), "probe", self.probe, "must be True or False")
         _check(isinstance(self.fast_kernels, bool), "fast_kernels", self.fast_kernels, "must be True or False")
         _check(0.0 < self.eval_crop_fraction <= 1.0, "eval_crop_fraction", self.eval_crop_fraction, "must be in (0, 1]")
-        _check(self.bn_momentum is None or 0.0 <= self.bn_momentum < 1.0, "bn_momentum", self.bn_momentum,
-               "must be None or in [0, 1)")
+        _check(
+            self.bn_momentum is None or 0.0 <= self.bn_momentum < 1.0,
+            "bn_momentum",
+            self.bn_momentum,
+            "must be None or in [0, 1)",
+        )
         _check(self.bn_epsilon is None or self.bn_epsilon > 0.0, "bn_epsilon", self.bn_epsilon, "must be None or > 0")
         _check(self.augment_on in AUGMENT_ON, "augment_on", self.augment_on, f"must be one of {AUGMENT_ON}")
         _check(self.steps_per_execution >= 1, "steps_per_execution", self.steps_per_execution, "must be >= 1")
@@ -193,9 +201,7 @@ class PretrainConfig:
         )
         if self.augment.image_size != self.image_size:
             # The views are made at the training resolution; keep one source of truth.
-            object.__setattr__(
-                self, "augment", dataclasses.replace(self.augment, image_size=self.image_size)
-            )
+            object.__setattr__(self, "augment", dataclasses.replace(self.augment, image_size=self.image_size))
 
     @property
     def peak_lr(self) -> float:
@@ -239,8 +245,14 @@ PRESETS = {
         # colour useless to BYOL too, and crops of at least 40% keep the shape in view.
         eval_crop_fraction=1.0,
         augment=dataclasses.replace(
-            _CIFAR_AUGMENT, crop_scale=(0.6, 1.0), jitter_prob=1.0, brightness=0.6, contrast=0.6,
-            saturation=0.9, hue=0.5, grayscale_prob=0.5,
+            _CIFAR_AUGMENT,
+            crop_scale=(0.6, 1.0),
+            jitter_prob=1.0,
+            brightness=0.6,
+            contrast=0.6,
+            saturation=0.9,
+            hue=0.5,
+            grayscale_prob=0.5,
         ),
     ),
     # Paper-style CIFAR-10 recipe for GPUs (solo-learn's BYOL CIFAR settings).

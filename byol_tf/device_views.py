@@ -13,6 +13,7 @@ import keras
 from byol_tf.augment import finish_pair
 from byol_tf.config import AugmentConfig
 
+
 @keras.saving.register_keras_serializable(package="byol_tf")
 class DeviceViews(keras.layers.Layer):
     """Finishes BYOL view pairs from host crops, inside the train step.
@@ -36,8 +37,9 @@ class DeviceViews(keras.layers.Layer):
         kwargs.setdefault("dtype", "float32")
         super().__init__(autocast=False, **kwargs)
         if isinstance(augment_config, dict):
-            augment_config = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                              for k, v in augment_config.items()})
+            augment_config = AugmentConfig(
+                **{k: tuple(v) if isinstance(v, list) else v for k, v in augment_config.items()}
+            )
         if not isinstance(augment_config, AugmentConfig):
             raise ValueError(f"`augment_config` must be an AugmentConfig. Received: augment_config={augment_config!r}")
         self.augment_config = augment_config

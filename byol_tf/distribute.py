@@ -63,7 +63,10 @@ def get_strategy(name="auto", cpu_replicas=None):
 
 
 def _auto_name(cpu_replicas):
-    if os.environ.get("TF_CONFIG") and len(json.loads(os.environ["TF_CONFIG"]).get("cluster", {}).get("worker", [])) > 1:
+    if (
+        os.environ.get("TF_CONFIG")
+        and len(json.loads(os.environ["TF_CONFIG"]).get("cluster", {}).get("worker", [])) > 1
+    ):
         return "multi_worker"
     if os.environ.get("TPU_NAME") or os.environ.get("COLAB_TPU_ADDR"):
         return "tpu"

@@ -120,8 +120,10 @@ class EMAUpdate(keras.callbacks.Callback):
         if self.total_steps is None:
             steps = (self.params or {}).get("steps")
             if not steps:
-                raise ValueError("EMAUpdate needs the run's length: pass `total_steps`, or `steps_per_epoch` to "
-                                 f"`fit` for a dataset of unknown size. Received: total_steps=None, steps={steps}")
+                raise ValueError(
+                    "EMAUpdate needs the run's length: pass `total_steps`, or `steps_per_epoch` to "
+                    f"`fit` for a dataset of unknown size. Received: total_steps=None, steps={steps}"
+                )
             self.total_steps = int(self.params["epochs"]) * int(steps)
         schedule = TauSchedule(self.total_steps, self.base_tau, self.bn_stats)
         self.in_step = getattr(self.model, "steps_per_execution", 1) > 1

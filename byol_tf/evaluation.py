@@ -20,8 +20,7 @@ except ImportError:
 
 def _resize_and_scale(images, image_size):
     """uint8 [B, H, W, 3] -> float32 [B, S, S, 3] in [0, 1]."""
-    images = tf.image.resize(tf.cast(images, tf.float32), (image_size, image_size),
-                             method="bilinear", antialias=True)
+    images = tf.image.resize(tf.cast(images, tf.float32), (image_size, image_size), method="bilinear", antialias=True)
     return tf.clip_by_value(images / 255.0, 0.0, 1.0)
 
 
@@ -58,16 +57,19 @@ class _Progress:
 def _run_embed_fn(fn, images, batch_size, what="images"):
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise ValueError("Expected uint8 images of shape [N, H, W, 3]. Received: "
-                         f"images.shape={images.shape}, dtype={images.dtype}")
+        raise ValueError(
+            f"Expected uint8 images of shape [N, H, W, 3]. Received: images.shape={images.shape}, dtype={images.dtype}"
+        )
     if len(images) == 0 or batch_size < 1:
-        raise ValueError("Expected at least one image and batch_size >= 1. Received: "
-                         f"images.shape={images.shape}, batch_size={batch_size}")
+        raise ValueError(
+            "Expected at least one image and batch_size >= 1. Received: "
+            f"images.shape={images.shape}, batch_size={batch_size}"
+        )
     # One fixed batch shape => one trace; the last batch is zero-padded and the
     # padding rows cut off (training=False, so they cannot affect the others).
     out, progress = [], _Progress(what, -(-len(images) // batch_size))
     for start in range(0, len(images), batch_size):
-        batch = images[start:start + batch_size]
+        batch = images[start : start + batch_size]
         real = len(batch)
         if real < batch_size:
             pad = np.zeros((batch_size - real,) + batch.shape[1:], np.uint8)
@@ -87,8 +89,11 @@ def embed_dataset(encoder, dataset, what="images"):
         `(features, labels)`: float32 `[N, D]` and int64 `[N]` numpy arrays.
     """
     size = dataset.element_spec[0].shape[1]
-    fn = tf.function(lambda x: encoder(x, training=False), input_signature=[tf.TensorSpec([None, size, size, 3])],
-                     reduce_retracing=True)
+    fn = tf.function(
+        lambda x: encoder(x, training=False),
+        input_signature=[tf.TensorSpec([None, size, size, 3])],
+        reduce_retracing=True,
+    )
     features, labels = [], []
     total = int(dataset.cardinality())
     progress = _Progress(what, total if total > 0 else None)
@@ -141,15 +146,13 @@ def _check_labels(name, y, n):
     if y.ndim == 2 and y.shape[1] == 1:  # e.g. keras.datasets.cifar10 labels
         y = y[:, 0]
     if y.ndim != 1 or len(y) != n:
-        raise ValueError(f"Expected {name} of shape [{n}] to match the features. "
-                         f"Received: {name}.shape={y.shape}")
+        raise ValueError(f"Expected {name} of shape [{n}] to match the features. Received: {name}.shape={y.shape}")
     if not np.issubdtype(y.dtype, np.integer) or (len(y) and y.min() < 0):
         raise ValueError(f"Expected non-negative integer {name}. Received: dtype={y.dtype}")
     return y.astype(np.int64)
 
 
-def knn_predict(train_features, train_labels, test_features, k=200, temperature=0.1,
-                num_classes=None, batch_size=1024):
+def knn_predict(train_features, train_labels, test_features, k=200, temperature=0.1, num_classes=None, batch_size=1024):
     """Weighted kNN predictions (InstDisc / solo-learn / DINO rule).
 
     Args:
@@ -171,22 +174,23 @@ def knn_predict(train_features, train_labels, test_features, k=200, temperature=
     test = _check_features("test_features", test_features)
     labels = _check_labels("train_labels", train_labels, len(train))
     if train.shape[1] != test.shape[1]:
-        raise ValueError("Expected train and test features of the same dimension. Received: "
-                         f"train_features.shape={train.shape}, test_features.shape={test.shape}")
+        raise ValueError(
+            "Expected train and test features of the same dimension. Received: "
+            f"train_features.shape={train.shape}, test_features.shape={test.shape}"
+        )
     _check_knn_args(k, temperature)
     if batch_size < 1:
         raise ValueError(f"Expected batch_size >= 1. Received: batch_size={batch_size}")
     max_label = int(labels.max())
     num_classes = max_label + 1 if num_classes is None else int(num_classes)
     if num_classes <= max_label:
-        raise ValueError(f"Expected num_classes > max(train_labels)={max_label}. "
-                         f"Received: num_classes={num_classes}")
+        raise ValueError(f"Expected num_classes > max(train_labels)={max_label}. Received: num_classes={num_classes}")
     k = min(int(k), len(train))
     bank = tf.math.l2_normalize(tf.constant(train), axis=1)
     bank_labels = tf.constant(labels)
     preds = []
     for start in range(0, len(test), batch_size):
-        q = tf.math.l2_normalize(tf.constant(test[start:start + batch_size]), axis=1)
+        q = tf.math.l2_normalize(tf.constant(test[start : start + batch_size]), axis=1)
         sims, idx = tf.math.top_k(tf.matmul(q, bank, transpose_b=True), k=k)
         # Subtracting each row's max similarity rescales its votes by a constant
         # (argmax unchanged) and keeps exp() finite for small temperatures.
@@ -195,8 +199,7 @@ def knn_predict(train_features, train_labels, test_features, k=200, temperature=
         # Segment sums over (row, class) ids instead of a one-hot [b, k, C]
         # tensor, which would not fit for ImageNet-sized C.
         seg = tf.gather(bank_labels, idx) + tf.range(b, dtype=tf.int64)[:, None] * num_classes
-        votes = tf.math.unsorted_segment_sum(tf.reshape(weights, [-1]), tf.reshape(seg, [-1]),
-                                             b * num_classes)
+        votes = tf.math.unsorted_segment_sum(tf.reshape(weights, [-1]), tf.reshape(seg, [-1]), b * num_classes)
         preds.append(tf.argmax(tf.reshape(votes, [b, num_classes]), axis=1).numpy())
     return np.concatenate(preds).astype(np.int64)
 
@@ -242,9 +245,20 @@ class KNNMonitor(keras.callbacks.Callback):
     ...     keras.callbacks.CSVLogger("log.csv")])
     """
 
-    def __init__(self, train_images, train_labels, test_images, test_labels, image_size,
-                 every_n_epochs=1, k=200, temperature=0.1, encoder_fn=None,
-                 batch_size=512, name="knn_acc"):
+    def __init__(
+        self,
+        train_images,
+        train_labels,
+        test_images,
+        test_labels,
+        image_size,
+        every_n_epochs=1,
+        k=200,
+        temperature=0.1,
+        encoder_fn=None,
+        batch_size=512,
+        name="knn_acc",
+    ):
         super().__init__()
         if not isinstance(every_n_epochs, int) or every_n_epochs < 1:
             raise ValueError(f"Expected every_n_epochs >= 1. Received: every_n_epochs={every_n_epochs}")
@@ -267,8 +281,9 @@ class KNNMonitor(keras.callbacks.Callback):
         if self.encoder_fn is not None:
             return self.encoder_fn(self.model)
         if not hasattr(self.model, "encoder"):
-            raise ValueError("KNNMonitor needs `model.encoder` or `encoder_fn`. "
-                             f"Received: model of type {type(self.model).__name__}")
+            raise ValueError(
+                f"KNNMonitor needs `model.encoder` or `encoder_fn`. Received: model of type {type(self.model).__name__}"
+            )
         return self.model.encoder
 
     def evaluate(self):
@@ -284,8 +299,7 @@ class KNNMonitor(keras.callbacks.Callback):
             bs = min(self.batch_size, max(len(self.train_images), len(self.test_images)))
             train = _run_embed_fn(self._fn_cache[1], self.train_images, bs, "kNN memory images")
             test = _run_embed_fn(self._fn_cache[1], self.test_images, bs, "kNN test images")
-        return knn_accuracy(train, self.train_labels, test, self.test_labels,
-                            k=self.k, temperature=self.temperature)
+        return knn_accuracy(train, self.train_labels, test, self.test_labels, k=self.k, temperature=self.temperature)
 
     def on_epoch_end(self, epoch, logs=None):
         if not is_monitor_epoch(epoch + 1, self.every_n_epochs, (self.params or {}).get("epochs")):
@@ -293,5 +307,7 @@ class KNNMonitor(keras.callbacks.Callback):
         acc = self.evaluate()
         if logs is not None:
             logs[self.name] = acc
-        _print_msg(f"Epoch {epoch + 1}: {self.name}={acc:.4f} (k={self.k}, "
-                   f"{len(self.train_labels)} train / {len(self.test_labels)} test)")
+        _print_msg(
+            f"Epoch {epoch + 1}: {self.name}={acc:.4f} (k={self.k}, "
+            f"{len(self.train_labels)} train / {len(self.test_labels)} test)"
+        )

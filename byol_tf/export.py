@@ -173,12 +173,18 @@ def export_encoder(encoder, export_dir, image_size, metadata=None, crop_fraction
         embedding_dim=None if embedding_dim is None else int(embedding_dim),
         normalisation=NORMALISATION,
         signatures={
-            "serving_default": {"inputs": {"images": "float32 [batch, height, width, 3], RGB 0..255"},
-                                "outputs": {"embedding": embedding}},
-            "serve_uint8": {"inputs": {"images": "uint8 [batch, height, width, 3], RGB"},
-                            "outputs": {"embedding": embedding}},
-            "serve_image_bytes": {"inputs": {"image_bytes": "string [batch], encoded JPEG/PNG/BMP/GIF"},
-                                  "outputs": {"embedding": embedding}},
+            "serving_default": {
+                "inputs": {"images": "float32 [batch, height, width, 3], RGB 0..255"},
+                "outputs": {"embedding": embedding},
+            },
+            "serve_uint8": {
+                "inputs": {"images": "uint8 [batch, height, width, 3], RGB"},
+                "outputs": {"embedding": embedding},
+            },
+            "serve_image_bytes": {
+                "inputs": {"image_bytes": "string [batch], encoded JPEG/PNG/BMP/GIF"},
+                "outputs": {"embedding": embedding},
+            },
         },
         library_version=__version__,
         exported_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -247,7 +253,9 @@ def export_run(run_dir, out_dir, version=None):
     encoder = run.load_encoder(safe_mode=True)
     image_size = config.get("image_size") or summary.get("image_size") or encoder.inputs[0].shape[1]
     if not image_size:
-        raise ValueError(f"No image_size in config.json and the encoder's input size is not fixed. Received: run_dir={run_dir!r}")
+        raise ValueError(
+            f"No image_size in config.json and the encoder's input size is not fixed. Received: run_dir={run_dir!r}"
+        )
     metadata = {
         "preset": config.get("preset", summary.get("preset")),
         "backbone": config.get("backbone", summary.get("backbone")),
@@ -260,14 +268,21 @@ def export_run(run_dir, out_dir, version=None):
     # A dot-folder: TF Serving ignores non-integer names, so it never sees this.
     tmp = tempfile.mkdtemp(prefix=".export-", dir=out_dir)
     try:
-        export_encoder(encoder, os.path.join(tmp, "saved_model"), image_size, metadata,
-                       crop_fraction=config.get("eval_crop_fraction", 1.0))
+        export_encoder(
+            encoder,
+            os.path.join(tmp, "saved_model"),
+            image_size,
+            metadata,
+            crop_fraction=config.get("eval_crop_fraction", 1.0),
+        )
         # A byte copy of the run's file, which load_model(safe_mode=True) just read.
         shutil.copyfile(encoder_path, os.path.join(tmp, "encoder.keras"))
         # Re-check: another export may have claimed the version meanwhile. os.rename
         # of a folder also refuses to replace a non-empty one.
         if os.path.exists(version_dir) or os.path.exists(keras_path(out_dir, version)):
-            raise ValueError(f"Version {version} appeared in {out_dir!r} during the export. Received: version={version}")
+            raise ValueError(
+                f"Version {version} appeared in {out_dir!r} during the export. Received: version={version}"
+            )
         os.rename(os.path.join(tmp, "saved_model"), version_dir)
         os.rename(os.path.join(tmp, "encoder.keras"), keras_path(out_dir, version))
     finally:

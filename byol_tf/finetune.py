@@ -72,9 +72,11 @@ def split_encoder(encoder):
     """
     models = [layer for layer in encoder.layers if isinstance(layer, keras.Model)]
     if len(models) != 1:
-        raise ValueError("Expected an encoder with exactly one nested backbone model (see "
-                         "byol_tf.backbones.build_encoder). Received: encoder layers="
-                         f"{[type(layer).__name__ for layer in encoder.layers]}")
+        raise ValueError(
+            "Expected an encoder with exactly one nested backbone model (see "
+            "byol_tf.backbones.build_encoder). Received: encoder layers="
+            f"{[type(layer).__name__ for layer in encoder.layers]}"
+        )
     norms = [layer for layer in encoder.layers if isinstance(layer, keras.layers.Normalization)]
     return (norms[0] if norms else None), models[0]
 
@@ -117,8 +119,9 @@ def build_classifier(encoder, num_classes, name="classifier"):
         import keras_hub
 
         # No preprocessor: the copied Normalization already does its job.
-        outputs = keras_hub.models.ImageClassifier(backbone=backbone, num_classes=num_classes,
-                                                   preprocessor=None, activation="softmax")(x)
+        outputs = keras_hub.models.ImageClassifier(
+            backbone=backbone, num_classes=num_classes, preprocessor=None, activation="softmax"
+        )(x)
     else:
         x = backbone(x)
         if len(x.shape) == 4:
@@ -138,7 +141,9 @@ def find_backbone(classifier):
     for layer in classifier.layers:
         if isinstance(layer, keras.Model):
             return layer
-    raise ValueError(f"No backbone found in the classifier. Received: layers={[layer.name for layer in classifier.layers]}")
+    raise ValueError(
+        f"No backbone found in the classifier. Received: layers={[layer.name for layer in classifier.layers]}"
+    )
 
 
 def _pad_crop_flip(images, seed, image_size):
@@ -180,8 +185,9 @@ def train_dataset(images, labels, image_size, batch_size, augment="auto", seed=0
         raise ValueError(f"`augment` must be one of {AUGMENTS}. Received: augment={augment!r}")
     if augment == "auto":
         augment = "crop_pad" if image_size <= 64 else "resized_crop"
-    rrc = AugmentConfig(image_size=image_size, jitter_prob=0.0, grayscale_prob=0.0,
-                        blur_prob=(0.0, 0.0), solarize_prob=(0.0, 0.0))
+    rrc = AugmentConfig(
+        image_size=image_size, jitter_prob=0.0, grayscale_prob=0.0, blur_prob=(0.0, 0.0), solarize_prob=(0.0, 0.0)
+    )
 
     def transform(index, batch):
         x, y = batch
@@ -194,9 +200,12 @@ def train_dataset(images, labels, image_size, batch_size, augment="auto", seed=0
             x = preprocess_eval(x, image_size)
         return x, y
 
-    pairs = (tf.data.Dataset.from_tensor_slices((np.asarray(images), np.asarray(labels, np.int64)))
-             .shuffle(len(images), seed=seed, reshuffle_each_iteration=True).repeat()
-             .batch(batch_size, drop_remainder=True))
+    pairs = (
+        tf.data.Dataset.from_tensor_slices((np.asarray(images), np.asarray(labels, np.int64)))
+        .shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
+        .repeat()
+        .batch(batch_size, drop_remainder=True)
+    )
     ds = tf.data.Dataset.zip(tf.data.Dataset.counter(dtype=tf.int64), pairs)
     return ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
@@ -231,8 +240,20 @@ class FinetuneResult:
     num_train: int
 
 
-def finetune(classifier, train, test, epochs=30, batch_size=128, lr=0.05, weight_decay=5e-4,
-             freeze_epochs=0, augment="auto", seed=0, verbose=0, callbacks=None):
+def finetune(
+    classifier,
+    train,
+    test,
+    epochs=30,
+    batch_size=128,
+    lr=0.05,
+    weight_decay=5e-4,
+    freeze_epochs=0,
+    augment="auto",
+    seed=0,
+    verbose=0,
+    callbacks=None,
+):
     """Fine-tunes a `build_classifier` model on labelled images, then tests it.
 
     Args:
@@ -262,8 +283,10 @@ def finetune(classifier, train, test, epochs=30, batch_size=128, lr=0.05, weight
     num_classes = int(classifier.output_shape[-1])
     top_label = int(max(train.labels.max(), test.labels.max()))
     if top_label >= num_classes:
-        raise ValueError(f"The classifier has {num_classes} classes but the labels go up to {top_label}. "
-                         f"Received: num_classes={num_classes}")
+        raise ValueError(
+            f"The classifier has {num_classes} classes but the labels go up to {top_label}. "
+            f"Received: num_classes={num_classes}"
+        )
     batch_size = min(int(batch_size), len(train))
     steps = len(train) // batch_size
     backbone = find_backbone(classifier)
@@ -277,15 +300,19 @@ def finetune(classifier, train, test, epochs=30, batch_size=128, lr=0.05, weight
         # so a change of `trainable` only takes effect after compiling again.
         _compile(classifier, lr, weight_decay, (stop - start) * steps)
         # Another seed per phase, so the second phase does not replay the first's batches.
-        dataset = train_dataset(train.images, train.labels, image_size, batch_size, augment,
-                                seed=seed + 1000 * phase)
-        fit = classifier.fit(dataset, initial_epoch=start, epochs=stop, steps_per_epoch=steps,
-                             verbose=verbose, callbacks=callbacks)
+        dataset = train_dataset(train.images, train.labels, image_size, batch_size, augment, seed=seed + 1000 * phase)
+        fit = classifier.fit(
+            dataset, initial_epoch=start, epochs=stop, steps_per_epoch=steps, verbose=verbose, callbacks=callbacks
+        )
         for key, values in fit.history.items():
             history.setdefault(key, []).extend(float(v) for v in values)
     backbone.trainable = True
     # Scored like the linear probe: Keras' top-k metric counts ties as hits,
     # which makes a saturated (one-hot) classifier look perfect at top-5.
     probs = classifier.predict(data_lib.eval_dataset(test.images, image_size, 1.0, 256).map(lambda x, _: x), verbose=0)
-    return FinetuneResult(top1=topk_accuracy(probs, test.labels, 1), top5=topk_accuracy(probs, test.labels, 5),
-                          history=history, num_train=len(train))
+    return FinetuneResult(
+        top1=topk_accuracy(probs, test.labels, 1),
+        top5=topk_accuracy(probs, test.labels, 5),
+        history=history,
+        num_train=len(train),
+    )

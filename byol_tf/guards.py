@@ -69,8 +69,10 @@ class GuardState:
         """Where the newest good saved state is, as a sentence."""
         if not self.last_good:
             return "No good checkpoint was saved before this happened."
-        parts = [f"{kind} at step {info['step']}: {info['path']}" for kind, info in
-                 sorted(self.last_good.items(), key=lambda kv: -kv[1]["step"])]
+        parts = [
+            f"{kind} at step {info['step']}: {info['path']}"
+            for kind, info in sorted(self.last_good.items(), key=lambda kv: -kv[1]["step"])
+        ]
         return "Last good state (kept): " + "; ".join(parts) + "."
 
 
@@ -270,8 +272,14 @@ class StepBackup(keras.callbacks.Callback):
         os.makedirs(tmp)
         self.model.save_weights(os.path.join(tmp, WEIGHTS_FILE))
         epoch, batch = divmod(step, self.steps_per_epoch)
-        info = {"step": step, "epoch": epoch, "batch_in_epoch": batch, "data_batch_index": step,
-                "time": time.time(), "run_info": self.run_info}
+        info = {
+            "step": step,
+            "epoch": epoch,
+            "batch_in_epoch": batch,
+            "data_batch_index": step,
+            "time": time.time(),
+            "run_info": self.run_info,
+        }
         if self.position_fn is not None:
             info["data_position"] = self.position_fn(step)
         _atomic_json(os.path.join(tmp, "run.json"), info)

@@ -124,8 +124,13 @@ def _fast_bn_call(layer):
 
     def call(inputs, training=None, mask=None):
         eligible = (
-            training and layer.trainable and mask is None and not layer.synchronized and not layer.renorm
-            and inputs.shape.rank in (2, 4) and layer.axis in (-1, inputs.shape.rank - 1)
+            training
+            and layer.trainable
+            and mask is None
+            and not layer.synchronized
+            and not layer.renorm
+            and inputs.shape.rank in (2, 4)
+            and layer.axis in (-1, inputs.shape.rank - 1)
         )
         return fused_batch_norm(layer, inputs) if eligible else plain(inputs, training=training, mask=mask)
 
@@ -154,7 +159,10 @@ def install_fast_kernels(model, filter_grad_as_matmul=None):
         if isinstance(layer, keras.layers.Conv2D) and type(layer).convolution_op is keras.layers.Conv2D.convolution_op:
             layer.convolution_op = _fast_conv_op(layer, filter_grad_as_matmul)
             switched += 1
-        elif isinstance(layer, keras.layers.BatchNormalization) and type(layer).call is keras.layers.BatchNormalization.call:
+        elif (
+            isinstance(layer, keras.layers.BatchNormalization)
+            and type(layer).call is keras.layers.BatchNormalization.call
+        ):
             layer.call = _fast_bn_call(layer)
             switched += 1
     return switched

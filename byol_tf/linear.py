@@ -48,8 +48,10 @@ def _check_positive_int(name, value):
 def _check_labels(name, labels, num):
     labels = np.asarray(labels)
     if labels.shape != (num,) or not np.issubdtype(labels.dtype, np.integer) or (num and labels.min() < 0):
-        raise ValueError(f"`{name}` must be non-negative integers of shape ({num},). "
-                         f"Received: {name} with shape={labels.shape}, dtype={labels.dtype}")
+        raise ValueError(
+            f"`{name}` must be non-negative integers of shape ({num},). "
+            f"Received: {name} with shape={labels.shape}, dtype={labels.dtype}"
+        )
     return labels.astype(np.int64)
 
 
@@ -88,16 +90,20 @@ def load_encoder(run_dir=None, encoder_path=None, random_init=False):
     config = load_run_config(run_dir) if run_dir else None
     if random_init:
         if config is None:
-            raise ValueError("A random-init encoder is rebuilt from the run's config.json, so it "
-                             f"needs `run_dir`. Received: run_dir={run_dir!r}")
+            raise ValueError(
+                "A random-init encoder is rebuilt from the run's config.json, so it "
+                f"needs `run_dir`. Received: run_dir={run_dir!r}"
+            )
         # Imported here: training pulls in the whole pretraining stack.
         from byol_tf.training import random_init_encoder
 
         return random_init_encoder(config), config
     path = encoder_path or (RunDir(run_dir).encoder_file if run_dir else None)
     if path is None or not os.path.exists(path):
-        raise ValueError("Expected an existing encoder file (`encoder_path`, or `run_dir` holding "
-                         f"encoder.keras). Received: run_dir={run_dir!r}, encoder_path={encoder_path!r}")
+        raise ValueError(
+            "Expected an existing encoder file (`encoder_path`, or `run_dir` holding "
+            f"encoder.keras). Received: run_dir={run_dir!r}, encoder_path={encoder_path!r}"
+        )
     return keras.saving.load_model(path), config
 
 
@@ -174,8 +180,11 @@ def load_eval_inputs(run_dir, encoder_path, random_init, data, eval_data, limit=
 def usage_message(error):
     """A library ValueError reworded with the scripts' flag names."""
     message = str(error).replace("run_dir=", "--run_dir=").replace("encoder_path=", "--encoder=")
-    return message.replace("Received: data=", "Received: --data=").replace(", data=", ", --data=").replace(
-        "eval_data=", "--eval_data=")
+    return (
+        message.replace("Received: data=", "Received: --data=")
+        .replace(", data=", ", --data=")
+        .replace("eval_data=", "--eval_data=")
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -225,8 +234,12 @@ def embed_with_flips(encoder, images, image_size):
     """
     # A copy, since a reversed view has negative strides.
     flipped = np.ascontiguousarray(np.asarray(images)[:, :, ::-1])
-    return np.concatenate([embed(encoder, images, image_size, what="training images"),
-                           embed(encoder, flipped, image_size, what="flipped training images")])
+    return np.concatenate(
+        [
+            embed(encoder, images, image_size, what="training images"),
+            embed(encoder, flipped, image_size, what="flipped training images"),
+        ]
+    )
 
 
 def topk_accuracy(logits, labels, k):
@@ -255,17 +268,30 @@ def build_linear_classifier(train_features, num_classes, feature_norm="standardi
     inputs = keras.Input((train_features.shape[1],), name="features")
     x = inputs
     if feature_norm == "standardize":
-        x = keras.layers.Normalization(mean=train_features.mean(0), variance=train_features.var(0),
-                                       name="standardize")(x)
+        x = keras.layers.Normalization(mean=train_features.mean(0), variance=train_features.var(0), name="standardize")(
+            x
+        )
     elif feature_norm == "l2":
         x = keras.layers.UnitNormalization(name="l2_normalize")(x)
     outputs = keras.layers.Dense(num_classes, name="linear")(x)
     return keras.Model(inputs, outputs, name="linear_probe")
 
 
-def train_linear(train_features, train_labels, test_features, test_labels, num_classes=None, epochs=100,
-                 batch_size=256, lr=0.1, momentum=0.9, weight_decay=0.0, feature_norm="standardize", seed=0,
-                 verbose=0):
+def train_linear(
+    train_features,
+    train_labels,
+    test_features,
+    test_labels,
+    num_classes=None,
+    epochs=100,
+    batch_size=256,
+    lr=0.1,
+    momentum=0.9,
+    weight_decay=0.0,
+    feature_norm="standardize",
+    seed=0,
+    verbose=0,
+):
     """Trains a linear classifier on fixed features and scores it on the test ones.
 
     Args:
@@ -293,11 +319,15 @@ def train_linear(train_features, train_labels, test_features, test_labels, num_c
     train_features = np.asarray(train_features, np.float32)
     test_features = np.asarray(test_features, np.float32)
     if train_features.ndim != 2 or test_features.ndim != 2 or train_features.shape[1] != test_features.shape[1]:
-        raise ValueError("Expected 2-D train and test features of the same width. Received: "
-                         f"train_features.shape={train_features.shape}, test_features.shape={test_features.shape}")
+        raise ValueError(
+            "Expected 2-D train and test features of the same width. Received: "
+            f"train_features.shape={train_features.shape}, test_features.shape={test_features.shape}"
+        )
     if not len(train_features) or not len(test_features):
-        raise ValueError("Expected at least one train and one test feature. Received: "
-                         f"train_features.shape={train_features.shape}, test_features.shape={test_features.shape}")
+        raise ValueError(
+            "Expected at least one train and one test feature. Received: "
+            f"train_features.shape={train_features.shape}, test_features.shape={test_features.shape}"
+        )
     train_labels = _check_labels("train_labels", train_labels, len(train_features))
     test_labels = _check_labels("test_labels", test_labels, len(test_features))
     _check_positive_int("epochs", epochs)
@@ -307,7 +337,9 @@ def train_linear(train_features, train_labels, test_features, test_labels, num_c
     top_label = int(max(train_labels.max(), test_labels.max()))
     num_classes = top_label + 1 if num_classes is None else int(num_classes)
     if num_classes <= top_label:
-        raise ValueError(f"`num_classes` must exceed the largest label {top_label}. Received: num_classes={num_classes}")
+        raise ValueError(
+            f"`num_classes` must exceed the largest label {top_label}. Received: num_classes={num_classes}"
+        )
 
     keras.utils.set_random_seed(seed)
     batch_size = min(batch_size, len(train_features))
@@ -318,9 +350,12 @@ def train_linear(train_features, train_labels, test_features, test_labels, num_c
         optimizer=keras.optimizers.SGD(schedule, momentum=momentum, weight_decay=weight_decay or None),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
-    dataset = (tf.data.Dataset.from_tensor_slices((train_features, train_labels))
-               .shuffle(len(train_features), seed=seed, reshuffle_each_iteration=True)
-               .batch(batch_size).prefetch(tf.data.AUTOTUNE))
+    dataset = (
+        tf.data.Dataset.from_tensor_slices((train_features, train_labels))
+        .shuffle(len(train_features), seed=seed, reshuffle_each_iteration=True)
+        .batch(batch_size)
+        .prefetch(tf.data.AUTOTUNE)
+    )
     model.fit(dataset, epochs=epochs, verbose=verbose)
     test_logits = model.predict(test_features, batch_size=1024, verbose=0)
     train_logits = model.predict(train_features, batch_size=1024, verbose=0)
@@ -362,7 +397,8 @@ def linear_eval(encoder, train, test, label_fraction=1.0, flip_augment=False, se
         train_features = embed(encoder, images, image_size, what="training images")
     test_features = embed(encoder, test.images, image_size, what="test images")
     num_classes = max(train.num_classes or 0, test.num_classes or 0) or None
-    result = train_linear(train_features, labels, test_features, test.labels, num_classes=num_classes,
-                          seed=seed, **kwargs)
+    result = train_linear(
+        train_features, labels, test_features, test.labels, num_classes=num_classes, seed=seed, **kwargs
+    )
     result.update(label_fraction=float(label_fraction), flip_augment=bool(flip_augment))
     return result

@@ -39,8 +39,10 @@ def pooled_encoder(encoder, input_shape=None):
         shape, rank = tuple(encoder.inputs[0].shape[1:]), len(encoder.output.shape)
     except (AttributeError, ValueError, TypeError, IndexError):  # subclassed: no graph yet
         if input_shape is None:
-            raise ValueError("A subclassed encoder has no input shape of its own: pass `input_shape`, e.g. "
-                             "(224, 224, 3). Received: input_shape=None") from None
+            raise ValueError(
+                "A subclassed encoder has no input shape of its own: pass `input_shape`, e.g. "
+                "(224, 224, 3). Received: input_shape=None"
+            ) from None
         shape, rank = tuple(input_shape), None
     if rank == 2:
         return encoder
@@ -111,9 +113,20 @@ class BYOL(keras.Model):
     `byol_tf.views` stream when it is not given.
     """
 
-    def __init__(self, encoder, projector=None, predictor=None, loss="byol", temperature=0.1, probe_classes=None,
-                 probe_learning_rate=1e-3, device_views=None, base_tau=0.996, input_shape=None,
-                 **kwargs):
+    def __init__(
+        self,
+        encoder,
+        projector=None,
+        predictor=None,
+        loss="byol",
+        temperature=0.1,
+        probe_classes=None,
+        probe_learning_rate=1e-3,
+        device_views=None,
+        base_tau=0.996,
+        input_shape=None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if not 0.0 <= base_tau <= 1.0:
             raise ValueError(f"`base_tau` must be in [0, 1]. Received: base_tau={base_tau!r}")
@@ -124,11 +137,16 @@ class BYOL(keras.Model):
         self.base_tau = base_tau
         if loss not in losses.LOSSES:
             raise ValueError(f"Unknown loss; expected one of {sorted(losses.LOSSES)}. Received: loss={loss!r}")
-        if probe_classes is not None and (isinstance(probe_classes, bool) or not isinstance(probe_classes, int)
-                                          or probe_classes < 2):
-            raise ValueError(f"`probe_classes` must be None or an integer >= 2. Received: probe_classes={probe_classes!r}")
+        if probe_classes is not None and (
+            isinstance(probe_classes, bool) or not isinstance(probe_classes, int) or probe_classes < 2
+        ):
+            raise ValueError(
+                f"`probe_classes` must be None or an integer >= 2. Received: probe_classes={probe_classes!r}"
+            )
         if not probe_learning_rate > 0:
-            raise ValueError(f"`probe_learning_rate` must be > 0. Received: probe_learning_rate={probe_learning_rate!r}")
+            raise ValueError(
+                f"`probe_learning_rate` must be > 0. Received: probe_learning_rate={probe_learning_rate!r}"
+            )
         self.encoder = encoder
         self.projector = projector
         self.predictor = predictor
@@ -147,7 +165,9 @@ class BYOL(keras.Model):
         self.target_ema_variables = self.target_encoder.weights + self.target_projector.weights
         for online, target in zip(self.online_ema_variables, self.target_ema_variables):
             if online.shape != target.shape:
-                raise ValueError(f"Online and target variables do not match. Received: {online.path} {online.shape} vs {target.path} {target.shape}")
+                raise ValueError(
+                    f"Online and target variables do not match. Received: {online.path} {online.shape} vs {target.path} {target.shape}"
+                )
         self.device_views = device_views
         self.tau = self.add_weight(shape=(), initializer="zeros", trainable=False, name="tau")
         # Set by `EMAUpdate` at the start of `fit`.
@@ -176,7 +196,9 @@ class BYOL(keras.Model):
 
     @property
     def online_trainable_variables(self):
-        return self.encoder.trainable_variables + self.projector.trainable_variables + self.predictor.trainable_variables
+        return (
+            self.encoder.trainable_variables + self.projector.trainable_variables + self.predictor.trainable_variables
+        )
 
     def call(self, images, training=False):
         return self.encoder(images, training=training)
@@ -221,12 +243,17 @@ class BYOL(keras.Model):
 
         Host crops (a dict, with or without labels) are finished into views here.
         """
-        views, labels = (data, None) if isinstance(data, dict) else (
-            data if len(data) == 2 and isinstance(data[0], (tuple, list, dict)) else (data, None))
+        views, labels = (
+            (data, None)
+            if isinstance(data, dict)
+            else (data if len(data) == 2 and isinstance(data[0], (tuple, list, dict)) else (data, None))
+        )
         if isinstance(views, dict):
             if self.device_views is None:
-                raise ValueError("The batches are host crops (augment_on='device'), but this BYOL has no "
-                                 "`device_views` to finish them. Received: device_views=None")
+                raise ValueError(
+                    "The batches are host crops (augment_on='device'), but this BYOL has no "
+                    "`device_views` to finish them. Received: device_views=None"
+                )
             views = self.device_views(views)
         return views[0], views[1], labels
 
@@ -260,9 +287,7 @@ class BYOL(keras.Model):
         with tf.GradientTape() as tape:
             h1, z1, p1 = self._online(view1)
             _, _, p2 = self._online(view2)
-            loss = tf.reduce_mean(
-                losses.symmetric_loss(p1, p2, z1_target, z2_target, self.loss_name, self.temperature)
-            )
+            loss = tf.reduce_mean(losses.symmetric_loss(p1, p2, z1_target, z2_target, self.loss_name, self.temperature))
             # Weight regularisers of the online networks (a user's or a
             # keras.applications backbone): added as Keras's `compute_loss`
             # does. The target's variables are non-trainable, so not counted.
@@ -385,17 +410,34 @@ def build_byol(config, strategy_replicas=1, backbone=None, probe_classes=None):
     from byol_tf.backbones import build_encoder
 
     sync = strategy_replicas > 1
-    encoder = build_encoder(backbone if backbone is not None else config.backbone, config.image_size, synchronized=sync,
-                            bn_momentum=config.bn_momentum, bn_epsilon=config.bn_epsilon)
+    encoder = build_encoder(
+        backbone if backbone is not None else config.backbone,
+        config.image_size,
+        synchronized=sync,
+        bn_momentum=config.bn_momentum,
+        bn_epsilon=config.bn_epsilon,
+    )
     # The heads are ours: the paper's BN unless the config says otherwise.
-    heads_bn = dict(synchronized=sync, bn_momentum=0.9 if config.bn_momentum is None else config.bn_momentum,
-                    bn_epsilon=1e-5 if config.bn_epsilon is None else config.bn_epsilon)
+    heads_bn = dict(
+        synchronized=sync,
+        bn_momentum=0.9 if config.bn_momentum is None else config.bn_momentum,
+        bn_epsilon=1e-5 if config.bn_epsilon is None else config.bn_epsilon,
+    )
     projector = MLPHead(config.projector_hidden, config.projection_dim, name="projector", **heads_bn)
     predictor = MLPHead(config.predictor_hidden, config.projection_dim, name="predictor", **heads_bn)
     device_views = DeviceViews(config.augment, name="device_views") if config.augment_on == "device" else None
-    model = BYOL(encoder, projector, predictor, loss=config.loss, temperature=config.temperature,
-                 probe_classes=probe_classes, probe_learning_rate=config.probe_lr, device_views=device_views,
-                 base_tau=config.base_tau, name="byol")
+    model = BYOL(
+        encoder,
+        projector,
+        predictor,
+        loss=config.loss,
+        temperature=config.temperature,
+        probe_classes=probe_classes,
+        probe_learning_rate=config.probe_lr,
+        device_views=device_views,
+        base_tau=config.base_tau,
+        name="byol",
+    )
     if config.fast_kernels:
         # CPU speed paths (the same maths): the training entry point's choice, not the model's.
         kernels.install_fast_kernels(model)

@@ -36,8 +36,9 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
 
     def __init__(self, peak_lr, warmup_steps, total_steps, final_lr=0.0):
         _check(total_steps > 0, "total_steps", total_steps, "must be > 0")
-        _check(0 <= warmup_steps <= total_steps, "warmup_steps", warmup_steps,
-               f"must be in [0, total_steps={total_steps}]")
+        _check(
+            0 <= warmup_steps <= total_steps, "warmup_steps", warmup_steps, f"must be in [0, total_steps={total_steps}]"
+        )
         _check(peak_lr >= 0, "peak_lr", peak_lr, "must be >= 0")
         _check(0 <= final_lr <= peak_lr, "final_lr", final_lr, f"must be in [0, peak_lr={peak_lr}]")
         self.peak_lr = float(peak_lr)
@@ -56,8 +57,12 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
         return ops.where(step < self.warmup_steps, warm, decayed)
 
     def get_config(self):
-        return {"peak_lr": self.peak_lr, "warmup_steps": self.warmup_steps,
-                "total_steps": self.total_steps, "final_lr": self.final_lr}
+        return {
+            "peak_lr": self.peak_lr,
+            "warmup_steps": self.warmup_steps,
+            "total_steps": self.total_steps,
+            "final_lr": self.final_lr,
+        }
 
 
 @keras.saving.register_keras_serializable(package="byol_tf")
@@ -86,9 +91,18 @@ class LARS(keras.optimizers.Optimizer):
         **kwargs: base optimizer arguments (`clipnorm`, `global_clipnorm`, ...).
     """
 
-    def __init__(self, learning_rate=0.1, momentum=0.9, weight_decay=1.5e-6, eta=1e-3,
-                 nesterov=False, exclude_from_adaptation=None, exclude_from_weight_decay=None,
-                 name="lars", **kwargs):
+    def __init__(
+        self,
+        learning_rate=0.1,
+        momentum=0.9,
+        weight_decay=1.5e-6,
+        eta=1e-3,
+        nesterov=False,
+        exclude_from_adaptation=None,
+        exclude_from_weight_decay=None,
+        name="lars",
+        **kwargs,
+    ):
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
         _check(0 <= momentum < 1, "momentum", momentum, "must be in [0, 1)")
         _check(weight_decay >= 0, "weight_decay", weight_decay, "must be >= 0")
@@ -112,8 +126,9 @@ class LARS(keras.optimizers.Optimizer):
         super().build(var_list)
         self.momentums = [self.add_variable_from_reference(v, "momentum") for v in var_list]
         # `_use_weight_decay` honours `exclude_from_weight_decay(var_list=...)` calls.
-        self._decay_mask = [not self._excluded(v, self.exclude_from_weight_decay_names)
-                            and self._use_weight_decay(v) for v in var_list]
+        self._decay_mask = [
+            not self._excluded(v, self.exclude_from_weight_decay_names) and self._use_weight_decay(v) for v in var_list
+        ]
         self._adapt_mask = [not self._excluded(v, self.exclude_from_adaptation) for v in var_list]
 
     def update_step(self, gradient, variable, learning_rate):
@@ -138,10 +153,16 @@ class LARS(keras.optimizers.Optimizer):
     def get_config(self):
         config = super().get_config()
         config.pop("weight_decay", None)
-        config.update({
-            "momentum": self.momentum, "weight_decay": self.lars_weight_decay, "eta": self.eta,
-            "nesterov": self.nesterov, "exclude_from_adaptation": self.exclude_from_adaptation,
-            "exclude_from_weight_decay": self.exclude_from_weight_decay_names})
+        config.update(
+            {
+                "momentum": self.momentum,
+                "weight_decay": self.lars_weight_decay,
+                "eta": self.eta,
+                "nesterov": self.nesterov,
+                "exclude_from_adaptation": self.exclude_from_adaptation,
+                "exclude_from_weight_decay": self.exclude_from_weight_decay_names,
+            }
+        )
         return config
 
 
@@ -180,9 +201,13 @@ def build_optimizer(config, steps_per_epoch):
         raise ValueError(
             f"A LARS-sized learning rate makes {name} diverge or collapse; the peak rate "
             f"base_lr * batch_size / 256 should be about 1e-3 (base_lr={suggestion:.3g} for "
-            f"batch_size={config.batch_size}). Received: optimizer={name!r}, peak_lr={peak!r}")
-    schedule = WarmupCosine(peak_lr=peak, warmup_steps=round(config.warmup_epochs * steps_per_epoch),
-                            total_steps=config.epochs * steps_per_epoch)
+            f"batch_size={config.batch_size}). Received: optimizer={name!r}, peak_lr={peak!r}"
+        )
+    schedule = WarmupCosine(
+        peak_lr=peak,
+        warmup_steps=round(config.warmup_epochs * steps_per_epoch),
+        total_steps=config.epochs * steps_per_epoch,
+    )
     decay = config.weight_decay or None
     if name == "lars":
         return LARS(schedule, momentum=config.momentum, weight_decay=config.weight_decay)

@@ -50,8 +50,9 @@ def read_metrics(path):
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or "epoch" not in reader.fieldnames:
-            raise ValueError(f"Expected a CSV file with an `epoch` column. Received: path={path!r}, "
-                             f"columns={reader.fieldnames}")
+            raise ValueError(
+                f"Expected a CSV file with an `epoch` column. Received: path={path!r}, columns={reader.fieldnames}"
+            )
         for row in reader:
             # A resumed run appends the epochs it redoes: the last row wins.
             rows[int(float(row["epoch"]))] = row
@@ -151,7 +152,9 @@ def plot_embedding_map(encoder, eval_set, out_path, max_points=2000, seed=0, cro
 
     source = data.open_source(eval_set)
     if not source.labelled:
-        raise ValueError(f"The embedding map is coloured by label. Received: eval_set from {source.name!r} (unlabelled)")
+        raise ValueError(
+            f"The embedding map is coloured by label. Received: eval_set from {source.name!r} (unlabelled)"
+        )
     if isinstance(source, data.ArraySource) and source.num_examples > max_points:
         index = np.sort(np.random.default_rng(seed).choice(source.num_examples, max_points, replace=False))
         source = data.ArraySource(data.ImageSet(source.images[index], source.labels[index], source.class_names))
@@ -202,6 +205,7 @@ def plot_run(run_dir, eval_set=None, encoder=None, max_points=2000, crop_fractio
     written = {"metrics": plot_metrics(run.metrics_file, run.metrics_plot)}
     if eval_set is not None:
         encoder = run.load_encoder() if encoder is None else encoder
-        written["embedding_map"] = plot_embedding_map(encoder, eval_set, run.embedding_plot,
-                                                      max_points=max_points, crop_fraction=crop_fraction)
+        written["embedding_map"] = plot_embedding_map(
+            encoder, eval_set, run.embedding_plot, max_points=max_points, crop_fraction=crop_fraction
+        )
     return written

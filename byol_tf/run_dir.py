@@ -1,12 +1,12 @@
 """`RunDir`: every path of a pretraining run folder, and what other programs read from it.
 
-    RUN/config.json        the `PretrainConfig`
-    RUN/summary.json       the outcome (`status`, steps, kNN, skipped files)
-    RUN/metrics.csv        one row per epoch; RUN/tensorboard/ the same, live
-    RUN/backup/            the full training state for an exact resume
-    RUN/checkpoints/byol.keras   the whole model, each epoch
-    RUN/encoder.keras      the final online encoder
-    RUN/metrics.png, RUN/embedding_map.png   the plots
+RUN/config.json        the `PretrainConfig`
+RUN/summary.json       the outcome (`status`, steps, kNN, skipped files)
+RUN/metrics.csv        one row per epoch; RUN/tensorboard/ the same, live
+RUN/backup/            the full training state for an exact resume
+RUN/checkpoints/byol.keras   the whole model, each epoch
+RUN/encoder.keras      the final online encoder
+RUN/metrics.png, RUN/embedding_map.png   the plots
 """
 
 import dataclasses
@@ -81,5 +81,7 @@ class RunDir:
         from byol_tf import backbones, model  # noqa: F401 - registers byol-tf's layers
 
         if not os.path.isfile(self.encoder_file):
-            raise ValueError(f"The run folder has no encoder.keras; is it a finished run? Received: run_dir={self.path!r}")
+            raise ValueError(
+                f"The run folder has no encoder.keras; is it a finished run? Received: run_dir={self.path!r}"
+            )
         return keras.saving.load_model(self.encoder_file, safe_mode=safe_mode)

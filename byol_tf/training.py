@@ -24,14 +24,25 @@ from byol_tf.plots import plot_run
 from byol_tf.resume import check_out_dir, check_resume, remove, resume_backup, truncate_metrics
 from byol_tf.run_dir import RunDir
 
-__all__ = ["run_pretraining", "check_out_dir", "check_resume", "load_source", "eval_data", "knn_eval",
-           "random_init_encoder", "probe_classes"]
+__all__ = [
+    "run_pretraining",
+    "check_out_dir",
+    "check_resume",
+    "load_source",
+    "eval_data",
+    "knn_eval",
+    "random_init_encoder",
+    "probe_classes",
+]
 
 
 def probe_classes(train, eval_set=None):
     """Classes for the online linear probe: the class names, or enough for every label of in-memory sets."""
-    labels = [int(np.max(s.labels)) + 1 for s in (train, eval_set)
-              if s is not None and getattr(s, "labels", None) is not None and len(s.labels)]
+    labels = [
+        int(np.max(s.labels)) + 1
+        for s in (train, eval_set)
+        if s is not None and getattr(s, "labels", None) is not None and len(s.labels)
+    ]
     count = max([len(s.class_names or []) for s in (train, eval_set) if s is not None] + labels)
     # A probe needs two classes; a one-class set still gets a valid (if trivial) probe.
     return max(2, count)
@@ -57,7 +68,9 @@ def knn_eval(encoder, config, memory, test, k=200):
 def random_init_encoder(config):
     """The run's backbone at the random init the run started from."""
     keras.utils.set_random_seed(config.seed)
-    return build_encoder(config.backbone, config.image_size, bn_momentum=config.bn_momentum, bn_epsilon=config.bn_epsilon)
+    return build_encoder(
+        config.backbone, config.image_size, bn_momentum=config.bn_momentum, bn_epsilon=config.bn_epsilon
+    )
 
 
 @dataclasses.dataclass
@@ -80,17 +93,22 @@ class _Run:
         return distribute.input_pipelines(self.strategy)
 
 
-def _validate(config, train, eval_set, out_dir, strategy, overwrite, backup_every_steps, on_collapse,
-              collapse_patience):
+def _validate(
+    config, train, eval_set, out_dir, strategy, overwrite, backup_every_steps, on_collapse, collapse_patience
+):
     """Every check that needs no model; returns the run's shared state, its backup found."""
     check_out_dir(out_dir, overwrite)
     train = data_lib.open_source(train)
     eval_set = None if eval_set is None else data_lib.open_source(eval_set)
     if eval_set is not None and not train.labelled:
-        raise ValueError("kNN evaluation uses the training images as memory, so they need labels. "
-                         f"Received: data={train.name!r} (unlabelled)")
+        raise ValueError(
+            "kNN evaluation uses the training images as memory, so they need labels. "
+            f"Received: data={train.name!r} (unlabelled)"
+        )
     if config.probe and not train.labelled:
-        raise ValueError(f"The online linear probe (probe=True) trains on labels. Received: data={train.name!r} (unlabelled)")
+        raise ValueError(
+            f"The online linear probe (probe=True) trains on labels. Received: data={train.name!r} (unlabelled)"
+        )
     if on_collapse not in ("stop", "warn"):
         raise ValueError(f"`on_collapse` must be 'stop' or 'warn'. Received: on_collapse={on_collapse!r}")
     if collapse_patience < 1:
@@ -102,12 +120,19 @@ def _validate(config, train, eval_set, out_dir, strategy, overwrite, backup_ever
     distribute.check_steps_per_execution(config.steps_per_execution, strategy)
     steps = data_lib.steps_per_epoch(train.num_examples, config.batch_size)
     if steps < 1:
-        raise ValueError(f"Not enough images for one batch: {train.num_examples} images in {train.name}. "
-                         f"Received: batch_size={config.batch_size}")
+        raise ValueError(
+            f"Not enough images for one batch: {train.num_examples} images in {train.name}. "
+            f"Received: batch_size={config.batch_size}"
+        )
     data_lib.check_decodable(train)
-    run_info = {"data": train.name, "num_train_images": train.num_examples, "steps_per_epoch": steps,
-                "total_steps": steps * config.epochs, "replicas": strategy.num_replicas_in_sync,
-                "workers": distribute.input_pipelines(strategy)[0]}
+    run_info = {
+        "data": train.name,
+        "num_train_images": train.num_examples,
+        "steps_per_epoch": steps,
+        "total_steps": steps * config.epochs,
+        "replicas": strategy.num_replicas_in_sync,
+        "workers": distribute.input_pipelines(strategy)[0],
+    }
     backup = resume_backup(out_dir, config, run_info, overwrite)
     # Only the chief writes the run folder; other workers of a multi-worker cluster
     # write to a temporary folder deleted at the end (they read the chief's backup).
@@ -125,10 +150,17 @@ def _build(r, sync_bn, backbone, jit_compile, deterministic):
     keras.mixed_precision.set_global_policy(r.config.precision)
     keras.utils.set_random_seed(r.config.seed)
     with r.strategy.scope():
-        model = build_byol(r.config, replicas if sync_bn else 1, backbone=backbone,
-                           probe_classes=probe_classes(r.train, r.eval_set) if r.config.probe else None)
-        model.compile(optimizer=build_optimizer(r.config, r.steps), steps_per_execution=r.config.steps_per_execution,
-                      jit_compile=jit_compile)
+        model = build_byol(
+            r.config,
+            replicas if sync_bn else 1,
+            backbone=backbone,
+            probe_classes=probe_classes(r.train, r.eval_set) if r.config.probe else None,
+        )
+        model.compile(
+            optimizer=build_optimizer(r.config, r.steps),
+            steps_per_execution=r.config.steps_per_execution,
+            jit_compile=jit_compile,
+        )
     return model
 
 
@@ -166,8 +198,9 @@ def _tracker(r):
     return tracker, lambda step: distribute.gather_from_workers(r.strategy, tracker.after(step))
 
 
-def _callbacks(r, state, position_fn, knn_every, backup_every_steps, collapse_threshold, collapse_patience,
-               on_collapse, extra):
+def _callbacks(
+    r, state, position_fn, knn_every, backup_every_steps, collapse_threshold, collapse_patience, on_collapse, extra
+):
     """The run's callbacks, in the order they must run."""
     config, steps = r.config, r.steps
     if collapse_threshold is None:
@@ -180,8 +213,16 @@ def _callbacks(r, state, position_fn, knn_every, backup_every_steps, collapse_th
     callbacks += list(extra or [])
     if r.eval_set is not None:
         # Before the loggers: they read the kNN accuracy from the shared logs.
-        callbacks.append(KNNMonitor(eval_data(r.train, config), None, eval_data(r.eval_set, config), None,
-                                    config.image_size, every_n_epochs=knn_every))
+        callbacks.append(
+            KNNMonitor(
+                eval_data(r.train, config),
+                None,
+                eval_data(r.eval_set, config),
+                None,
+                config.image_size,
+                every_n_epochs=knn_every,
+            )
+        )
     callbacks += [
         guards.StepBackup(r.run.backup_dir, backup_every_steps or steps, steps, state, r.run_info, position_fn),
         keras.callbacks.CSVLogger(r.run.metrics_file, append=True),
@@ -203,26 +244,51 @@ def _fit(r, model, callbacks, state, tracker, streamed, knn_every, verbose, auto
     validation = {}
     if config.probe and r.eval_set is not None:
         # The probe is validated on the kNN monitor's epochs (`val_probe_acc`).
-        validation = dict(validation_data=eval_data(r.eval_set, config), validation_freq=[
-            e for e in range(1, config.epochs + 1) if is_monitor_epoch(e, knn_every, config.epochs)])
+        validation = dict(
+            validation_data=eval_data(r.eval_set, config),
+            validation_freq=[e for e in range(1, config.epochs + 1) if is_monitor_epoch(e, knn_every, config.epochs)],
+        )
 
     def fit(first_step, epoch, end_epoch, steps_per_epoch):
         # The stream is a pure function of the position: resume where step `first_step` starts.
         position = tracker.after(first_step) if streamed else None  # arrays: the batch index
 
         def make(context=None):
-            return data_lib.pretrain_dataset(r.train, config.batch_size, config.augment, seed=config.seed,
-                                             autotune=autotune, start_step=first_step, start_position=position,
-                                             with_labels=config.probe, tracker=tracker, input_context=context,
-                                             augment_on=config.augment_on)
+            return data_lib.pretrain_dataset(
+                r.train,
+                config.batch_size,
+                config.augment,
+                seed=config.seed,
+                autotune=autotune,
+                start_step=first_step,
+                start_position=position,
+                with_labels=config.probe,
+                tracker=tracker,
+                input_context=context,
+                augment_on=config.augment_on,
+            )
 
         # Several workers: each builds its own share (its files), in per-replica batches.
         dataset = r.strategy.distribute_datasets_from_function(make) if r.workers[0] > 1 else make()
-        return model.fit(dataset, initial_epoch=epoch, epochs=end_epoch, steps_per_epoch=steps_per_epoch,
-                         callbacks=callbacks, verbose=verbose, **validation).history
+        return model.fit(
+            dataset,
+            initial_epoch=epoch,
+            epochs=end_epoch,
+            steps_per_epoch=steps_per_epoch,
+            callbacks=callbacks,
+            verbose=verbose,
+            **validation,
+        ).history
 
-    logging.info("Pretraining %s on %d images: %d epochs x %d steps, global batch %d, peak lr %.4g",
-                 config.backbone, r.train.num_examples, config.epochs, steps, config.batch_size, config.peak_lr)
+    logging.info(
+        "Pretraining %s on %d images: %d epochs x %d steps, global batch %d, peak lr %.4g",
+        config.backbone,
+        r.train.num_examples,
+        config.epochs,
+        steps,
+        config.batch_size,
+        config.peak_lr,
+    )
     history = {}
     epoch, offset = divmod(r.start_step, steps)
     if offset and epoch < config.epochs:
@@ -238,8 +304,13 @@ def _summarise(r, model, history, state, train_seconds, compare_random_init):
     config, train = r.config, r.train
     steps_done = guards._step(model)
     summary = {
-        "version": __version__, "status": state.status, "preset": config.preset, "backbone": config.backbone,
-        "image_size": config.image_size, "steps": steps_done, "total_steps": r.steps * config.epochs,
+        "version": __version__,
+        "status": state.status,
+        "preset": config.preset,
+        "backbone": config.backbone,
+        "image_size": config.image_size,
+        "steps": steps_done,
+        "total_steps": r.steps * config.epochs,
         "resumed_from_step": r.start_step if r.backup else None,
         "train_seconds": round(train_seconds, 1),
         "images_per_sec": round((steps_done - r.start_step) * config.batch_size / max(train_seconds, 1e-9), 1),
@@ -247,7 +318,8 @@ def _summarise(r, model, history, state, train_seconds, compare_random_init):
         "num_skipped": sum(distribute.gather_from_workers(r.strategy, train.num_skipped)),
         # This worker's (every worker logs its own); `num_skipped` counts them all.
         "skipped_files": [list(item) for item in train.skips.items()[:100]],
-        "strategy": type(r.strategy).__name__, "replicas": r.strategy.num_replicas_in_sync,
+        "strategy": type(r.strategy).__name__,
+        "replicas": r.strategy.num_replicas_in_sync,
         "final": {k: float(v[-1]) for k, v in history.items() if len(v)},
     }
     if state.stopped:
@@ -259,17 +331,25 @@ def _summarise(r, model, history, state, train_seconds, compare_random_init):
         if r.eval_set is not None:
             # The monitor always evaluates the last epoch; reuse it rather than embed twice.
             knn_history = history.get("knn_acc", [])
-            summary["knn_acc"] = float(knn_history[-1]) if knn_history else knn_eval(model.encoder, config, train,
-                                                                                     r.eval_set)
+            summary["knn_acc"] = (
+                float(knn_history[-1]) if knn_history else knn_eval(model.encoder, config, train, r.eval_set)
+            )
             if compare_random_init:
                 summary["knn_acc_random_init"] = knn_eval(random_init_encoder(config), config, train, r.eval_set)
-            logging.info("kNN top-1 (k=200): %.4f learned, %s at random init", summary["knn_acc"],
-                         summary.get("knn_acc_random_init", "n/a"))
+            logging.info(
+                "kNN top-1 (k=200): %.4f learned, %s at random init",
+                summary["knn_acc"],
+                summary.get("knn_acc_random_init", "n/a"),
+            )
     guards._atomic_json(r.run.summary_file, summary)
     if distribute.is_chief():
         try:
-            plot_run(r.run.path, None if state.stopped else r.eval_set, encoder=model.encoder,
-                     crop_fraction=config.eval_crop_fraction)
+            plot_run(
+                r.run.path,
+                None if state.stopped else r.eval_set,
+                encoder=model.encoder,
+                crop_fraction=config.eval_crop_fraction,
+            )
         except Exception as error:  # A plotting failure must not fail a finished run.
             logging.warning("Plots failed: %s", error)
     if not state.stopped:
@@ -280,10 +360,27 @@ def _summarise(r, model, history, state, train_seconds, compare_random_init):
     return summary
 
 
-def run_pretraining(config, train, out_dir, eval_set=None, knn_every=1, backup_every_steps=None,
-                    compare_random_init=True, verbose=2, overwrite=False, autotune=True, strategy=None,
-                    jit_compile="auto", sync_bn=True, deterministic=False, collapse_threshold=None,
-                    collapse_patience=50, on_collapse="stop", backbone=None, callbacks=None):
+def run_pretraining(
+    config,
+    train,
+    out_dir,
+    eval_set=None,
+    knn_every=1,
+    backup_every_steps=None,
+    compare_random_init=True,
+    verbose=2,
+    overwrite=False,
+    autotune=True,
+    strategy=None,
+    jit_compile="auto",
+    sync_bn=True,
+    deterministic=False,
+    collapse_threshold=None,
+    collapse_patience=50,
+    on_collapse="stop",
+    backbone=None,
+    callbacks=None,
+):
     """Pretrains BYOL on `train` and writes the run folder, resuming from its backup if there is one.
 
     Args:
@@ -320,14 +417,24 @@ def run_pretraining(config, train, out_dir, eval_set=None, knn_every=1, backup_e
         The summary dict that is also written to `summary.json`; its
         `status` is "finished", "stopped_nan" or "stopped_collapse".
     """
-    r = _validate(config, train, eval_set, out_dir, strategy, overwrite, backup_every_steps, on_collapse,
-                  collapse_patience)
+    r = _validate(
+        config, train, eval_set, out_dir, strategy, overwrite, backup_every_steps, on_collapse, collapse_patience
+    )
     model = _build(r, sync_bn, backbone, jit_compile, deterministic)
     _resume(r, model)
     tracker, position_fn = _tracker(r)
     state = guards.GuardState()
-    callback_list = _callbacks(r, state, position_fn, knn_every, backup_every_steps, collapse_threshold,
-                               collapse_patience, on_collapse, callbacks)
+    callback_list = _callbacks(
+        r,
+        state,
+        position_fn,
+        knn_every,
+        backup_every_steps,
+        collapse_threshold,
+        collapse_patience,
+        on_collapse,
+        callbacks,
+    )
     start = time.time()
     history = _fit(r, model, callback_list, state, tracker, position_fn is not None, knn_every, verbose, autotune)
     return _summarise(r, model, history, state, time.time() - start, compare_random_init)

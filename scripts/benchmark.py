@@ -32,8 +32,17 @@ from absl import app, flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("what", "step", ["augment", "input", "step", "fit"], "What to time.")
-flags.DEFINE_string("data", None, "--what=input (required) and --what=fit (default: random images in memory): the image folder (or shards, tfds:NAME) to stream both views from.")
-flags.DEFINE_enum("augment_on", "host", ["host", "device"], "--what=fit: the colour stages in tf.data, or inside the train step (--what=input/augment then time the host's part).")
+flags.DEFINE_string(
+    "data",
+    None,
+    "--what=input (required) and --what=fit (default: random images in memory): the image folder (or shards, tfds:NAME) to stream both views from.",
+)
+flags.DEFINE_enum(
+    "augment_on",
+    "host",
+    ["host", "device"],
+    "--what=fit: the colour stages in tf.data, or inside the train step (--what=input/augment then time the host's part).",
+)
 flags.DEFINE_string("preset", "imagenet", "Preset for the heads, optimizer, EMA and augmentation.")
 flags.DEFINE_string("backbone", "resnet18", "Backbone name (resnet18: the ImageNet-stem ResNet-18).")
 flags.DEFINE_integer("image_size", 32, "Image (view) side in pixels.")
@@ -43,19 +52,32 @@ flags.DEFINE_integer("warmup", 5, "Untimed steps (batches) first; the first one 
 flags.DEFINE_enum("precision", "float32", ["float32", "mixed_bfloat16", "mixed_float16"], "Keras global dtype policy.")
 flags.DEFINE_boolean("jit_compile", None, "XLA: passed to compile. Unset: Keras' 'auto', as scripts/pretrain.py uses.")
 flags.DEFINE_string("strategy", "default", "A byol_tf.distribute strategy name.")
-flags.DEFINE_integer("cpu_replicas", None, "Split the CPU into this many logical devices (to try 'mirrored' without GPUs).")
-flags.DEFINE_boolean("fast_kernels", None, "byol_tf.kernels' fused BatchNorm and convolution paths (default: the preset's, on).")
+flags.DEFINE_integer(
+    "cpu_replicas", None, "Split the CPU into this many logical devices (to try 'mirrored' without GPUs)."
+)
+flags.DEFINE_boolean(
+    "fast_kernels", None, "byol_tf.kernels' fused BatchNorm and convolution paths (default: the preset's, on)."
+)
 flags.DEFINE_integer("steps_per_execution", 1, "Optimizer steps per compiled call.")
 flags.DEFINE_integer("projector_hidden", None, "Override the projector's hidden width.")
-flags.DEFINE_integer("predictor_hidden", None, "Override the predictor's hidden width (default: --projector_hidden if set).")
+flags.DEFINE_integer(
+    "predictor_hidden", None, "Override the predictor's hidden width (default: --projector_hidden if set)."
+)
 flags.DEFINE_integer("num_images", None, "Random source images for augment/fit (default: max(2 x batch, 1024)).")
 flags.DEFINE_integer("seed", 0, "Seed for the model, the random images and the augmentation.")
 
 # flag -> PretrainConfig field, to name the flag in validation errors.
 _OVERRIDES = {
-    "backbone": "backbone", "image_size": "image_size", "batch_size": "batch_size", "precision": "precision",
-    "steps_per_execution": "steps_per_execution", "projector_hidden": "projector_hidden",
-    "predictor_hidden": "predictor_hidden", "seed": "seed", "fast_kernels": "fast_kernels", "augment_on": "augment_on",
+    "backbone": "backbone",
+    "image_size": "image_size",
+    "batch_size": "batch_size",
+    "precision": "precision",
+    "steps_per_execution": "steps_per_execution",
+    "projector_hidden": "projector_hidden",
+    "predictor_hidden": "predictor_hidden",
+    "seed": "seed",
+    "fast_kernels": "fast_kernels",
+    "augment_on": "augment_on",
 }
 
 
@@ -84,11 +106,14 @@ def _check_flags():
             if getattr(FLAGS, name) % spe:
                 raise app.UsageError(
                     f"--{name} must be a multiple of --steps_per_execution={spe}: batch callbacks fire once "
-                    f"per execution. Received: --{name}={getattr(FLAGS, name)}")
+                    f"per execution. Received: --{name}={getattr(FLAGS, name)}"
+                )
     from byol_tf import backbones, config as config_lib, distribute
 
     if FLAGS.strategy not in distribute.STRATEGIES:
-        raise app.UsageError(f"--strategy must be one of {distribute.STRATEGIES}. Received: --strategy={FLAGS.strategy}")
+        raise app.UsageError(
+            f"--strategy must be one of {distribute.STRATEGIES}. Received: --strategy={FLAGS.strategy}"
+        )
     try:
         backbones.check_backbone(FLAGS.backbone)
     except ValueError as error:
@@ -142,8 +167,9 @@ def _time_augment(config):
         source = data.open_source(FLAGS.data)
     else:
         source = _random_images(config, num_images)
-    dataset = data.pretrain_dataset(source, config.batch_size, config.augment, seed=config.seed,
-                                    augment_on=config.augment_on)
+    dataset = data.pretrain_dataset(
+        source, config.batch_size, config.augment, seed=config.seed, augment_on=config.augment_on
+    )
     iterator = iter(dataset)
     for _ in range(FLAGS.warmup):
         next(iterator)
@@ -171,8 +197,9 @@ def _time_fit(config, strategy):
     if FLAGS.what == "fit":
         num_images = FLAGS.num_images or max(2 * config.batch_size, 1024)
         source = data.open_source(FLAGS.data) if FLAGS.data else _random_images(config, num_images)
-        dataset = data.pretrain_dataset(source, config.batch_size, config.augment, seed=config.seed,
-                                        augment_on=config.augment_on)
+        dataset = data.pretrain_dataset(
+            source, config.batch_size, config.augment, seed=config.seed, augment_on=config.augment_on
+        )
     else:
         shape = (config.batch_size, config.image_size, config.image_size, 3)
         views = (tf.random.uniform(shape, seed=1), tf.random.uniform(shape, seed=2))
@@ -180,8 +207,9 @@ def _time_fit(config, strategy):
     jit = "auto" if FLAGS.jit_compile is None else FLAGS.jit_compile
     with strategy.scope():
         model = build_byol(config, strategy.num_replicas_in_sync)
-        model.compile(optimizer=build_optimizer(config, total), steps_per_execution=config.steps_per_execution,
-                      jit_compile=jit)
+        model.compile(
+            optimizer=build_optimizer(config, total), steps_per_execution=config.steps_per_execution, jit_compile=jit
+        )
     print(f"jit_compile={model.jit_compile} (flag: {jit})")
     print(f"params online={sum(int(tf.size(v)) for v in model.online_trainable_variables)}")
     timer = _step_timer(model.tau)
@@ -189,7 +217,7 @@ def _time_fit(config, strategy):
     model.fit(dataset, epochs=1, steps_per_epoch=total, callbacks=callbacks, verbose=0, shuffle=False)
     spe = config.steps_per_execution
     # times[i] is the end of execution i; executions before warmup/spe are untimed.
-    timed = timer.times[FLAGS.warmup // spe - 1:]
+    timed = timer.times[FLAGS.warmup // spe - 1 :]
     step_times = [(b - a) / spe for a, b in zip(timed, timed[1:])]
     if len(step_times) != FLAGS.steps // spe:
         raise RuntimeError(f"Expected {FLAGS.steps // spe} timed executions, got {len(step_times)}")
@@ -217,11 +245,15 @@ def main(argv):
     keras.mixed_precision.set_global_policy(config.precision)
     try:
         print(f"tensorflow={tf.__version__} keras={keras.__version__}")
-        print(f"what={FLAGS.what} preset={config.preset} backbone={config.backbone} image_size={config.image_size} "
-              f"batch_size={config.batch_size} steps={FLAGS.steps} warmup={FLAGS.warmup}")
-        print(f"precision={config.precision} fast_kernels={config.fast_kernels} steps_per_execution={config.steps_per_execution} "
-              f"projector_hidden={config.projector_hidden} predictor_hidden={config.predictor_hidden} "
-              f"projection_dim={config.projection_dim}")
+        print(
+            f"what={FLAGS.what} preset={config.preset} backbone={config.backbone} image_size={config.image_size} "
+            f"batch_size={config.batch_size} steps={FLAGS.steps} warmup={FLAGS.warmup}"
+        )
+        print(
+            f"precision={config.precision} fast_kernels={config.fast_kernels} steps_per_execution={config.steps_per_execution} "
+            f"projector_hidden={config.projector_hidden} predictor_hidden={config.predictor_hidden} "
+            f"projection_dim={config.projection_dim}"
+        )
         print(f"strategy={type(strategy).__name__} ({FLAGS.strategy}) replicas={strategy.num_replicas_in_sync}")
         print(f"devices={[d.name for d in tf.config.list_logical_devices()]}")
         if FLAGS.what in ("augment", "input"):

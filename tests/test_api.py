@@ -50,13 +50,16 @@ class SmallConvNet(keras.Model):
 def test_a_subclassed_encoder_trains_and_its_target_follows_by_ema():
     with pytest.raises(ValueError, match="input_shape=None"):
         byol_tf.BYOL(SmallConvNet())
-    model = byol_tf.BYOL(SmallConvNet(), byol_tf.MLPHead(16, 8), byol_tf.MLPHead(16, 8), input_shape=(16, 16, 3),
-                         base_tau=0.5)
+    model = byol_tf.BYOL(
+        SmallConvNet(), byol_tf.MLPHead(16, 8), byol_tf.MLPHead(16, 8), input_shape=(16, 16, 3), base_tau=0.5
+    )
     assert model.encoder.output.shape == (None, 8)
     online, target = model.encoder.weights[0], model.target_encoder.weights[0]
     before = target.numpy().copy()
     model.compile(optimizer=keras.optimizers.SGD(0.1))
-    images = tf.data.Dataset.from_tensor_slices(np.random.default_rng(1).integers(0, 256, (16, 20, 24, 3), dtype=np.uint8))
+    images = tf.data.Dataset.from_tensor_slices(
+        np.random.default_rng(1).integers(0, 256, (16, 20, 24, 3), dtype=np.uint8)
+    )
     model.fit(byol_tf.views(images, byol_tf.AugmentConfig(image_size=16), batch_size=8), epochs=1, verbose=0)
     # One epoch of 16 images is 2 steps, and the EMA ran after each, with
     # tau = 1 - 0.5 * (cos(pi * step / 2) + 1) / 2: 0.5 after step 0, 0.75 after step 1.
@@ -66,7 +69,9 @@ def test_a_subclassed_encoder_trains_and_its_target_follows_by_ema():
 
 
 def test_views_is_an_endless_seeded_stream_that_knows_its_epoch():
-    images = tf.data.Dataset.from_tensor_slices(np.random.default_rng(2).integers(0, 256, (10, 30, 20, 3), dtype=np.uint8))
+    images = tf.data.Dataset.from_tensor_slices(
+        np.random.default_rng(2).integers(0, 256, (10, 30, 20, 3), dtype=np.uint8)
+    )
     a = byol_tf.views(images, byol_tf.AugmentConfig(image_size=8), batch_size=4, seed=5)
     b = byol_tf.views(images, byol_tf.AugmentConfig(image_size=8), batch_size=4, seed=5)
     assert a.byol_steps_per_epoch == 2

@@ -245,23 +245,33 @@ def test_tf_data_pipeline():
 
 def _pil_resize(image, width, height):
     """PIL's antialiased bilinear resize of each channel, in float (the reference torchvision uses)."""
-    return np.stack([np.asarray(Image.fromarray(image[..., c].astype(np.float32), mode="F").resize(
-        (width, height), Image.BILINEAR)) for c in range(image.shape[-1])], -1)
+    return np.stack(
+        [
+            np.asarray(
+                Image.fromarray(image[..., c].astype(np.float32), mode="F").resize((width, height), Image.BILINEAR)
+            )
+            for c in range(image.shape[-1])
+        ],
+        -1,
+    )
 
 
-@pytest.mark.parametrize("shape, size, fraction, resized, top_left", [
-    # torchvision Resize(side) + CenterCrop(size), worked out by hand:
-    # side = floor(24 / 0.875) = 27; long side int(27 * 48 / 40) = 32; crop at round(3/2)=2, round(8/2)=4.
-    ((40, 48), 24, 0.875, (27, 32), (2, 4)),
-    # side 16; long int(16 * 50 / 30) = 26; crop at round(10/2) = 5, 0.
-    ((50, 30), 16, 1.0, (26, 16), (5, 0)),
-    # Upscaling: side 40; long int(40 * 50 / 30) = 66; crop at 13, 0.
-    ((50, 30), 40, 1.0, (66, 40), (13, 0)),
-])
+@pytest.mark.parametrize(
+    "shape, size, fraction, resized, top_left",
+    [
+        # torchvision Resize(side) + CenterCrop(size), worked out by hand:
+        # side = floor(24 / 0.875) = 27; long side int(27 * 48 / 40) = 32; crop at round(3/2)=2, round(8/2)=4.
+        ((40, 48), 24, 0.875, (27, 32), (2, 4)),
+        # side 16; long int(16 * 50 / 30) = 26; crop at round(10/2) = 5, 0.
+        ((50, 30), 16, 1.0, (26, 16), (5, 0)),
+        # Upscaling: side 40; long int(40 * 50 / 30) = 66; crop at 13, 0.
+        ((50, 30), 40, 1.0, (66, 40), (13, 0)),
+    ],
+)
 def test_preprocess_eval_is_torchvision_resize_and_centre_crop(shape, size, fraction, resized, top_left):
     image = np.random.default_rng(0).integers(0, 256, (*shape, 3), dtype=np.uint8)
     (h, w), (top, left) = resized, top_left
-    expected = _pil_resize(image, w, h)[top:top + size, left:left + size] / 255.0
+    expected = _pil_resize(image, w, h)[top : top + size, left : left + size] / 255.0
     out = preprocess_eval(image, size, fraction)
     assert out.shape == (size, size, 3) and out.dtype == tf.float32
     # TF's antialiased bilinear is PIL's triangle filter: float32 rounding apart.
@@ -385,7 +395,9 @@ def test_numpy_references_know_their_answers():
     two = np.array([[[0.0, 0.0, 0.0]], [[1.0, 1.0, 1.0]]])  # mean grey 0.5 (0.2989+0.587+0.114 = 0.9999)
     np.testing.assert_allclose(_np_contrast(two, 0.5), [[[0.249975] * 3], [[0.749975] * 3]])
     np.testing.assert_allclose(_np_solarize(np.array([0.3, 0.5, 0.9]), 0.5), [0.3, 0.5, 0.1])
-    np.testing.assert_allclose(_np_gaussian_kernel(3, 1.0), np.array([np.exp(-0.5), 1, np.exp(-0.5)]) / (1 + 2 * np.exp(-0.5)))
+    np.testing.assert_allclose(
+        _np_gaussian_kernel(3, 1.0), np.array([np.exp(-0.5), 1, np.exp(-0.5)]) / (1 + 2 * np.exp(-0.5))
+    )
     # Reflect padding without the edge: a ramp 0,1,2 blurred by [1,1,1]/3 gives 2/3, 1, 4/3.
     ramp = np.broadcast_to(np.arange(3.0)[None, :, None], (3, 3, 3))
     np.testing.assert_allclose(_np_blur(ramp, np.ones(3) / 3)[0, :, 0], [2 / 3, 1, 4 / 3])
@@ -457,7 +469,9 @@ def test_grouped_jitter_matches_torchvision_per_image():
     np.testing.assert_array_equal(np.sort(ops, axis=1), np.tile(np.arange(4), (40, 1)))
     assert np.all(np.abs(amounts) <= strengths[ops] + 1e-7)
     assert len({tuple(row) for row in ops}) > 10  # the orders vary
-    got = augment._color_jitter(tf.constant(x), tf.constant(apply), augment._jitter_params(40, key, config), config).numpy()
+    got = augment._color_jitter(
+        tf.constant(x), tf.constant(apply), augment._jitter_params(40, key, config), config
+    ).numpy()
     for img, on, row, amount, out in zip(x, apply, ops, amounts, got):
         if not on:
             np.testing.assert_array_equal(out, img)
@@ -469,9 +483,18 @@ def test_grouped_jitter_matches_torchvision_per_image():
 
 
 @pytest.mark.parametrize("batch", [0, 1, 9])
-@pytest.mark.parametrize("gray,blur,solarize", [
-    (True, False, False), (False, True, False), (False, False, True),
-    (True, True, False), (True, True, True), (True, False, True), (False, False, False)])
+@pytest.mark.parametrize(
+    "gray,blur,solarize",
+    [
+        (True, False, False),
+        (False, True, False),
+        (False, False, True),
+        (True, True, False),
+        (True, True, True),
+        (True, False, True),
+        (False, False, False),
+    ],
+)
 def test_xla_finish_matches_torchvision(batch, gray, blur, solarize):
     rng = np.random.default_rng(batch)
     x = rng.random((batch, 20, 20, 3)).astype(np.float32)
@@ -487,9 +510,13 @@ def test_xla_finish_matches_torchvision(batch, gray, blur, solarize):
     ).numpy()
     assert got.shape == x.shape
     for i in range(batch):
-        expected = _np_finish(x[i].astype(np.float64), gray and grey[i], kernels[i] if blur else None,
-                              thresholds[i] if solarize else None)
+        expected = _np_finish(
+            x[i].astype(np.float64), gray and grey[i], kernels[i] if blur else None, thresholds[i] if solarize else None
+        )
         # Near the 0.5 threshold float32 rounding may land a pixel on either
         # side; away from it, float32 ulps of values in [0, 1].
-        near = np.abs(_np_finish(x[i].astype(np.float64), gray and grey[i], kernels[i] if blur else None, None) - 0.5) < 1e-5
+        near = (
+            np.abs(_np_finish(x[i].astype(np.float64), gray and grey[i], kernels[i] if blur else None, None) - 0.5)
+            < 1e-5
+        )
         np.testing.assert_allclose(got[i][~near], expected[~near], atol=2e-6)

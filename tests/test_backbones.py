@@ -33,7 +33,13 @@ def test_keras_cv_prefix():
     encoder = build_encoder(
         "keras_cv:ResNetBackbone",
         32,
-        backbone_kwargs=dict(stackwise_filters=[64, 32], stackwise_blocks=[1, 1], stackwise_strides=[1, 2], block_type="basic_block", include_rescaling=False),
+        backbone_kwargs=dict(
+            stackwise_filters=[64, 32],
+            stackwise_blocks=[1, 1],
+            stackwise_strides=[1, 2],
+            block_type="basic_block",
+            include_rescaling=False,
+        ),
     )
     assert encoder.output.shape[-1] == 32
 
@@ -44,12 +50,15 @@ def test_unknown_backbone_names_value():
     assert "resnet18" in available_backbones()
 
 
-@pytest.mark.parametrize("name, kwargs, count, own", [
-    ("resnet18", None, 20, (0.99, 1.001e-5)),
-    ("resnet50", None, 53, (0.99, 1.001e-5)),
-    ("applications:MobileNetV3Small", {"include_preprocessing": False}, 34, (0.999, 1e-3)),
-    ("resnet_tiny", None, 12, (0.9, 1e-5)),
-])
+@pytest.mark.parametrize(
+    "name, kwargs, count, own",
+    [
+        ("resnet18", None, 20, (0.99, 1.001e-5)),
+        ("resnet50", None, 53, (0.99, 1.001e-5)),
+        ("applications:MobileNetV3Small", {"include_preprocessing": False}, 34, (0.999, 1e-3)),
+        ("resnet_tiny", None, 12, (0.9, 1e-5)),
+    ],
+)
 def test_every_batch_norm_takes_the_run_settings(name, kwargs, count, own):
     encoder = build_encoder(name, 32, backbone_kwargs=kwargs)
     # Left alone, each keeps what its library builds.
@@ -80,8 +89,16 @@ def test_the_target_network_keeps_the_batch_norm_settings():
     from byol_tf import get_preset
     from byol_tf.model import build_byol
 
-    config = get_preset("demo", backbone="resnet18", image_size=32, projector_hidden=8, projection_dim=4,
-                        predictor_hidden=8, bn_momentum=0.7, bn_epsilon=3e-5)
+    config = get_preset(
+        "demo",
+        backbone="resnet18",
+        image_size=32,
+        projector_hidden=8,
+        projection_dim=4,
+        predictor_hidden=8,
+        bn_momentum=0.7,
+        bn_epsilon=3e-5,
+    )
     model = build_byol(config, strategy_replicas=2)
     layers = batch_norm_layers(model)
     assert len(layers) == 43

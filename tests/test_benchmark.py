@@ -16,15 +16,25 @@ from byol_tf.config import get_preset
 from byol_tf.model import build_byol
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--backbone=resnet_tiny", "--image_size=16", "--batch_size=8", "--steps=3", "--warmup=1",
-        "--projector_hidden=32"]
+TINY = [
+    "--backbone=resnet_tiny",
+    "--image_size=16",
+    "--batch_size=8",
+    "--steps=3",
+    "--warmup=1",
+    "--projector_hidden=32",
+]
 
 
 def run_benchmark(*args, timeout=300):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
     return subprocess.run(
         [sys.executable, os.path.join(ROOT, "scripts", "benchmark.py"), *args],
-        capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
     )
 
 
@@ -86,8 +96,15 @@ def _forward_loss(model, view1, view2):
 
 
 def test_mixed_bfloat16_loss_matches_float32():
-    config = get_preset("imagenet", backbone="resnet_tiny", image_size=16, batch_size=8,
-                        projector_hidden=32, predictor_hidden=32, projection_dim=16)
+    config = get_preset(
+        "imagenet",
+        backbone="resnet_tiny",
+        image_size=16,
+        batch_size=8,
+        projector_hidden=32,
+        predictor_hidden=32,
+        projection_dim=16,
+    )
     rng = np.random.default_rng(0)
     view1 = tf.constant(rng.random((8, 16, 16, 3), dtype=np.float32))
     view2 = tf.constant(np.clip(view1.numpy() + 0.1 * rng.standard_normal(view1.shape), 0, 1).astype(np.float32))

@@ -9,8 +9,14 @@ import zipfile
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMMANDS = {"byol-pretrain": "--preset", "byol-export": "--run_dir", "byol-linear-eval": "--label_fraction",
-            "byol-finetune": "--run_dir", "byol-plot": "--eval_data", "byol-make-shards": "--shard_size"}
+COMMANDS = {
+    "byol-pretrain": "--preset",
+    "byol-export": "--run_dir",
+    "byol-linear-eval": "--label_fraction",
+    "byol-finetune": "--run_dir",
+    "byol-plot": "--eval_data",
+    "byol-make-shards": "--shard_size",
+}
 
 
 @pytest.mark.parametrize("command, flag", sorted(COMMANDS.items()))
@@ -32,8 +38,23 @@ def test_the_wheel_has_every_package_and_command(tmp_path):
     shutil.copy(os.path.join(ROOT, "pyproject.toml"), source)
     shutil.copy(os.path.join(ROOT, "README.md"), source)
     shutil.copytree(os.path.join(ROOT, "byol_tf"), source / "byol_tf", ignore=shutil.ignore_patterns("__pycache__"))
-    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                             "-w", str(tmp_path), str(source)], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     wheel = next(p for p in os.listdir(tmp_path) if p.endswith(".whl"))
     with zipfile.ZipFile(tmp_path / wheel) as archive:

@@ -124,9 +124,7 @@ def test_folder_with_classes(image_folder):
     assert result.images.shape == (len(good), 16, 16, 3)
     assert result.images.dtype == np.uint8
     counts = np.bincount(result.labels, minlength=3)
-    assert counts.tolist() == [
-        sum(v == c for v in good.values()) for c in ["cat", "dog", "emu"]
-    ]
+    assert counts.tolist() == [sum(v == c for v in good.values()) for c in ["cat", "dog", "emu"]]
 
     skipped = {os.path.relpath(p, root): reason for p, reason in result.skipped}
     assert set(skipped) == {os.path.join("dog", "corrupt.jpg"), os.path.join("emu", "empty.png")}
@@ -320,8 +318,14 @@ def test_pretrain_dataset_deterministic_and_fresh_each_epoch():
 
 # Every augmentation off: the views are the images themselves.
 IDENTITY_AUG = AugmentConfig(
-    image_size=8, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_prob=0.0,
-    jitter_prob=0.0, grayscale_prob=0.0, blur_prob=(0.0, 0.0), solarize_prob=(0.0, 0.0),
+    image_size=8,
+    crop_scale=(1.0, 1.0),
+    crop_ratio=(1.0, 1.0),
+    flip_prob=0.0,
+    jitter_prob=0.0,
+    grayscale_prob=0.0,
+    blur_prob=(0.0, 0.0),
+    solarize_prob=(0.0, 0.0),
 )
 
 
@@ -353,7 +357,9 @@ def test_pretrain_dataset_start_batch_continues_the_same_stream():
     images = data.make_shapes(20, image_size=16).images  # 2 batches of 8 an epoch
     full = _first_batches(data.pretrain_dataset(images, 8, SMALL_AUG, seed=2, autotune=False), 7)
     for start in (1, 2, 5):
-        part = _first_batches(data.pretrain_dataset(images, 8, SMALL_AUG, seed=2, autotune=False, start_step=start), 7 - start)
+        part = _first_batches(
+            data.pretrain_dataset(images, 8, SMALL_AUG, seed=2, autotune=False, start_step=start), 7 - start
+        )
         for (a1, a2), (b1, b2) in zip(full[start:], part):
             np.testing.assert_array_equal(a1, b1)
             np.testing.assert_array_equal(a2, b2)
@@ -440,7 +446,9 @@ def test_make_shapes_not_solved_by_mean_colour():
     assert (guess == s.labels).mean() < 0.25
 
 
-@pytest.mark.parametrize("kwargs", [{"num_images": 0}, {"num_images": 5, "num_classes": 11}, {"num_images": 5, "image_size": 4}])
+@pytest.mark.parametrize(
+    "kwargs", [{"num_images": 0}, {"num_images": 5, "num_classes": 11}, {"num_images": 5, "image_size": 4}]
+)
 def test_make_shapes_bad_arguments(kwargs):
     with pytest.raises(ValueError, match="Received"):
         data.make_shapes(**kwargs)

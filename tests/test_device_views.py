@@ -34,7 +34,7 @@ def test_device_views_are_the_host_views_on_any_split_of_the_batch(sources, kind
         # The whole batch on one device, or in 2 and 4 replica shares.
         for shares in (1, 2, 4):
             size = 8 // shares
-            parts = [layer({k: t[i * size:(i + 1) * size] for k, t in crops.items()}) for i in range(shares)]
+            parts = [layer({k: t[i * size : (i + 1) * size] for k, t in crops.items()}) for i in range(shares)]
             for view, host_view in ((0, view1), (1, view2)):
                 got = np.concatenate([p[view].numpy() for p in parts])
                 np.testing.assert_allclose(got, host_view.numpy(), rtol=0, atol=1e-6)

@@ -26,7 +26,9 @@ PAUSABLE_PRETRAIN = os.path.join(ROOT, "tests", "workers", "pretrain.py")
 
 def _run(out, *args, env=None, timeout=240):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT, **(env or {}))
-    result = subprocess.run([sys.executable, WORKER, out, *args], capture_output=True, text=True, timeout=timeout, env=env)
+    result = subprocess.run(
+        [sys.executable, WORKER, out, *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return dict(np.load(out))
 
@@ -62,7 +64,9 @@ def test_resnet18_has_every_batch_norm_synchronised_and_one_step_matches_one_rep
     # (AMD EPYC Zen 4, 2026-12-01). After 3 steps it is 2e-2, as between two
     # float32 BatchNorm implementations on one device (BENCHMARKS.md).
     for key in weights:
-        np.testing.assert_allclose(mirrored[key], single[key], rtol=0, atol=1e-5, err_msg=str(single["names"][int(key[1:])]))
+        np.testing.assert_allclose(
+            mirrored[key], single[key], rtol=0, atol=1e-5, err_msg=str(single["names"][int(key[1:])])
+        )
     # The control: per-replica BatchNorm on the same batches is off by 0.28.
     unsynced = _run(str(tmp_path / "unsynced.npz"), *args, "--strategy=mirrored", "--cpu_replicas=2", "--nosync_bn")
     assert int(unsynced["bn_synchronized"]) == 0
@@ -76,7 +80,9 @@ def test_device_augmentation_on_two_replicas_trains_as_host_augmentation_on_one(
     device = _run(str(folder / "device.npz"), "--augment_on=device", "--strategy=mirrored", "--cpu_replicas=2", init)
     np.testing.assert_allclose(device["loss"], host["loss"], rtol=1e-5, atol=1e-5)
     for key in sorted(k for k in host if k.startswith("v")):
-        np.testing.assert_allclose(device[key], host[key], rtol=1e-4, atol=2e-5, err_msg=str(host["names"][int(key[1:])]))
+        np.testing.assert_allclose(
+            device[key], host[key], rtol=1e-4, atol=2e-5, err_msg=str(host["names"][int(key[1:])])
+        )
 
 
 def test_mirrored_variables_identical_on_every_replica(runs):
@@ -126,9 +132,16 @@ def _cluster(command, tmp_path, timeout=300, env=None, kill_when=None):
         tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
         # Files, not pipes: a paused worker must never block on a full pipe.
         logs.append((open(tmp_path / f"out{index}.txt", "w+"), open(tmp_path / f"err{index}.txt", "w+")))
-        procs.append(subprocess.Popen([sys.executable, *[c.format(index=index) for c in command]],
-                                      env=dict(base, TF_CONFIG=tf_config), cwd=str(tmp_path),
-                                      stdout=logs[-1][0], stderr=logs[-1][1], text=True))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, *[c.format(index=index) for c in command]],
+                env=dict(base, TF_CONFIG=tf_config),
+                cwd=str(tmp_path),
+                stdout=logs[-1][0],
+                stderr=logs[-1][1],
+                text=True,
+            )
+        )
     deadline = time.time() + timeout
     try:
         for p in procs:
@@ -155,8 +168,15 @@ def _cluster(command, tmp_path, timeout=300, env=None, kill_when=None):
 
 def test_multi_worker_on_localhost(tmp_path, runs):
     single, _, folder = runs
-    results = _cluster([WORKER, str(tmp_path / "worker{index}.npz"), "--strategy=auto",
-                        f"--init={folder / 'init_resnet_tiny.weights.h5'}"], tmp_path)
+    results = _cluster(
+        [
+            WORKER,
+            str(tmp_path / "worker{index}.npz"),
+            "--strategy=auto",
+            f"--init={folder / 'init_resnet_tiny.weights.h5'}",
+        ],
+        tmp_path,
+    )
     for rc, _, err in results:
         assert rc == 0, err[-3000:]
     workers = [dict(np.load(tmp_path / f"worker{i}.npz")) for i in range(2)]
@@ -174,14 +194,27 @@ def _tiny_pretrain_args(tmp_path):
     """`pretrain.py` and its flags for 2 epochs of 4 steps on 256 random unlabelled images."""
     data = tmp_path / "x.npz"
     np.savez(data, x=np.random.default_rng(0).integers(0, 256, (256, 32, 32, 3), dtype=np.uint8))
-    return [os.path.join(ROOT, "scripts", "pretrain.py"), "--preset=demo", "--epochs=2", f"--data={data}",
-            "--batch_size=64", "--verbose=0", "--warmup_epochs=0", "--backup_every_steps=3"]
+    return [
+        os.path.join(ROOT, "scripts", "pretrain.py"),
+        "--preset=demo",
+        "--epochs=2",
+        f"--data={data}",
+        "--batch_size=64",
+        "--verbose=0",
+        "--warmup_epochs=0",
+        "--backup_every_steps=3",
+    ]
 
 
 def test_pretrain_script_on_two_workers_writes_one_run_folder(tmp_path):
     args = _tiny_pretrain_args(tmp_path)
-    single = subprocess.run([sys.executable, *args, f"--out={tmp_path / 'single'}"], capture_output=True, text=True,
-                            timeout=300, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT))
+    single = subprocess.run(
+        [sys.executable, *args, f"--out={tmp_path / 'single'}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT),
+    )
     assert single.returncode == 0, single.stderr[-3000:]
     results = _cluster([*args, "--strategy=multi_worker", f"--out={tmp_path / 'multi'}"], tmp_path)
     for rc, out, err in results:
@@ -218,15 +251,28 @@ def test_two_workers_streaming_a_folder_resume_bit_exactly(tmp_path):
         Image.fromarray(rng.integers(0, 256, (20 + i, 30, 3), dtype=np.uint8)).save(folder / f"img{i:02d}.png")
     for i in range(3):  # skipped files make the two workers' stream positions differ
         (folder / f"bad{i}.jpg").write_bytes(b"not an image")
-    args = [PAUSABLE_PRETRAIN, "--preset=demo", "--epochs=2", f"--data={folder}",
-            "--image_size=16", "--batch_size=16", "--verbose=0", "--warmup_epochs=0", "--backup_every_steps=3",
-            "--deterministic"]
+    args = [
+        PAUSABLE_PRETRAIN,
+        "--preset=demo",
+        "--epochs=2",
+        f"--data={folder}",
+        "--image_size=16",
+        "--batch_size=16",
+        "--verbose=0",
+        "--warmup_epochs=0",
+        "--backup_every_steps=3",
+        "--deterministic",
+    ]
     for rc, _, err in _cluster([*args, f"--out={tmp_path / 'unbroken'}"], tmp_path):
         assert rc == 0, err[-3000:]
     run = tmp_path / "resumed"
     marker = str(tmp_path / "paused.json")
-    _cluster([*args, f"--out={run}"], tmp_path, kill_when=marker,
-             env={"BYOL_TF_TEST_PAUSE_AT_STEP": "5", "BYOL_TF_TEST_PAUSE_MARKER": marker})
+    _cluster(
+        [*args, f"--out={run}"],
+        tmp_path,
+        kill_when=marker,
+        env={"BYOL_TF_TEST_PAUSE_AT_STEP": "5", "BYOL_TF_TEST_PAUSE_MARKER": marker},
+    )
     backup = json.load(open(run / "backup" / "latest.json"))
     assert backup["step"] == 3
     with open(run / "backup" / backup["folder"] / "run.json") as f:
@@ -249,8 +295,9 @@ def test_pretrain_on_two_workers_resumes_from_the_chiefs_backup(tmp_path):
     args = [PAUSABLE_PRETRAIN, *_tiny_pretrain_args(tmp_path)[1:], "--strategy=multi_worker", f"--out={run}"]
     marker = str(tmp_path / "paused.json")
     # Both workers park after step 5 (the chief's backup is from step 3); kill them there.
-    _cluster(args, tmp_path, env={"BYOL_TF_TEST_PAUSE_AT_STEP": "5", "BYOL_TF_TEST_PAUSE_MARKER": marker},
-             kill_when=marker)
+    _cluster(
+        args, tmp_path, env={"BYOL_TF_TEST_PAUSE_AT_STEP": "5", "BYOL_TF_TEST_PAUSE_MARKER": marker}, kill_when=marker
+    )
     assert os.path.exists(marker) and not (run / "summary.json").exists()
     assert json.load(open(run / "backup" / "latest.json"))["step"] == 3
     for rc, out, err in _cluster(args, tmp_path):
@@ -272,7 +319,9 @@ def test_strategy_names_and_chief(monkeypatch):
         distribute.get_strategy("gpu")
     monkeypatch.delenv("TF_CONFIG", raising=False)
     assert distribute.is_chief()
-    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 1}}))
+    monkeypatch.setenv(
+        "TF_CONFIG", json.dumps({"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 1}})
+    )
     assert not distribute.is_chief()
     assert isinstance(distribute.get_strategy("default"), tf.distribute.Strategy)
 

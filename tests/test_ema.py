@@ -22,10 +22,14 @@ def test_cosine_tau_known_points():
 @pytest.mark.parametrize("bn_stats", ["own", "ema", "copy"])
 def test_update_target_is_exact(bn_stats):
     rng = np.random.default_rng(0)
-    online = [keras.Variable(rng.normal(size=(3, 4)).astype("float32")),
-              keras.Variable(rng.normal(size=(4,)).astype("float32"), trainable=False)]
-    target = [keras.Variable(rng.normal(size=(3, 4)).astype("float32")),
-              keras.Variable(rng.normal(size=(4,)).astype("float32"), trainable=False)]
+    online = [
+        keras.Variable(rng.normal(size=(3, 4)).astype("float32")),
+        keras.Variable(rng.normal(size=(4,)).astype("float32"), trainable=False),
+    ]
+    target = [
+        keras.Variable(rng.normal(size=(3, 4)).astype("float32")),
+        keras.Variable(rng.normal(size=(4,)).astype("float32"), trainable=False),
+    ]
     o, t = weights(online), weights(target)
     update_target(online, target, 0.9, bn_stats)
     np.testing.assert_allclose(target[0].numpy(), 0.9 * t[0] + 0.1 * o[0], rtol=1e-6)
@@ -114,8 +118,9 @@ def test_a_step_skipped_by_loss_scaling_leaves_the_target(steps_per_execution):
         # A finite step (scale 1) is applied, and the EMA with it: tau of step 0.
         optimizer.dynamic_scale.assign(1.0)
         online_before = [o.numpy().copy() for o, _ in pairs]
-        model.fit(view_dataset(), steps_per_epoch=steps_per_execution, epochs=1, callbacks=[EMAUpdate(10, 0.9)],
-                  verbose=0)
+        model.fit(
+            view_dataset(), steps_per_epoch=steps_per_execution, epochs=1, callbacks=[EMAUpdate(10, 0.9)], verbose=0
+        )
     finally:
         keras.mixed_precision.set_global_policy("float32")
     assert int(model.optimizer.iterations) == steps_per_execution

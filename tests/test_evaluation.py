@@ -26,8 +26,12 @@ def reference_knn(train, train_labels, test, k, temperature, num_classes):
 @pytest.fixture
 def random_data():
     rng = np.random.default_rng(0)
-    return (rng.normal(size=(300, 16)).astype(np.float32), rng.integers(0, 5, 300),
-            rng.normal(size=(50, 16)).astype(np.float32), rng.integers(0, 5, 50))
+    return (
+        rng.normal(size=(300, 16)).astype(np.float32),
+        rng.integers(0, 5, 300),
+        rng.normal(size=(50, 16)).astype(np.float32),
+        rng.integers(0, 5, 50),
+    )
 
 
 @pytest.mark.parametrize("k,temperature", [(1, 0.1), (20, 0.1), (20, 0.5), (1000, 0.07)])
@@ -36,8 +40,7 @@ def test_knn_matches_numpy_reference(random_data, k, temperature):
     expected = reference_knn(xtr, ytr, xte, k, temperature, 5)
     got = knn_predict(xtr, ytr, xte, k=k, temperature=temperature)
     np.testing.assert_array_equal(got, expected)
-    assert knn_accuracy(xtr, ytr, xte, yte, k=k, temperature=temperature) == pytest.approx(
-        np.mean(expected == yte))
+    assert knn_accuracy(xtr, ytr, xte, yte, k=k, temperature=temperature) == pytest.approx(np.mean(expected == yte))
     # Random labels: the rule must not be trivially constant.
     assert len(np.unique(got)) > 1
 
@@ -105,12 +108,12 @@ class CountingGAP(keras.layers.Layer):
 def test_embed_shape_dtype_partial_batch_and_single_trace():
     rng = np.random.default_rng(2)
     images = rng.integers(0, 256, size=(7, 10, 10, 3), dtype=np.uint8)
-    encoder = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3),
-                                keras.layers.GlobalAveragePooling2D()])
+    encoder = keras.Sequential(
+        [keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3), keras.layers.GlobalAveragePooling2D()]
+    )
     feats = embed(encoder, images, image_size=8, batch_size=3)  # batches 3, 3, 1 (padded)
     assert feats.shape == (7, 4) and feats.dtype == np.float32
-    direct = encoder(tf.image.resize(images.astype(np.float32) / 255.0, (8, 8),
-                                     antialias=True), training=False)
+    direct = encoder(tf.image.resize(images.astype(np.float32) / 255.0, (8, 8), antialias=True), training=False)
     np.testing.assert_allclose(feats, direct, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(embed(encoder, images, 8, batch_size=64), feats, atol=1e-5)
 
@@ -124,8 +127,9 @@ def test_embed_scales_uint8_to_unit_range(preprocess, monkeypatch):
     if preprocess == "fallback":  # as if byol_tf.augment did not exist
         monkeypatch.setitem(sys.modules, "byol_tf.augment", None)
     images = np.stack([np.full((5, 5, 3), v, np.uint8) for v in (0, 51, 255)])
-    np.testing.assert_allclose(embed(CountingGAP(), images, image_size=12),
-                               [[0.0] * 3, [0.2] * 3, [1.0] * 3], atol=1e-6)
+    np.testing.assert_allclose(
+        embed(CountingGAP(), images, image_size=12), [[0.0] * 3, [0.2] * 3, [1.0] * 3], atol=1e-6
+    )
     gap = CountingGAP()
     embed(gap, images, image_size=12)
     assert gap.last_shape == (3, 12, 12, 3)
@@ -143,7 +147,8 @@ class ToyBYOL(keras.Model):
         self.target_gap = CountingGAP(scale=0.0)
         self.encoder = keras.Sequential([keras.Input((6, 6, 3)), self.online_gap])
         self.target_encoder = keras.Sequential(
-            [keras.Input((6, 6, 3)), self.target_gap, keras.layers.Lambda(lambda f: f + 1.0)])
+            [keras.Input((6, 6, 3)), self.target_gap, keras.layers.Lambda(lambda f: f + 1.0)]
+        )
         self.online_gap.calls = self.target_gap.calls = 0  # ignore symbolic build calls
 
     def call(self, x):
@@ -177,11 +182,13 @@ def test_knn_monitor_logs_on_configured_epochs_with_online_encoder(epochs, expec
     model = ToyBYOL()
     model.compile()
     recorder = KeysRecorder()
-    history = model.fit(np.zeros((4, 6, 6, 3), np.float32), epochs=epochs, batch_size=4,
-                        verbose=0, callbacks=[
-                            KNNMonitor(xtr, ytr, xte, yte, image_size=6, every_n_epochs=2,
-                                       k=3, batch_size=8),
-                            recorder])
+    history = model.fit(
+        np.zeros((4, 6, 6, 3), np.float32),
+        epochs=epochs,
+        batch_size=4,
+        verbose=0,
+        callbacks=[KNNMonitor(xtr, ytr, xte, yte, image_size=6, every_n_epochs=2, k=3, batch_size=8), recorder],
+    )
     assert [e for e, keys in recorder.keys.items() if "knn_acc" in keys] == expected_epochs
     assert set(recorder.keys) == set(range(1, epochs + 1))
     assert history.history["knn_acc"] == [1.0] * len(expected_epochs)
@@ -192,8 +199,9 @@ def test_knn_monitor_logs_on_configured_epochs_with_online_encoder(epochs, expec
 def test_knn_monitor_encoder_fn_and_errors():
     (xtr, ytr), (xte, yte) = colour_data(20, 3), colour_data(10, 4)
     model = ToyBYOL()
-    monitor = KNNMonitor(xtr, ytr, xte, yte, image_size=6, k=1,
-                         encoder_fn=lambda m: m.target_encoder, name="target_knn")
+    monitor = KNNMonitor(
+        xtr, ytr, xte, yte, image_size=6, k=1, encoder_fn=lambda m: m.target_encoder, name="target_knn"
+    )
     monitor.set_model(model)
     logs = {}
     monitor.on_epoch_end(0, logs)

@@ -22,7 +22,7 @@ ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
 
 # Runs in a fresh process with only TensorFlow (no byol_tf), like a server: loads
 # the SavedModel, calls every signature, and records errors instead of dying.
-LOADER = r'''
+LOADER = r"""
 import json, sys
 import numpy as np
 import tensorflow as tf
@@ -56,7 +56,7 @@ call("bad/uint8_channels", "serve_uint8", images=tf.zeros([2, 8, 8, 1], tf.uint8
 call("bad/bytes", "serve_image_bytes", image_bytes=tf.constant([b"not an image"]))
 np.savez(out_path, **{k.replace("/", "__"): v for k, v in outputs.items()})
 print(json.dumps({"errors": errors, "metadata": model.metadata().numpy().decode()}))
-'''
+"""
 
 
 def _hashes(folder):
@@ -86,8 +86,9 @@ def run_dir(tmp_path_factory):
     # The ImageNet protocol's centre crop, so that non-square images lose their borders.
     config = get_preset("demo", epochs=1, batch_size=32, warmup_epochs=0, eval_crop_fraction=0.875)
     (folder / "config.json").write_text(json.dumps(config.to_dict()))
-    (folder / "summary.json").write_text(json.dumps({"steps": 5, "preset": "demo", "backbone": "resnet_tiny",
-                                                     "image_size": IMAGE_SIZE}))
+    (folder / "summary.json").write_text(
+        json.dumps({"steps": 5, "preset": "demo", "backbone": "resnet_tiny", "image_size": IMAGE_SIZE})
+    )
     return str(folder)
 
 
@@ -125,8 +126,14 @@ def served(exported, images, tmp_path_factory):
     script, inputs, outputs = folder / "loader.py", folder / "inputs.npz", folder / "outputs.npz"
     script.write_text(LOADER)
     np.savez(inputs, **images)
-    result = subprocess.run([sys.executable, str(script), version_dir, str(inputs), str(outputs)],
-                            capture_output=True, text=True, timeout=300, env=ENV, cwd=str(folder))
+    result = subprocess.run(
+        [sys.executable, str(script), version_dir, str(inputs), str(outputs)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+        cwd=str(folder),
+    )
     # A bad input must come back as an error, not take the process down.
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
@@ -223,14 +230,17 @@ def _cli_signatures(text):
 def test_saved_model_cli_lists_the_signatures(exported):
     _, version_dir = exported
     cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
-    result = subprocess.run([cli, "show", "--all", "--dir", version_dir],
-                            capture_output=True, text=True, timeout=120, env=ENV)
+    result = subprocess.run(
+        [cli, "show", "--all", "--dir", version_dir], capture_output=True, text=True, timeout=120, env=ENV
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     signatures = _cli_signatures(result.stdout)
     assert signatures["serving_default"] == {"inputs": {"images": "DT_FLOAT"}, "outputs": {"embedding": "DT_FLOAT"}}
     assert signatures["serve_uint8"] == {"inputs": {"images": "DT_UINT8"}, "outputs": {"embedding": "DT_FLOAT"}}
-    assert signatures["serve_image_bytes"] == {"inputs": {"image_bytes": "DT_STRING"},
-                                               "outputs": {"embedding": "DT_FLOAT"}}
+    assert signatures["serve_image_bytes"] == {
+        "inputs": {"image_bytes": "DT_STRING"},
+        "outputs": {"embedding": "DT_FLOAT"},
+    }
 
 
 def test_keras_file_reloads_safely_with_the_same_embeddings(run_dir, exported, images):
@@ -246,14 +256,24 @@ def test_script_exports_next_version_and_never_overwrites(run_dir, exported):
     out, version_dir = exported
     before = _hashes(version_dir)
     keras_before = _hashes(out)["encoder-1.keras"]
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "export.py"),
-                             f"--run_dir={run_dir}", f"--out={out}"],
-                            capture_output=True, text=True, timeout=300, env=ENV, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "export.py"), f"--run_dir={run_dir}", f"--out={out}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert os.path.join(out, "2") in result.stdout
     for name in ("serving_default", "serve_uint8", "serve_image_bytes"):
         assert name in result.stdout
-    assert sorted(n for n in os.listdir(out) if not n.startswith(".")) == ["1", "2", "encoder-1.keras", "encoder-2.keras"]
+    assert sorted(n for n in os.listdir(out) if not n.startswith(".")) == [
+        "1",
+        "2",
+        "encoder-1.keras",
+        "encoder-2.keras",
+    ]
     assert [n for n in os.listdir(out) if n.startswith(".")] == []  # no temporary folder left
     assert _hashes(version_dir) == before and _hashes(out)["encoder-1.keras"] == keras_before
     with pytest.raises(ValueError, match="version=1"):
@@ -281,8 +301,14 @@ def test_explicit_version_and_errors(run_dir, tmp_path):
     ],
 )
 def test_script_names_bad_flags(args, fragment):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "export.py"), *args],
-                            capture_output=True, text=True, timeout=120, env=ENV, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "export.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=ENV,
+        cwd=ROOT,
+    )
     assert result.returncode != 0 and fragment in result.stderr, result.stderr[-2000:]
 
 
@@ -290,9 +316,14 @@ def test_script_names_missing_encoder(run_dir, tmp_path):
     empty = tmp_path / "run"
     empty.mkdir()
     (empty / "config.json").write_text("{}")
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "export.py"),
-                             f"--run_dir={empty}", f"--out={tmp_path / 'out'}"],
-                            capture_output=True, text=True, timeout=120, env=ENV, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "export.py"), f"--run_dir={empty}", f"--out={tmp_path / 'out'}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=ENV,
+        cwd=ROOT,
+    )
     assert result.returncode != 0
     assert "encoder.keras" in result.stderr and f"--run_dir={empty}" in result.stderr
     assert not (tmp_path / "out").exists()

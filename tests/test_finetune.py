@@ -19,8 +19,12 @@ SIZE = 16
 
 def tiny_keras_cv_encoder():
     backbone = keras_cv.models.ResNetBackbone(
-        stackwise_filters=[64, 32], stackwise_blocks=[1, 1], stackwise_strides=[1, 2],
-        block_type="basic_block", include_rescaling=False, input_shape=(SIZE, SIZE, 3),
+        stackwise_filters=[64, 32],
+        stackwise_blocks=[1, 1],
+        stackwise_strides=[1, 2],
+        block_type="basic_block",
+        include_rescaling=False,
+        input_shape=(SIZE, SIZE, 3),
     )
     return build_encoder(backbone, SIZE)
 
@@ -92,8 +96,9 @@ def test_freeze_epochs_freeze_the_backbone_then_train_it(encoder_file, splits):
     head = classifier.layers[-1].get_layer("predictions")
     head_before = values(head.weights)
     snapshots = BackboneSnapshots(backbone)
-    result = finetune.finetune(classifier, train, test, epochs=4, freeze_epochs=1, batch_size=8, lr=0.1,
-                               callbacks=[snapshots])
+    result = finetune.finetune(
+        classifier, train, test, epochs=4, freeze_epochs=1, batch_size=8, lr=0.1, callbacks=[snapshots]
+    )
     start, frozen, unfrozen = snapshots.snapshots[:3]
     # Epoch 1: every backbone variable (BN statistics included) is untouched, the head learned.
     for a, b in zip(start, frozen):
@@ -163,9 +168,20 @@ def test_finetune_script(tmp_path_factory):
     run_dir = tiny_run_dir(tmp_path_factory)
     out = str(tmp_path_factory.mktemp("ft"))
     train, test = colour_npz(f"{out}/train.npz", 128, 0), colour_npz(f"{out}/test.npz", 64, 1)
-    result = run_script("finetune.py", f"--run_dir={run_dir}", f"--out={out}", f"--data={train}",
-                        f"--eval_data={test}", "--limit=128", "--eval_limit=64", "--epochs=2", "--freeze_epochs=1",
-                        "--batch_size=32", "--label_fraction=0.5", "--verbose=0")
+    result = run_script(
+        "finetune.py",
+        f"--run_dir={run_dir}",
+        f"--out={out}",
+        f"--data={train}",
+        f"--eval_data={test}",
+        "--limit=128",
+        "--eval_limit=64",
+        "--epochs=2",
+        "--freeze_epochs=1",
+        "--batch_size=32",
+        "--label_fraction=0.5",
+        "--verbose=0",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     top1, top5 = map(float, RESULT_RE.search(result.stdout).groups())
     # Colour classes, 2 epochs (1 frozen) of 2 steps: on 63 held-out images

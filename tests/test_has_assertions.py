@@ -35,7 +35,9 @@ def _asserts_directly(func):
 def functions_without_assertions(source, filename="<test>"):
     """Names of the `test_*` functions in `source` with no assertion, directly or through a local helper."""
     tree = ast.parse(source, filename)
-    functions = {node.name: node for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    functions = {
+        node.name: node for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+    }
     asserting = {name for name, func in functions.items() if _asserts_directly(func)}
     # Helpers that call asserting helpers assert too: propagate to a fixed point.
     changed = True
@@ -51,7 +53,7 @@ def functions_without_assertions(source, filename="<test>"):
 
 
 def test_the_checker_finds_a_test_without_assertion():
-    source = '''
+    source = """
 def _check(x):
     assert x
 
@@ -77,7 +79,7 @@ def test_nothing():
 
 def test_only_calls_a_silent_helper():
     helper(1)
-'''
+"""
     assert functions_without_assertions(source) == ["test_nothing", "test_only_calls_a_silent_helper"]
 
 

@@ -112,7 +112,10 @@ def test_install_switches_plain_layers_only_and_keeps_them_plain(tmp_path):
     inputs = keras.Input((16, 16, 3))
     model = keras.Model(inputs, Standardised(2, 1)(keras.layers.Reshape((1, 1, -1))(encoder(inputs))))
     before = model.get_config()
-    counts = [sum(isinstance(l, cls) for l in encoder._flatten_layers()) for cls in (keras.layers.Conv2D, keras.layers.BatchNormalization)]
+    counts = [
+        sum(isinstance(l, cls) for l in encoder._flatten_layers())
+        for cls in (keras.layers.Conv2D, keras.layers.BatchNormalization)
+    ]
     assert kernels.install_fast_kernels(model) == sum(counts)
     assert kernels.install_fast_kernels(model) == sum(counts)  # again: harmless
     assert model.get_config() == before
@@ -155,8 +158,11 @@ def test_fused_batch_norm_counts_elements_in_int64():
     # int32 counts wrap past 2**31 elements in one layer on one replica.
     layer = keras.layers.BatchNormalization()
     layer.build((None, None, None, 4))
-    graph = tf.function(lambda x: kernels.fused_batch_norm(layer, x)).get_concrete_function(
-        tf.TensorSpec([None, None, None, 4], tf.float32)).graph
+    graph = (
+        tf.function(lambda x: kernels.fused_batch_norm(layer, x))
+        .get_concrete_function(tf.TensorSpec([None, None, None, 4], tf.float32))
+        .graph
+    )
     sizes = [op for op in graph.get_operations() if op.type == "Size"]
     assert sizes and all(op.get_attr("out_type") == tf.int64 for op in sizes)
 

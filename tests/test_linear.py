@@ -18,8 +18,17 @@ def tiny_run_dir(tmp_path_factory):
     """A real run folder from scripts/pretrain.py (demo preset, 1 epoch), made once per session."""
     run = tmp_path_factory.getbasetemp() / "tiny_byol_run"
     if not (run / "summary.json").exists():
-        result = run_script("pretrain.py", "--preset=demo", "--epochs=1", "--limit=128", "--batch_size=64",
-                            "--warmup_epochs=0", "--verbose=0", f"--out={run}", "--overwrite")
+        result = run_script(
+            "pretrain.py",
+            "--preset=demo",
+            "--epochs=1",
+            "--limit=128",
+            "--batch_size=64",
+            "--warmup_epochs=0",
+            "--verbose=0",
+            f"--out={run}",
+            "--overwrite",
+        )
         assert result.returncode == 0, result.stderr[-3000:]
     return str(run)
 
@@ -41,8 +50,7 @@ def separable_features(num, num_classes=8, dim=16, seed=0):
 def test_linear_probe_separates_separable_features(feature_norm):
     x_train, y_train = separable_features(400)
     x_test, y_test = separable_features(200, seed=1)
-    result = linear.train_linear(x_train, y_train, x_test, y_test, epochs=20, batch_size=64,
-                                 feature_norm=feature_norm)
+    result = linear.train_linear(x_train, y_train, x_test, y_test, epochs=20, batch_size=64, feature_norm=feature_norm)
     assert result["top1"] >= 0.98, result
     assert result["top5"] >= result["top1"]
     assert result["num_classes"] == 8 and result["num_train"] == 400 and result["num_test"] == 200
@@ -53,8 +61,9 @@ def test_linear_probe_cannot_learn_random_labels():
     x_train, _ = separable_features(400)
     x_test, _ = separable_features(200, seed=1)
     rng = np.random.default_rng(0)
-    result = linear.train_linear(x_train, rng.integers(0, 8, 400), x_test, rng.integers(0, 8, 200),
-                                 epochs=20, batch_size=64)
+    result = linear.train_linear(
+        x_train, rng.integers(0, 8, 400), x_test, rng.integers(0, 8, 200), epochs=20, batch_size=64
+    )
     assert result["top1"] < 0.35, result
 
 
@@ -136,8 +145,15 @@ def test_random_init_encoder_is_rebuilt_from_the_run(run_dir):
 def test_linear_eval_script(run_dir, tmp_path):
     # Colour classes: the answer is known (separable from any encoder's features).
     train, test = colour_npz(tmp_path / "train.npz", 400, 0), colour_npz(tmp_path / "test.npz", 120, 1)
-    result = run_script("linear_eval.py", f"--run_dir={run_dir}", f"--data={train}", f"--eval_data={test}",
-                        "--limit=300", "--eval_limit=90", "--epochs=5")
+    result = run_script(
+        "linear_eval.py",
+        f"--run_dir={run_dir}",
+        f"--data={train}",
+        f"--eval_data={test}",
+        "--limit=300",
+        "--eval_limit=90",
+        "--epochs=5",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     top1, top5 = map(float, RESULT_RE.search(result.stdout).groups())
     assert top1 >= 0.9 and top5 == 1.0  # 3 classes: top-5 is every class
@@ -146,11 +162,14 @@ def test_linear_eval_script(run_dir, tmp_path):
     assert record["num_train"] == 300 and record["num_test"] == 90 and record["data"] == train
 
 
-@pytest.mark.parametrize("flag, expected", [
-    ("--label_fraction=0", "--label_fraction=0"),
-    ("--epochs=0", "--epochs=0"),
-    ("--run_dir=/no/such/run", "--run_dir=/no/such/run"),
-])
+@pytest.mark.parametrize(
+    "flag, expected",
+    [
+        ("--label_fraction=0", "--label_fraction=0"),
+        ("--epochs=0", "--epochs=0"),
+        ("--run_dir=/no/such/run", "--run_dir=/no/such/run"),
+    ],
+)
 def test_linear_eval_script_bad_flags(run_dir, flag, expected):
     result = run_script("linear_eval.py", f"--run_dir={run_dir}", flag, timeout=120)
     assert result.returncode != 0

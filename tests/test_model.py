@@ -39,8 +39,7 @@ def test_fit_lowers_loss_and_moves_only_online_by_gradient():
     online_before = weights(model.online_trainable_variables)
     target_before = weights(model.target_ema_variables)
     record = _RecordOnline()
-    history = model.fit(view_dataset(), steps_per_epoch=4, epochs=4, callbacks=[EMAUpdate(16, 0.99), record],
-                        verbose=0)
+    history = model.fit(view_dataset(), steps_per_epoch=4, epochs=4, callbacks=[EMAUpdate(16, 0.99), record], verbose=0)
     loss = history.history["loss"]
     assert loss[-1] < loss[0]
     # Every online variable, predictor included, got a gradient.
@@ -140,8 +139,10 @@ def test_probe_never_changes_the_encoder():
         runs[probe] = model
     with_probe, without = runs[3], runs[None]
     # Same online and target weights, step for step: the probe's features are stop-gradient.
-    for a, b in zip(with_probe.online_trainable_variables + with_probe.target_ema_variables,
-                    without.online_trainable_variables + without.target_ema_variables):
+    for a, b in zip(
+        with_probe.online_trainable_variables + with_probe.target_ema_variables,
+        without.online_trainable_variables + without.target_ema_variables,
+    ):
         np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6, err_msg=a.path)
     assert not np.allclose(probe_before[0], with_probe.probe.kernel.numpy())
     # The BYOL optimizer holds no state for the probe; the probe has its own.
@@ -155,8 +156,14 @@ def test_probe_learns_a_separable_task_and_validates():
     model = tiny_byol(probe_classes=3, probe_learning_rate=0.05)
     model.compile(optimizer=keras.optimizers.SGD(0.01))
     val = tf.data.Dataset.from_tensor_slices((x, labels)).batch(32)
-    history = model.fit(labelled_view_dataset(x, labels, batch=16), steps_per_epoch=12, epochs=3,
-                        validation_data=val, callbacks=[EMAUpdate(36, 0.99)], verbose=0)
+    history = model.fit(
+        labelled_view_dataset(x, labels, batch=16),
+        steps_per_epoch=12,
+        epochs=3,
+        validation_data=val,
+        callbacks=[EMAUpdate(36, 0.99)],
+        verbose=0,
+    )
     assert history.history["probe_acc"][-1] > 0.9
     assert history.history["val_probe_acc"][-1] > 0.9
     # Chance is 1/3; a probe on shuffled labels cannot do this well.

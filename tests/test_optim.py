@@ -15,6 +15,7 @@ from byol_tf.optim import LARS, MaskedAdamW, MaskedSGD, WarmupCosine, build_opti
 
 # ---------------------------------------------------------------- WarmupCosine
 
+
 def test_warmup_cosine_values():
     s = WarmupCosine(peak_lr=2.0, warmup_steps=10, total_steps=110, final_lr=0.2)
     lr = lambda step: float(s(step))
@@ -30,7 +31,8 @@ def test_warmup_cosine_values():
 def test_warmup_cosine_graph_and_no_warmup():
     s = WarmupCosine(peak_lr=1.0, warmup_steps=0, total_steps=4)
     values = tf.function(lambda steps: tf.map_fn(s, steps, fn_output_signature=tf.float32))(
-        tf.constant([0, 2, 4, 9], tf.int64))
+        tf.constant([0, 2, 4, 9], tf.int64)
+    )
     np.testing.assert_allclose(values.numpy(), [1.0, 0.5, 0.0, 0.0], atol=1e-6)
 
 
@@ -44,18 +46,22 @@ def test_warmup_cosine_config_round_trip():
     assert isinstance(again, WarmupCosine) and again.get_config() == s.get_config()
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(peak_lr=1.0, warmup_steps=0, total_steps=0), "`total_steps` must be > 0. Received: total_steps=0"),
-    (dict(peak_lr=1.0, warmup_steps=5, total_steps=4), "Received: warmup_steps=5"),
-    (dict(peak_lr=-1.0, warmup_steps=0, total_steps=4), "Received: peak_lr=-1.0"),
-    (dict(peak_lr=1.0, warmup_steps=0, total_steps=4, final_lr=2.0), "Received: final_lr=2.0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(peak_lr=1.0, warmup_steps=0, total_steps=0), "`total_steps` must be > 0. Received: total_steps=0"),
+        (dict(peak_lr=1.0, warmup_steps=5, total_steps=4), "Received: warmup_steps=5"),
+        (dict(peak_lr=-1.0, warmup_steps=0, total_steps=4), "Received: peak_lr=-1.0"),
+        (dict(peak_lr=1.0, warmup_steps=0, total_steps=4, final_lr=2.0), "Received: final_lr=2.0"),
+    ],
+)
 def test_warmup_cosine_validation(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         WarmupCosine(**kwargs)
 
 
 # ------------------------------------------------------------------------ LARS
+
 
 def _numpy_lars(params, grads_per_step, lr, momentum, wd, eta, nesterov, decay, adapt):
     params = {k: v.astype(np.float64).copy() for k, v in params.items()}
@@ -97,8 +103,9 @@ def test_lars_matches_numpy_reference(nesterov, names):
     # Rank <= 1 variables (bias, BN gamma) get neither decay nor trust ratio.
     decay = {"kernel": True, "bias": False, "gamma": False, "zero_kernel": True}
     adapt = {"kernel": True, "bias": False, "gamma": False, "zero_kernel": names is None}
-    expected = _numpy_lars(params, grads, kw["learning_rate"], kw["momentum"], kw["weight_decay"],
-                           kw["eta"], nesterov, decay, adapt)
+    expected = _numpy_lars(
+        params, grads, kw["learning_rate"], kw["momentum"], kw["weight_decay"], kw["eta"], nesterov, decay, adapt
+    )
     for k in params:
         np.testing.assert_allclose(variables[k].numpy(), expected[k], rtol=1e-5, atol=1e-6, err_msg=k)
     # The exclusions matter: bias with the trust ratio, or the kernel without, would differ.
@@ -109,8 +116,7 @@ def test_lars_matches_numpy_reference(nesterov, names):
 
 
 def test_lars_zero_norm_weight_gets_trust_one_and_decay_by_name():
-    opt = LARS(learning_rate=0.5, momentum=0.9, weight_decay=0.5, eta=1e-3,
-               exclude_from_weight_decay=["nodecay"])
+    opt = LARS(learning_rate=0.5, momentum=0.9, weight_decay=0.5, eta=1e-3, exclude_from_weight_decay=["nodecay"])
     zero = keras.Variable(np.zeros((2, 2), "float32"), name="zero")
     nodecay = keras.Variable(np.ones((2, 2), "float32"), name="kernel_nodecay")
     g = np.full((2, 2), 2.0, "float32")
@@ -122,13 +128,28 @@ def test_lars_zero_norm_weight_gets_trust_one_and_decay_by_name():
 
 def test_lars_config_round_trip():
     schedule = WarmupCosine(peak_lr=3.2, warmup_steps=10, total_steps=100)
-    opt = LARS(learning_rate=schedule, momentum=0.8, weight_decay=1e-5, eta=2e-3, nesterov=True,
-               exclude_from_adaptation=["head"], exclude_from_weight_decay=["emb"], global_clipnorm=1.0)
+    opt = LARS(
+        learning_rate=schedule,
+        momentum=0.8,
+        weight_decay=1e-5,
+        eta=2e-3,
+        nesterov=True,
+        exclude_from_adaptation=["head"],
+        exclude_from_weight_decay=["emb"],
+        global_clipnorm=1.0,
+    )
     assert opt.weight_decay is None  # Keras' decoupled decay must stay off.
     config = opt.get_config()
-    for key, value in dict(momentum=0.8, weight_decay=1e-5, eta=2e-3, nesterov=True,
-                           exclude_from_adaptation=["head"], exclude_from_weight_decay=["emb"],
-                           global_clipnorm=1.0, name="lars").items():
+    for key, value in dict(
+        momentum=0.8,
+        weight_decay=1e-5,
+        eta=2e-3,
+        nesterov=True,
+        exclude_from_adaptation=["head"],
+        exclude_from_weight_decay=["emb"],
+        global_clipnorm=1.0,
+        name="lars",
+    ).items():
         assert config[key] == value, key
     again = keras.optimizers.deserialize(keras.optimizers.serialize(opt))
     assert isinstance(again, LARS)
@@ -146,8 +167,15 @@ def _tiny_data(n=64):
 
 def _tiny_model():
     keras.utils.set_random_seed(0)
-    return keras.Sequential([keras.Input((8,)), keras.layers.Dense(16), keras.layers.BatchNormalization(),
-                             keras.layers.ReLU(), keras.layers.Dense(1)])
+    return keras.Sequential(
+        [
+            keras.Input((8,)),
+            keras.layers.Dense(16),
+            keras.layers.BatchNormalization(),
+            keras.layers.ReLU(),
+            keras.layers.Dense(1),
+        ]
+    )
 
 
 def test_lars_fits_a_keras_model_and_saves(tmp_path):
@@ -191,20 +219,23 @@ _MIRRORED = textwrap.dedent("""
 def test_lars_under_mirrored_strategy_matches_single_device():
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="tensorflow")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", _MIRRORED], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _MIRRORED], cwd=root, env=env, capture_output=True, text=True, timeout=300
+    )
     assert "MIRRORED_OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
 # ------------------------------------------------------------- build_optimizer
 
+
 def _config(**kw):
     return PretrainConfig(**{"batch_size": 256, "epochs": 10, "warmup_epochs": 1, **kw})
 
 
-@pytest.mark.parametrize("name, base_lr, cls", [
-    ("lars", 0.2, LARS), ("sgd", 0.1, MaskedSGD), ("adam", 1e-3, keras.optimizers.Adam),
-    ("adamw", 1e-3, MaskedAdamW)])
+@pytest.mark.parametrize(
+    "name, base_lr, cls",
+    [("lars", 0.2, LARS), ("sgd", 0.1, MaskedSGD), ("adam", 1e-3, keras.optimizers.Adam), ("adamw", 1e-3, MaskedAdamW)],
+)
 def test_build_optimizer_classes(name, base_lr, cls):
     opt = build_optimizer(_config(optimizer=name, base_lr=base_lr, weight_decay=1e-4), steps_per_epoch=10)
     assert type(opt) is cls

@@ -29,7 +29,11 @@ def _script(*args, env=None):
     return subprocess.Popen(
         # byol-pretrain, plus the pause hook that BYOL_TF_TEST_PAUSE_AT_STEP turns on.
         [sys.executable, os.path.join(ROOT, "tests", "workers", "pretrain.py"), *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
     )
 
 
@@ -50,9 +54,18 @@ def _h5_arrays(keras_file):
 
 # 128 images / 32 = 4 steps an epoch, 3 epochs = 12 steps; backups at steps 5 and 10.
 RESUME_ARGS = [
-    "--preset=demo", "--backbone=resnet_tiny", "--image_size=16", "--limit=128", "--batch_size=32",
-    "--epochs=3", "--warmup_epochs=0", "--verbose=0", "--knn_every=100", "--backup_every_steps=5",
-    "--deterministic", "--seed=3",
+    "--preset=demo",
+    "--backbone=resnet_tiny",
+    "--image_size=16",
+    "--limit=128",
+    "--batch_size=32",
+    "--epochs=3",
+    "--warmup_epochs=0",
+    "--verbose=0",
+    "--knn_every=100",
+    "--backup_every_steps=5",
+    "--deterministic",
+    "--seed=3",
 ]
 
 
@@ -62,8 +75,9 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
     # Both start at once: the uninterrupted run, and one parked after step 7
     # (the backup of step 5 is written; step 7 is mid-epoch 2) and SIGKILLed there.
     reference = _script(*RESUME_ARGS, f"--out={straight}")
-    victim = _script(*RESUME_ARGS, f"--out={killed}",
-                     env={"BYOL_TF_TEST_PAUSE_AT_STEP": "7", "BYOL_TF_TEST_PAUSE_MARKER": marker})
+    victim = _script(
+        *RESUME_ARGS, f"--out={killed}", env={"BYOL_TF_TEST_PAUSE_AT_STEP": "7", "BYOL_TF_TEST_PAUSE_MARKER": marker}
+    )
     deadline = time.time() + 400
     while not os.path.exists(marker):
         assert victim.poll() is None, victim.communicate()[1][-3000:]
@@ -109,8 +123,16 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
 
 
 def _tiny_config(**overrides):
-    values = dict(backbone="resnet_tiny", image_size=16, batch_size=16, epochs=3, warmup_epochs=0,
-                  projector_hidden=32, projection_dim=16, predictor_hidden=32)
+    values = dict(
+        backbone="resnet_tiny",
+        image_size=16,
+        batch_size=16,
+        epochs=3,
+        warmup_epochs=0,
+        projector_hidden=32,
+        projection_dim=16,
+        predictor_hidden=32,
+    )
     values.update(overrides)
     return get_preset("demo", **values)
 
@@ -142,7 +164,12 @@ def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_images, cap
     # Step 5 (0-based) is the second step of epoch 2: the epoch-end checkpoint of
     # step 4 and the backup of step 4 are the last good states.
     summary = training.run_pretraining(
-        _tiny_config(), tiny_images, out, backup_every_steps=2, verbose=0, autotune=False,
+        _tiny_config(),
+        tiny_images,
+        out,
+        backup_every_steps=2,
+        verbose=0,
+        autotune=False,
         callbacks=[PoisonAt(5)],
     )
     printed = capsys.readouterr().out
@@ -167,19 +194,27 @@ def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_images, cap
 
 def _constant_backbone():
     """An encoder that outputs the same features for every image: a collapsed network."""
-    return keras.Sequential([
-        keras.Input((16, 16, 3)),
-        keras.layers.Conv2D(8, 1, kernel_initializer="zeros", bias_initializer="ones", trainable=False),
-        keras.layers.GlobalAveragePooling2D(),
-    ])
+    return keras.Sequential(
+        [
+            keras.Input((16, 16, 3)),
+            keras.layers.Conv2D(8, 1, kernel_initializer="zeros", bias_initializer="ones", trainable=False),
+            keras.layers.GlobalAveragePooling2D(),
+        ]
+    )
 
 
 @pytest.mark.parametrize("action", ["stop", "warn"])
 def test_collapse_is_detected_within_patience(tmp_path, tiny_images, capsys, action):
     out = str(tmp_path / "run")
     summary = training.run_pretraining(
-        _tiny_config(epochs=2), tiny_images, out, verbose=0, autotune=False, backbone=_constant_backbone(),
-        collapse_patience=3, on_collapse=action,
+        _tiny_config(epochs=2),
+        tiny_images,
+        out,
+        verbose=0,
+        autotune=False,
+        backbone=_constant_backbone(),
+        collapse_patience=3,
+        on_collapse=action,
     )
     printed = capsys.readouterr().out
     if action == "stop":
@@ -195,15 +230,23 @@ def test_collapse_is_detected_within_patience(tmp_path, tiny_images, capsys, act
 
 
 def test_healthy_run_does_not_trip_the_collapse_guard(tmp_path, tiny_images):
-    summary = training.run_pretraining(_tiny_config(epochs=1), tiny_images, str(tmp_path / "run"), verbose=0,
-                                       autotune=False, collapse_patience=1)
+    summary = training.run_pretraining(
+        _tiny_config(epochs=1), tiny_images, str(tmp_path / "run"), verbose=0, autotune=False, collapse_patience=1
+    )
     assert summary["status"] == "finished"
 
 
 def test_resume_refuses_other_data(tmp_path, tiny_images):
     out = str(tmp_path / "run")
-    training.run_pretraining(_tiny_config(epochs=2), tiny_images, out, verbose=0, autotune=False,
-                             callbacks=[PoisonAt(5)], backup_every_steps=1)
+    training.run_pretraining(
+        _tiny_config(epochs=2),
+        tiny_images,
+        out,
+        verbose=0,
+        autotune=False,
+        callbacks=[PoisonAt(5)],
+        backup_every_steps=1,
+    )
     os.remove(os.path.join(out, "summary.json"))  # as if killed, with its backup of step 5
     fewer = data.ImageSet(images=tiny_images.images[:48], labels=tiny_images.labels[:48], source="fewer")
     with pytest.raises(ValueError, match="num_train_images: 64 in the backup vs 48 now"):
@@ -241,8 +284,9 @@ def _hostile_folder(root):
         "deep16.png": _encoded(Image.fromarray((np.arange(24 * 24).reshape(24, 24) * 100).astype(np.uint16)), "PNG"),
         "gray.png": _encoded(Image.fromarray(_rgb(20, 20, 1)[..., 0]), "PNG"),
         "rgba.png": _encoded(Image.fromarray(np.dstack([_rgb(20, 20, 2), np.full((20, 20), 90, np.uint8)])), "PNG"),
-        "anim.gif": _encoded(Image.fromarray(_rgb(20, 20, 3)), "GIF", save_all=True,
-                             append_images=[Image.fromarray(_rgb(20, 20, 4))]),
+        "anim.gif": _encoded(
+            Image.fromarray(_rgb(20, 20, 3)), "GIF", save_all=True, append_images=[Image.fromarray(_rgb(20, 20, 4))]
+        ),
         "photo.JPEG": _encoded(photo, "JPEG"),
         "pic.bmp": _encoded(Image.fromarray(_rgb(20, 20, 5)), "BMP"),
         "pic.webp": _encoded(Image.fromarray(_rgb(20, 20, 6)), "WEBP"),
@@ -328,8 +372,9 @@ def test_resume_in_process_after_a_nan_stop(tmp_path, tiny_images, capsys):
     # the NaN epoch's metrics row is replaced, not repeated.
     out = str(tmp_path / "run")
     config = _tiny_config(epochs=2)
-    stopped = training.run_pretraining(config, tiny_images, out, verbose=0, autotune=False,
-                                       backup_every_steps=1, callbacks=[PoisonAt(6)])
+    stopped = training.run_pretraining(
+        config, tiny_images, out, verbose=0, autotune=False, backup_every_steps=1, callbacks=[PoisonAt(6)]
+    )
     assert stopped["status"] == "stopped_nan"
     assert guards.read_backup(os.path.join(out, "backup"))["step"] == 6
     os.remove(os.path.join(out, "summary.json"))

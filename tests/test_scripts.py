@@ -15,7 +15,11 @@ def run_script(name, *args, timeout=300):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
     return subprocess.run(
         [sys.executable, os.path.join(ROOT, "scripts", name), *args],
-        capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
     )
 
 
@@ -38,15 +42,24 @@ def demo_run(tmp_path_factory):
     out = str(folder / "demo")
     # Labelled data whose answer is known, with the online linear probe.
     train, test = colour_npz(folder / "train.npz", 256, 0), colour_npz(folder / "test.npz", 120, 1)
-    result = run_script("pretrain.py", *TINY, f"--data={train}", f"--eval_data={test}", "--probe", "--probe_lr=0.05",
-                        f"--out={out}")
+    result = run_script(
+        "pretrain.py", *TINY, f"--data={train}", f"--eval_data={test}", "--probe", "--probe_lr=0.05", f"--out={out}"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result
 
 
 def test_pretrain_writes_the_run_folder(demo_run):
     out, result = demo_run
-    for name in ("config.json", "metrics.csv", "encoder.keras", "summary.json", "checkpoints/byol.keras", "metrics.png", "embedding_map.png"):
+    for name in (
+        "config.json",
+        "metrics.csv",
+        "encoder.keras",
+        "summary.json",
+        "checkpoints/byol.keras",
+        "metrics.png",
+        "embedding_map.png",
+    ):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     assert os.listdir(os.path.join(out, "tensorboard"))
     summary = json.load(open(os.path.join(out, "summary.json")))

@@ -15,8 +15,9 @@ from byol_tf.config import AugmentConfig
 from byol_tf.data import crops
 
 # Crops and flips only, so a view is exactly crop -> resize -> flip -> round.
-CROP_ONLY = AugmentConfig(image_size=16, jitter_prob=0.0, grayscale_prob=0.0, blur_prob=(0.0, 0.0),
-                          solarize_prob=(0.0, 0.0))
+CROP_ONLY = AugmentConfig(
+    image_size=16, jitter_prob=0.0, grayscale_prob=0.0, blur_prob=(0.0, 0.0), solarize_prob=(0.0, 0.0)
+)
 
 
 def _rgb(h, w, seed):
@@ -26,7 +27,7 @@ def _rgb(h, w, seed):
 def _torchvision_window(height, width, tries, offsets, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
     """torchvision's RandomResizedCrop.get_params, written out, with given uniforms instead of torch.rand."""
     area = height * width
-    for (u_area, u_ratio) in tries:
+    for u_area, u_ratio in tries:
         target_area = area * (scale[0] + (scale[1] - scale[0]) * u_area)
         aspect = math.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u_ratio)
         w = int(round(math.sqrt(target_area * aspect)))
@@ -51,8 +52,13 @@ def test_crop_window_is_torchvision_random_resized_crop(height, width):
     tries[:8, :, 0] = 1.0
     config = AugmentConfig(crop_scale=(0.08, 1.0) if height > 10 else (0.9, 1.0))
     config = AugmentConfig(crop_scale=(0.08, 1.0))
-    got = crop_window(tf.fill([64], float(height)), tf.fill([64], float(width)), tf.constant(tries, tf.float32),
-                      tf.constant(offsets, tf.float32), config)
+    got = crop_window(
+        tf.fill([64], float(height)),
+        tf.fill([64], float(width)),
+        tf.constant(tries, tf.float32),
+        tf.constant(offsets, tf.float32),
+        config,
+    )
     got = np.stack([g.numpy() for g in got], axis=1).astype(int)
     expected = np.array([_torchvision_window(height, width, t, o) for t, o in zip(tries, offsets)])
     # float32 against float64 can round a size differently at an exact .5: allow one pixel, rarely.
@@ -70,17 +76,23 @@ def _drawn_windows(key, height, width, scale=(0.08, 1.0)):
 
 def _bilinear(image, top, left, h, w, size):
     """NumPy bilinear resize of a window: half-pixel centres when downscaling, edge pixels kept when upscaling."""
+
     def coords(start, length):
         if length >= size:
             return start + (np.arange(size) + 0.5) * length / size - 0.5
         return start + np.arange(size) * (length - 1) / (size - 1)
+
     ys, xs = coords(top, h), coords(left, w)
     y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
     y1, x1 = np.minimum(y0 + 1, image.shape[0] - 1), np.minimum(x0 + 1, image.shape[1] - 1)
     fy, fx = (ys - y0)[:, None, None], (xs - x0)[None, :, None]
     im = image.astype(float)
-    return ((1 - fy) * (1 - fx) * im[y0][:, x0] + (1 - fy) * fx * im[y0][:, x1]
-            + fy * (1 - fx) * im[y1][:, x0] + fy * fx * im[y1][:, x1])
+    return (
+        (1 - fy) * (1 - fx) * im[y0][:, x0]
+        + (1 - fy) * fx * im[y0][:, x1]
+        + fy * (1 - fx) * im[y1][:, x0]
+        + fy * fx * im[y1][:, x1]
+    )
 
 
 def test_views_are_bilinear_crops_of_the_original_image():
@@ -104,8 +116,14 @@ def test_large_jpeg_crops_decode_at_a_dct_scale_close_to_the_full_decode():
     smooth = np.stack([128 + 100 * np.sin(xx / 40.0), 128 + 100 * np.cos(yy / 50.0), np.full(xx.shape, 90.0)], -1)
     jpeg = io.BytesIO()
     Image.fromarray(smooth.astype(np.uint8)).save(jpeg, format="JPEG", quality=95)
-    config = AugmentConfig(image_size=32, crop_scale=(0.5, 1.0), jitter_prob=0.0, grayscale_prob=0.0,
-                           blur_prob=(0.0, 0.0), solarize_prob=(0.0, 0.0))
+    config = AugmentConfig(
+        image_size=32,
+        crop_scale=(0.5, 1.0),
+        jitter_prob=0.0,
+        grayscale_prob=0.0,
+        blur_prob=(0.0, 0.0),
+        solarize_prob=(0.0, 0.0),
+    )
     full = np.asarray(Image.open(io.BytesIO(jpeg.getvalue())).convert("RGB"))
     for position in range(4):
         key = crops.view_key(0, position)
@@ -116,6 +134,7 @@ def test_large_jpeg_crops_decode_at_a_dct_scale_close_to_the_full_decode():
             ref = _bilinear(full, top, left, h, w, 32)
             ref = ref[:, ::-1] if flip else ref
             assert np.abs(view - ref).mean() < 3.0
+
 
 @pytest.fixture
 def hostile_folder(tmp_path):
@@ -164,13 +183,16 @@ def test_resume_from_a_stream_position_gives_the_same_batches(hostile_folder):
     root, good, bad = hostile_folder
     source = data.open_source(root)
     tracker = data.StreamPosition(source)
-    full = [v1.numpy() for v1, _ in data.pretrain_dataset(source, 4, CROP_ONLY, seed=5, tracker=tracker,
-                                                           autotune=False).take(9)]
+    full = [
+        v1.numpy()
+        for v1, _ in data.pretrain_dataset(source, 4, CROP_ONLY, seed=5, tracker=tracker, autotune=False).take(9)
+    ]
     for step in (3, 5, 7):
         # A killed run resumes from the backup's position, which is past skipped files.
         position = tracker.after(step)
-        resumed = data.pretrain_dataset(data.open_source(root), 4, CROP_ONLY, seed=5, start_step=step,
-                                        start_position=position, autotune=False)
+        resumed = data.pretrain_dataset(
+            data.open_source(root), 4, CROP_ONLY, seed=5, start_step=step, start_position=position, autotune=False
+        )
         for expected, (v1, _) in zip(full[step:], resumed.take(9 - step)):
             np.testing.assert_array_equal(v1.numpy(), expected)
 
@@ -214,15 +236,24 @@ def test_eval_dataset_streams_a_folder_through_the_eval_preprocessing(hostile_fo
     # Image 0 of class a is the 20x50 PNG: short side to floor(16 / 0.875) = 18, long int(18 * 50 / 20) = 45,
     # centre crop at (1, 14) -- worked out by hand, checked against PIL's resize.
     first = _rgb(20, 50, 0)
-    ref = np.stack([np.asarray(Image.fromarray(first[..., c].astype(np.float32), mode="F").resize(
-        (45, 18), Image.BILINEAR)) for c in range(3)], -1)[1:17, 14:30] / 255.0
+    ref = (
+        np.stack(
+            [
+                np.asarray(Image.fromarray(first[..., c].astype(np.float32), mode="F").resize((45, 18), Image.BILINEAR))
+                for c in range(3)
+            ],
+            -1,
+        )[1:17, 14:30]
+        / 255.0
+    )
     np.testing.assert_allclose(images[0], ref, atol=1e-5)
 
 
 def test_any_tf_data_dataset_of_images_streams():
     # Decoded images of six different sizes, with labels.
     ds = tf.data.Dataset.range(6).map(
-        lambda i: (tf.cast(tf.fill(tf.stack([12 + 5 * i, 30 - 2 * i, 3]), 40 * i), tf.uint8), i % 2))
+        lambda i: (tf.cast(tf.fill(tf.stack([12 + 5 * i, 30 - 2 * i, 3]), 40 * i), tf.uint8), i % 2)
+    )
     with pytest.raises(ValueError, match="num_examples"):
         data.DatasetSource(ds.filter(lambda x, y: True))
     source = data.DatasetSource(ds)
@@ -299,8 +330,13 @@ def test_shard_workers_split_files_when_they_balance(tmp_path, workers, file_lev
     source = data.open_source(str(tmp_path / "shards"))
     assert source.counts == [5, 5, 5]
     # Each shard file's names, read directly.
-    files = [{tf.io.parse_single_example(r, data.sources.SHARD_FEATURES)["image/filename"].numpy().decode()
-              for r in tf.data.TFRecordDataset(str(tmp_path / "shards" / s["file"]))} for s in index["shards"]]
+    files = [
+        {
+            tf.io.parse_single_example(r, data.sources.SHARD_FEATURES)["image/filename"].numpy().decode()
+            for r in tf.data.TFRecordDataset(str(tmp_path / "shards" / s["file"]))
+        }
+        for s in index["shards"]
+    ]
     seen = []
     for worker in range(workers):
         size = len(range(worker, 15, workers))

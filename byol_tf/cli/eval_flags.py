@@ -7,8 +7,12 @@ def define_input_flags():
     """The encoder and labelled data flags of linear_eval.py and finetune.py."""
     flags.DEFINE_string("run_dir", None, "Pretraining run folder: encoder.keras and config.json.")
     flags.DEFINE_string("encoder", None, "A .keras encoder file, instead of RUN/encoder.keras.")
-    flags.DEFINE_string("data", None, "Labelled training data (as pretrain.py --data). Default: 'shapes' for a demo run.")
-    flags.DEFINE_string("eval_data", None, "Labelled test data. Default: the test split of --data for 'shapes' and tfds.")
+    flags.DEFINE_string(
+        "data", None, "Labelled training data (as pretrain.py --data). Default: 'shapes' for a demo run."
+    )
+    flags.DEFINE_string(
+        "eval_data", None, "Labelled test data. Default: the test split of --data for 'shapes' and tfds."
+    )
     flags.DEFINE_integer("limit", None, "Use at most this many training images.")
     flags.DEFINE_integer("eval_limit", None, "Use at most this many test images.")
 

@@ -35,8 +35,10 @@ def main(argv):
     run = RunDir(run_dir)
     for path in (run.encoder_file, run.config_file):
         if not os.path.exists(path):
-            raise app.UsageError(f"--run_dir has no {os.path.basename(path)}; pass a finished run folder from "
-                                 f"byol-pretrain. Received: --run_dir={run_dir}")
+            raise app.UsageError(
+                f"--run_dir has no {os.path.basename(path)}; pass a finished run folder from "
+                f"byol-pretrain. Received: --run_dir={run_dir}"
+            )
     if FLAGS.version is not None and FLAGS.version < 1:
         raise app.UsageError(f"--version must be >= 1. Received: --version={FLAGS.version}")
 

@@ -20,14 +20,24 @@ from byol_tf.cli import eval_flags, run_main
 
 FLAGS = flags.FLAGS
 eval_flags.define_input_flags()
-flags.DEFINE_enum("init", "pretrained", ["pretrained", "random"], "Start from the pretrained encoder, or from the run's backbone at random init (supervised baseline).")
+flags.DEFINE_enum(
+    "init",
+    "pretrained",
+    ["pretrained", "random"],
+    "Start from the pretrained encoder, or from the run's backbone at random init (supervised baseline).",
+)
 flags.DEFINE_integer("epochs", 30, "Epochs, frozen ones included.")
 flags.DEFINE_integer("batch_size", 128, "Images per step.")
 flags.DEFINE_float("lr", 0.05, "Peak learning rate of the cosine schedule (SGD, momentum 0.9).")
 flags.DEFINE_float("weight_decay", 5e-4, "Weight decay on the kernels.")
 flags.DEFINE_integer("freeze_epochs", 0, "Train only the head for this many first epochs, then unfreeze the backbone.")
 flags.DEFINE_float("label_fraction", 1.0, "Train on a class-balanced subset of this fraction of the labels, e.g. 0.1.")
-flags.DEFINE_enum("augment", "auto", ["auto", "crop_pad", "resized_crop", "none"], "Training augmentation (always with a flip, except none).")
+flags.DEFINE_enum(
+    "augment",
+    "auto",
+    ["auto", "crop_pad", "resized_crop", "none"],
+    "Training augmentation (always with a flip, except none).",
+)
 flags.DEFINE_integer("seed", 0, "Seeds the label subset, the head's init, the data order and augmentation.")
 flags.DEFINE_string("out", None, "Output folder. Default: a folder in --run_dir.")
 flags.DEFINE_integer("verbose", 2, "fit verbosity.")
@@ -44,7 +54,9 @@ def main(argv):
         if value is not None and value < 1:
             raise app.UsageError(f"--{name} must be >= 1. Received: --{name}={value}")
     if not 0 <= FLAGS.freeze_epochs <= FLAGS.epochs:
-        raise app.UsageError(f"--freeze_epochs must be in [0, --epochs={FLAGS.epochs}]. Received: --freeze_epochs={FLAGS.freeze_epochs}")
+        raise app.UsageError(
+            f"--freeze_epochs must be in [0, --epochs={FLAGS.epochs}]. Received: --freeze_epochs={FLAGS.freeze_epochs}"
+        )
     if FLAGS.lr <= 0:
         raise app.UsageError(f"--lr must be > 0. Received: --lr={FLAGS.lr}")
 
@@ -54,20 +66,36 @@ def main(argv):
 
     try:
         encoder, _, train, test, data, eval_data = linear.load_eval_inputs(
-            FLAGS.run_dir, FLAGS.encoder, FLAGS.init == "random", FLAGS.data, FLAGS.eval_data, FLAGS.limit, FLAGS.eval_limit)
+            FLAGS.run_dir,
+            FLAGS.encoder,
+            FLAGS.init == "random",
+            FLAGS.data,
+            FLAGS.eval_data,
+            FLAGS.limit,
+            FLAGS.eval_limit,
+        )
     except ValueError as error:
         raise app.UsageError(linear.usage_message(error))
     index = linear.class_balanced_subset(train.labels, FLAGS.label_fraction, FLAGS.seed)
-    train = type(train)(images=train.images[index], labels=train.labels[index],
-                        class_names=train.class_names, source=train.source)
+    train = type(train)(
+        images=train.images[index], labels=train.labels[index], class_names=train.class_names, source=train.source
+    )
     num_classes = max(train.num_classes, test.num_classes)
 
     keras.utils.set_random_seed(FLAGS.seed)
     classifier = finetune.build_classifier(encoder, num_classes)
     result = finetune.finetune(
-        classifier, train, test, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size, lr=FLAGS.lr,
-        weight_decay=FLAGS.weight_decay, freeze_epochs=FLAGS.freeze_epochs, augment=FLAGS.augment,
-        seed=FLAGS.seed, verbose=FLAGS.verbose,
+        classifier,
+        train,
+        test,
+        epochs=FLAGS.epochs,
+        batch_size=FLAGS.batch_size,
+        lr=FLAGS.lr,
+        weight_decay=FLAGS.weight_decay,
+        freeze_epochs=FLAGS.freeze_epochs,
+        augment=FLAGS.augment,
+        seed=FLAGS.seed,
+        verbose=FLAGS.verbose,
     )
     suffix = "_random" if FLAGS.init == "random" else ""
     suffix += f"_frac{FLAGS.label_fraction:g}" if FLAGS.label_fraction < 1 else ""
@@ -76,18 +104,32 @@ def main(argv):
     classifier.save(os.path.join(out, "classifier.keras"))
     classifier.export(os.path.join(out, "saved_model"), verbose=False)
     record = {
-        "top1": result.top1, "top5": result.top5, "num_train": result.num_train, "num_test": len(test),
-        "num_classes": num_classes, "init": FLAGS.init, "encoder": FLAGS.encoder or "encoder.keras",
-        "data": data, "eval_data": eval_data, "label_fraction": FLAGS.label_fraction, "epochs": FLAGS.epochs,
-        "freeze_epochs": FLAGS.freeze_epochs, "batch_size": FLAGS.batch_size, "lr": FLAGS.lr,
-        "weight_decay": FLAGS.weight_decay, "augment": FLAGS.augment, "seed": FLAGS.seed,
+        "top1": result.top1,
+        "top5": result.top5,
+        "num_train": result.num_train,
+        "num_test": len(test),
+        "num_classes": num_classes,
+        "init": FLAGS.init,
+        "encoder": FLAGS.encoder or "encoder.keras",
+        "data": data,
+        "eval_data": eval_data,
+        "label_fraction": FLAGS.label_fraction,
+        "epochs": FLAGS.epochs,
+        "freeze_epochs": FLAGS.freeze_epochs,
+        "batch_size": FLAGS.batch_size,
+        "lr": FLAGS.lr,
+        "weight_decay": FLAGS.weight_decay,
+        "augment": FLAGS.augment,
+        "seed": FLAGS.seed,
         "history": result.history,
     }
     with open(os.path.join(out, "finetune.json"), "w") as f:
         json.dump(record, f, indent=2)
-    print(f"Fine-tuned {type(finetune.find_backbone(classifier)).__name__} ({FLAGS.init} init) on "
-          f"{result.num_train} images, {num_classes} classes, {FLAGS.epochs} epochs "
-          f"({FLAGS.freeze_epochs} frozen):")
+    print(
+        f"Fine-tuned {type(finetune.find_backbone(classifier)).__name__} ({FLAGS.init} init) on "
+        f"{result.num_train} images, {num_classes} classes, {FLAGS.epochs} epochs "
+        f"({FLAGS.freeze_epochs} frozen):"
+    )
     print(f"top1={result.top1:.4f} top5={result.top5:.4f}")
     print(f"Wrote {out}/classifier.keras, {out}/saved_model, {out}/finetune.json")
 

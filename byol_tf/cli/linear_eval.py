@@ -30,7 +30,9 @@ flags.DEFINE_float("label_fraction", 1.0, "Train on a class-balanced subset of t
 flags.DEFINE_integer("seed", 0, "Seeds the label subset, the classifier init and the shuffling.")
 flags.DEFINE_boolean("random_init", False, "Evaluate the run's backbone at random init (from config.json) instead.")
 flags.DEFINE_boolean("flip_augment", False, "Also train on the features of horizontally flipped train images.")
-flags.DEFINE_enum("feature_norm", "standardize", ["standardize", "l2", "none"], "How features are normalised before the linear layer.")
+flags.DEFINE_enum(
+    "feature_norm", "standardize", ["standardize", "l2", "none"], "How features are normalised before the linear layer."
+)
 flags.DEFINE_string("out", None, "Where to write the JSON result. Default: a file in --run_dir.")
 flags.DEFINE_integer("verbose", 0, "fit verbosity.")
 
@@ -65,23 +67,44 @@ def main(argv):
 
     try:
         encoder, _, train, test, data, eval_data = linear.load_eval_inputs(
-            FLAGS.run_dir, FLAGS.encoder, FLAGS.random_init, FLAGS.data, FLAGS.eval_data, FLAGS.limit, FLAGS.eval_limit)
+            FLAGS.run_dir, FLAGS.encoder, FLAGS.random_init, FLAGS.data, FLAGS.eval_data, FLAGS.limit, FLAGS.eval_limit
+        )
     except ValueError as error:
         raise app.UsageError(linear.usage_message(error))
     result = linear.linear_eval(
-        encoder, train, test, label_fraction=FLAGS.label_fraction, flip_augment=FLAGS.flip_augment,
-        seed=FLAGS.seed, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size, lr=FLAGS.lr,
-        weight_decay=FLAGS.weight_decay, feature_norm=FLAGS.feature_norm, verbose=FLAGS.verbose,
+        encoder,
+        train,
+        test,
+        label_fraction=FLAGS.label_fraction,
+        flip_augment=FLAGS.flip_augment,
+        seed=FLAGS.seed,
+        epochs=FLAGS.epochs,
+        batch_size=FLAGS.batch_size,
+        lr=FLAGS.lr,
+        weight_decay=FLAGS.weight_decay,
+        feature_norm=FLAGS.feature_norm,
+        verbose=FLAGS.verbose,
     )
-    result.update(encoder="random_init" if FLAGS.random_init else (FLAGS.encoder or "encoder.keras"),
-                  data=data, eval_data=eval_data, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
-                  lr=FLAGS.lr, weight_decay=FLAGS.weight_decay, feature_norm=FLAGS.feature_norm, seed=FLAGS.seed)
-    out = FLAGS.out or (os.path.join(FLAGS.run_dir, result_name(FLAGS.random_init, FLAGS.label_fraction))
-                        if FLAGS.run_dir else None)
+    result.update(
+        encoder="random_init" if FLAGS.random_init else (FLAGS.encoder or "encoder.keras"),
+        data=data,
+        eval_data=eval_data,
+        epochs=FLAGS.epochs,
+        batch_size=FLAGS.batch_size,
+        lr=FLAGS.lr,
+        weight_decay=FLAGS.weight_decay,
+        feature_norm=FLAGS.feature_norm,
+        seed=FLAGS.seed,
+    )
+    out = FLAGS.out or (
+        os.path.join(FLAGS.run_dir, result_name(FLAGS.random_init, FLAGS.label_fraction)) if FLAGS.run_dir else None
+    )
     written = write_result(result, out) if out else None
-    print(f"Linear eval ({result['num_train']} train features, {result['num_test']} test, "
-          f"{result['num_classes']} classes, label_fraction={FLAGS.label_fraction:g}"
-          f"{', random init' if FLAGS.random_init else ''}):")
+    print(
+        f"Linear eval ({result['num_train']} train features, {result['num_test']} test, "
+        f"{result['num_classes']} classes, label_fraction={FLAGS.label_fraction:g}"
+        f"{', random init' if FLAGS.random_init else ''}):"
+    )
     print(f"top1={result['top1']:.4f} top5={result['top5']:.4f}")
     if written:
         print(f"Wrote {written}")

@@ -34,10 +34,16 @@ def main(argv):
     try:
         index = data.write_shards(FLAGS.data, FLAGS.out, FLAGS.shard_size, FLAGS.seed)
     except ValueError as error:
-        raise app.UsageError(str(error).replace("Received: folder=", "Received: --data=").replace(
-            "Received: out_dir=", "Received: --out=").replace("Received: shard_size=", "Received: --shard_size="))
-    print(f"Wrote {index['num_examples']} images in {len(index['shards'])} shards to {FLAGS.out}; "
-          f"left out {len(index['skipped'])} unusable files (listed in index.json).")
+        raise app.UsageError(
+            str(error)
+            .replace("Received: folder=", "Received: --data=")
+            .replace("Received: out_dir=", "Received: --out=")
+            .replace("Received: shard_size=", "Received: --shard_size=")
+        )
+    print(
+        f"Wrote {index['num_examples']} images in {len(index['shards'])} shards to {FLAGS.out}; "
+        f"left out {len(index['skipped'])} unusable files (listed in index.json)."
+    )
 
 
 def run():

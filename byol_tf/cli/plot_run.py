@@ -41,8 +41,11 @@ def main(argv):
             _, eval_data = linear.resolve_sources(FLAGS.eval_data, FLAGS.eval_data)
             eval_set = linear.load_labelled(eval_data, linear.encoder_image_size(encoder), "test", FLAGS.eval_limit)
         except ValueError as error:
-            raise app.UsageError(str(error).replace("Received: eval_data=", "Received: --eval_data=")
-                                 .replace("Received: data=", "Received: --eval_data="))
+            raise app.UsageError(
+                str(error)
+                .replace("Received: eval_data=", "Received: --eval_data=")
+                .replace("Received: data=", "Received: --eval_data=")
+            )
     written = plots.plot_run(run_dir, eval_set, encoder=encoder, max_points=FLAGS.eval_limit)
     for path in written.values():
         print(f"Wrote {path}")

@@ -17,9 +17,17 @@ from byol_tf.cli import run_main
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("preset", "demo", "demo, cifar10, cifar10_cpu20, photos96_cpu20 or imagenet.")
-flags.DEFINE_string("data", None, "An image folder, a folder of TFRecord shards (byol-make-shards), tfds:NAME[:SPLIT], a .npz, or 'shapes' (generated). Folders, shards and tfds are streamed. Default: 'shapes' for the demo preset.")
+flags.DEFINE_string(
+    "data",
+    None,
+    "An image folder, a folder of TFRecord shards (byol-make-shards), tfds:NAME[:SPLIT], a .npz, or 'shapes' (generated). Folders, shards and tfds are streamed. Default: 'shapes' for the demo preset.",
+)
 flags.DEFINE_string("tfds_data_dir", None, "tfds's data folder, for --data=tfds:NAME (default: tfds's own).")
-flags.DEFINE_string("eval_data", None, "Labelled held-out data for kNN; the training data is the memory. Default: 'shapes' for the demo preset.")
+flags.DEFINE_string(
+    "eval_data",
+    None,
+    "Labelled held-out data for kNN; the training data is the memory. Default: 'shapes' for the demo preset.",
+)
 flags.DEFINE_string("out", None, "Run folder: logs, metrics.csv, checkpoints, encoder.keras.")
 flags.DEFINE_string("backbone", None, "Backbone name (see byol_tf.backbones).")
 flags.DEFINE_integer("image_size", None, "Training resolution.")
@@ -36,32 +44,86 @@ flags.DEFINE_integer("steps_per_execution", None, "Optimizer steps per compiled 
 flags.DEFINE_integer("limit", None, "Use at most this many training images.")
 flags.DEFINE_integer("knn_every", 1, "kNN monitor every N epochs (with --eval_data).")
 flags.DEFINE_integer("backup_every_steps", None, "Back up for resume every N steps (default: each epoch).")
-flags.DEFINE_boolean("overwrite", False, "Replace a finished run in --out (or start over a run folder with another config).")
-flags.DEFINE_boolean("deterministic", False, "Enable TF op determinism and seed everything: the same command gives bit-identical weights, also after a kill and resume.")
-flags.DEFINE_float("collapse_threshold", None, "Collapse guard: per-batch collapse_std below this counts as collapsed (default 0.1/sqrt(projection_dim); 0 = off).")
+flags.DEFINE_boolean(
+    "overwrite", False, "Replace a finished run in --out (or start over a run folder with another config)."
+)
+flags.DEFINE_boolean(
+    "deterministic",
+    False,
+    "Enable TF op determinism and seed everything: the same command gives bit-identical weights, also after a kill and resume.",
+)
+flags.DEFINE_float(
+    "collapse_threshold",
+    None,
+    "Collapse guard: per-batch collapse_std below this counts as collapsed (default 0.1/sqrt(projection_dim); 0 = off).",
+)
 flags.DEFINE_integer("collapse_patience", 50, "Collapse guard: consecutive collapsed steps before acting.")
 flags.DEFINE_enum("on_collapse", "stop", ["stop", "warn"], "Collapse guard action.")
-flags.DEFINE_enum("strategy", "auto", ["auto", "default", "one_device", "mirrored", "multi_worker", "tpu"], "tf.distribute strategy (see byol_tf.distribute.get_strategy).")
-flags.DEFINE_integer("cpu_replicas", None, "Split the CPU into this many logical devices (Mirrored on CPU, for testing).")
+flags.DEFINE_enum(
+    "strategy",
+    "auto",
+    ["auto", "default", "one_device", "mirrored", "multi_worker", "tpu"],
+    "tf.distribute strategy (see byol_tf.distribute.get_strategy).",
+)
+flags.DEFINE_integer(
+    "cpu_replicas", None, "Split the CPU into this many logical devices (Mirrored on CPU, for testing)."
+)
 flags.DEFINE_enum("precision", None, ["float32", "mixed_bfloat16", "mixed_float16"], "Keras dtype policy.")
 flags.DEFINE_boolean("jit_compile", None, "XLA-compile the train step (default: Keras's 'auto').")
-flags.DEFINE_boolean("sync_bn", True, "Synchronise BatchNorm across replicas when there are several (--nosync_bn: per replica).")
-flags.DEFINE_boolean("probe", None, "Online linear probe: a stop-gradient linear classifier trained on the labels alongside BYOL, logged as probe_acc (and val_probe_acc on --eval_data). Needs labelled --data.")
-flags.DEFINE_boolean("fast_kernels", None, "Fused BatchNorm and faster convolution gradients (byol_tf.kernels; the same maths). --nofast_kernels: Keras's own layers' paths.")
+flags.DEFINE_boolean(
+    "sync_bn", True, "Synchronise BatchNorm across replicas when there are several (--nosync_bn: per replica)."
+)
+flags.DEFINE_boolean(
+    "probe",
+    None,
+    "Online linear probe: a stop-gradient linear classifier trained on the labels alongside BYOL, logged as probe_acc (and val_probe_acc on --eval_data). Needs labelled --data.",
+)
+flags.DEFINE_boolean(
+    "fast_kernels",
+    None,
+    "Fused BatchNorm and faster convolution gradients (byol_tf.kernels; the same maths). --nofast_kernels: Keras's own layers' paths.",
+)
 flags.DEFINE_float("probe_lr", None, "The online probe's Adam learning rate.")
-flags.DEFINE_float("eval_crop_fraction", None, "Evaluation and serving: resize the short side to image_size / this, centre-crop image_size (0.875: the ImageNet protocol; 1: CIFAR).")
-flags.DEFINE_float("bn_momentum", None, "Momentum of every BatchNorm layer, backbone and heads (default 0.9, the paper's; keras-cv/keras-hub/applications build 0.99).")
+flags.DEFINE_float(
+    "eval_crop_fraction",
+    None,
+    "Evaluation and serving: resize the short side to image_size / this, centre-crop image_size (0.875: the ImageNet protocol; 1: CIFAR).",
+)
+flags.DEFINE_float(
+    "bn_momentum",
+    None,
+    "Momentum of every BatchNorm layer, backbone and heads (default 0.9, the paper's; keras-cv/keras-hub/applications build 0.99).",
+)
 flags.DEFINE_float("bn_epsilon", None, "Epsilon of every BatchNorm layer (default 1e-5, the paper's).")
-flags.DEFINE_enum("augment_on", None, ["host", "device"], "Where the colour stages of the views run: in tf.data on the host, or inside the compiled train step on each replica (the host still decodes and crops).")
+flags.DEFINE_enum(
+    "augment_on",
+    None,
+    ["host", "device"],
+    "Where the colour stages of the views run: in tf.data on the host, or inside the compiled train step on each replica (the host still decodes and crops).",
+)
 flags.DEFINE_integer("verbose", 2, "fit verbosity: 0, 1 (progress bar) or 2 (a line per epoch).")
 
 _OVERRIDES = {
-    "backbone": "backbone", "image_size": "image_size", "epochs": "epochs", "batch_size": "batch_size",
-    "optimizer": "optimizer", "lr": "base_lr", "weight_decay": "weight_decay", "warmup_epochs": "warmup_epochs",
-    "base_tau": "base_tau", "loss": "loss", "seed": "seed", "steps_per_execution": "steps_per_execution",
-    "precision": "precision", "probe": "probe", "probe_lr": "probe_lr",
-    "fast_kernels": "fast_kernels", "eval_crop_fraction": "eval_crop_fraction",
-    "bn_momentum": "bn_momentum", "bn_epsilon": "bn_epsilon", "augment_on": "augment_on",
+    "backbone": "backbone",
+    "image_size": "image_size",
+    "epochs": "epochs",
+    "batch_size": "batch_size",
+    "optimizer": "optimizer",
+    "lr": "base_lr",
+    "weight_decay": "weight_decay",
+    "warmup_epochs": "warmup_epochs",
+    "base_tau": "base_tau",
+    "loss": "loss",
+    "seed": "seed",
+    "steps_per_execution": "steps_per_execution",
+    "precision": "precision",
+    "probe": "probe",
+    "probe_lr": "probe_lr",
+    "fast_kernels": "fast_kernels",
+    "eval_crop_fraction": "eval_crop_fraction",
+    "bn_momentum": "bn_momentum",
+    "bn_epsilon": "bn_epsilon",
+    "augment_on": "augment_on",
 }
 
 # Exit status of a run a guard stopped (NaN loss or collapse).
@@ -117,7 +179,9 @@ def main(argv):
         if value is not None and value < 1:
             raise app.UsageError(f"--{name} must be >= 1. Received: --{name}={value}")
     if FLAGS.collapse_threshold is not None and not FLAGS.collapse_threshold >= 0:
-        raise app.UsageError(f"--collapse_threshold must be >= 0. Received: --collapse_threshold={FLAGS.collapse_threshold}")
+        raise app.UsageError(
+            f"--collapse_threshold must be >= 0. Received: --collapse_threshold={FLAGS.collapse_threshold}"
+        )
 
     # Importing TensorFlow does not initialise its devices; the first op does.
     from byol_tf import backbones, distribute, training
@@ -130,7 +194,9 @@ def main(argv):
         training.check_out_dir(FLAGS.out, FLAGS.overwrite)
         training.check_resume(FLAGS.out, config, FLAGS.overwrite)
     except ValueError as error:
-        raise app.UsageError(str(error).replace("out=", "--out=").replace("overwrite=True (--overwrite)", "--overwrite"))
+        raise app.UsageError(
+            str(error).replace("out=", "--out=").replace("overwrite=True (--overwrite)", "--overwrite")
+        )
 
     # The strategy first of all TF work: --cpu_replicas must split the CPU
     # before TensorFlow initialises its devices.
@@ -155,22 +221,36 @@ def main(argv):
     logging.info("Config: %s", config)
     try:
         train = training.load_source(data, config.image_size, "train", FLAGS.limit, FLAGS.tfds_data_dir)
-        eval_set = training.load_source(eval_data, config.image_size, "test", None, FLAGS.tfds_data_dir) if eval_data else None
+        eval_set = (
+            training.load_source(eval_data, config.image_size, "test", None, FLAGS.tfds_data_dir) if eval_data else None
+        )
     except ValueError as error:
         raise app.UsageError(str(error).replace("Received: data=", "Received: --data="))
     if config.probe and not train.labelled:
         raise app.UsageError(f"--probe trains a classifier on the labels, but --data has none. Received: --data={data}")
     print(f"Training data: {train.num_examples} images from {train.name}", flush=True)
     summary = training.run_pretraining(
-        config, train, FLAGS.out, eval_set=eval_set, knn_every=FLAGS.knn_every,
-        backup_every_steps=FLAGS.backup_every_steps, verbose=FLAGS.verbose, overwrite=FLAGS.overwrite,
-        strategy=strategy, jit_compile="auto" if FLAGS.jit_compile is None else FLAGS.jit_compile,
-        sync_bn=FLAGS.sync_bn, deterministic=FLAGS.deterministic, collapse_threshold=FLAGS.collapse_threshold,
-        collapse_patience=FLAGS.collapse_patience, on_collapse=FLAGS.on_collapse,
+        config,
+        train,
+        FLAGS.out,
+        eval_set=eval_set,
+        knn_every=FLAGS.knn_every,
+        backup_every_steps=FLAGS.backup_every_steps,
+        verbose=FLAGS.verbose,
+        overwrite=FLAGS.overwrite,
+        strategy=strategy,
+        jit_compile="auto" if FLAGS.jit_compile is None else FLAGS.jit_compile,
+        sync_bn=FLAGS.sync_bn,
+        deterministic=FLAGS.deterministic,
+        collapse_threshold=FLAGS.collapse_threshold,
+        collapse_patience=FLAGS.collapse_patience,
+        on_collapse=FLAGS.on_collapse,
     )
     print(f"Run folder: {FLAGS.out}")
     if summary["status"] != "finished":
-        print(f"Run stopped ({summary['status']}) after {summary['steps']} steps: see {os.path.join(FLAGS.out, 'summary.json')}")
+        print(
+            f"Run stopped ({summary['status']}) after {summary['steps']} steps: see {os.path.join(FLAGS.out, 'summary.json')}"
+        )
         return EXIT_STOPPED
     print(f"Trained {summary['steps']} steps in {summary['train_seconds']} s ({summary['images_per_sec']} img/s)")
     if summary["num_skipped"]:

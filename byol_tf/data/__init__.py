@@ -1,14 +1,21 @@
 """Data: sources (folders, TFRecord shards, tfds, any `tf.data`, arrays) and the BYOL pipelines.
 
-    source = data.open_source("photos/")            # lists files, decodes nothing
-    views = data.pretrain_dataset(source, 256, config.augment)
-    test = data.eval_dataset(data.open_source("photos_val/"), 224, crop_fraction=0.875)
+source = data.open_source("photos/")            # lists files, decodes nothing
+views = data.pretrain_dataset(source, 256, config.augment)
+test = data.eval_dataset(data.open_source("photos_val/"), 224, crop_fraction=0.875)
 """
 
 from byol_tf.data.arrays import ArraySource, ImageSet, load_npz
 from byol_tf.data.files import IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS
-from byol_tf.data.pipeline import (StreamPosition, check_decodable, eval_dataset, load_images, open_source, pretrain_dataset,
-                                   steps_per_epoch)
+from byol_tf.data.pipeline import (
+    StreamPosition,
+    check_decodable,
+    eval_dataset,
+    load_images,
+    open_source,
+    pretrain_dataset,
+    steps_per_epoch,
+)
 from byol_tf.data.shapes import SHAPE_CLASSES, make_shapes
 from byol_tf.data.shards import write_shards
 from byol_tf.data.sources import DatasetSource, FolderSource, ShardSource, SkipLog, Source, TfdsSource

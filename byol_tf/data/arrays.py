@@ -103,8 +103,12 @@ def load_npz(path):
                 f"`y` in the .npz file must have one label per image, shape ({len(x)},). "
                 f"Received: data={path!r} with y.shape={arrays['y'].shape}"
             )
-        if not (np.issubdtype(y.dtype, np.integer) or (np.issubdtype(y.dtype, np.floating) and np.all(y == np.round(y)))):
-            raise ValueError(f"`y` in the .npz file must hold integer labels. Received: data={path!r} with y.dtype={y.dtype}")
+        if not (
+            np.issubdtype(y.dtype, np.integer) or (np.issubdtype(y.dtype, np.floating) and np.all(y == np.round(y)))
+        ):
+            raise ValueError(
+                f"`y` in the .npz file must hold integer labels. Received: data={path!r} with y.dtype={y.dtype}"
+            )
         if y.min() < 0:
             raise ValueError(f"`y` in the .npz file must be >= 0. Received: data={path!r} with min(y)={y.min()}")
         labels = y.astype(np.int64)
@@ -137,7 +141,9 @@ def _to_uint8(x, path):
                 f"Received: data={path!r} with x in [{x.min()}, {x.max()}]"
             )
         return x.astype(np.uint8)
-    raise ValueError(f"`x` in the .npz file must be a numeric image array. Received: data={path!r} with x.dtype={x.dtype}")
+    raise ValueError(
+        f"`x` in the .npz file must be a numeric image array. Received: data={path!r} with x.dtype={x.dtype}"
+    )
 
 
 class ArraySource(Source):
@@ -153,8 +159,9 @@ class ArraySource(Source):
         super().__init__()
         if limit is not None and limit < len(images):
             keep = np.random.default_rng(LIMIT_SEED).permutation(len(images))[:limit]
-            images = dataclasses.replace(images, images=images.images[keep],
-                                         labels=None if images.labels is None else images.labels[keep])
+            images = dataclasses.replace(
+                images, images=images.images[keep], labels=None if images.labels is None else images.labels[keep]
+            )
         self.images, self.labels, self.class_names = images.images, images.labels, images.class_names
         for path, reason in images.skipped:
             self.skips.add(path, reason)
@@ -164,7 +171,8 @@ class ArraySource(Source):
     def eval_records(self):
         labels = self.labels if self.labels is not None else np.full(len(self.images), -1, np.int64)
         return tf.data.Dataset.from_tensor_slices(
-            {"position": np.arange(len(self.images), dtype=np.int64), "data": self.images, "label": labels})
+            {"position": np.arange(len(self.images), dtype=np.int64), "data": self.images, "label": labels}
+        )
 
     @staticmethod
     def fetch(record):

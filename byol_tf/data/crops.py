@@ -47,8 +47,8 @@ def two_crops(data, key, config: AugmentConfig, max_pixels=files.MAX_IMAGE_PIXEL
     """
     # One draw per example (per-element ops dominate a tf.data map's cost).
     u = tf.random.stateless_uniform([2, 2 * CROP_TRIES + 3], key)
-    tries = tf.reshape(u[:, :2 * CROP_TRIES], [2, CROP_TRIES, 2])
-    offsets, flips = u[:, 2 * CROP_TRIES:2 * CROP_TRIES + 2], u[:, -1] < config.flip_prob
+    tries = tf.reshape(u[:, : 2 * CROP_TRIES], [2, CROP_TRIES, 2])
+    offsets, flips = u[:, 2 * CROP_TRIES : 2 * CROP_TRIES + 2], u[:, -1] < config.flip_prob
     size = config.image_size
 
     def boxes(shape):
@@ -97,8 +97,9 @@ def _decode_other(data, max_pixels):
 def eval_image(data, image_size, crop_fraction, max_pixels=files.MAX_IMAGE_PIXELS):
     """One image (encoded bytes or decoded) through `preprocess_eval`: float32 `[S, S, 3]`."""
     if data.dtype == tf.string:
-        image = tf.cond(files.is_jpeg(data), lambda: _checked_jpeg(data, max_pixels),
-                        lambda: _decode_other(data, max_pixels))
+        image = tf.cond(
+            files.is_jpeg(data), lambda: _checked_jpeg(data, max_pixels), lambda: _decode_other(data, max_pixels)
+        )
     else:
         image = files.to_rgb_float(tf.convert_to_tensor(data))
     return preprocess_eval(image, image_size, crop_fraction)

@@ -107,8 +107,10 @@ def precheck_bytes(contents, max_pixels=MAX_IMAGE_PIXELS):
     if width <= 0 or height <= 0:
         return f"invalid image dimensions {width}x{height} in the header"
     if width * height > max_pixels:
-        return (f"too large: {width}x{height} = {width * height / 1e6:.1f} megapixels, over the "
-                f"{max_pixels / 1e6:g} MP limit (max_pixels)")
+        return (
+            f"too large: {width}x{height} = {width * height / 1e6:.1f} megapixels, over the "
+            f"{max_pixels / 1e6:g} MP limit (max_pixels)"
+        )
     return None
 
 
@@ -155,11 +157,11 @@ def _jpeg_size(data):
             continue  # stand-alone markers
         if marker in (0xD9, 0xDA) or i + 2 > len(data):
             return None  # end of image or scan data before any frame header
-        length = struct.unpack(">H", data[i:i + 2])[0]
+        length = struct.unpack(">H", data[i : i + 2])[0]
         if marker in _JPEG_SOF:
             if i + 7 > len(data):
                 return None
-            height, width = struct.unpack(">HH", data[i + 3:i + 7])
+            height, width = struct.unpack(">HH", data[i + 3 : i + 7])
             return width, height
         i += length
     return None
@@ -219,5 +221,6 @@ def to_rgb_float(image):
 def check_pixels(height, width, max_pixels):
     """An op that fails (so the stream skips the image) when `height * width > max_pixels`."""
     pixels = tf.cast(height, tf.int64) * tf.cast(width, tf.int64)
-    return tf.debugging.assert_less_equal(pixels, tf.constant(int(max_pixels), tf.int64),
-                                          message="image over max_pixels")
+    return tf.debugging.assert_less_equal(
+        pixels, tf.constant(int(max_pixels), tf.int64), message="image over max_pixels"
+    )

@@ -59,8 +59,10 @@ def open_source(data, split="train", limit=None, image_size=32, tfds_data_dir=No
     if isinstance(data, tf.data.Dataset):
         return DatasetSource(data.take(limit) if limit else data)
     if not isinstance(data, (str, os.PathLike)):
-        raise ValueError(f"Unknown data source: expected a folder, 'tfds:NAME', a .npz file, 'shapes' or a "
-                         f"tf.data.Dataset. Received: data={data!r}")
+        raise ValueError(
+            f"Unknown data source: expected a folder, 'tfds:NAME', a .npz file, 'shapes' or a "
+            f"tf.data.Dataset. Received: data={data!r}"
+        )
     data = os.fspath(data)
     if data == "shapes":
         num, seed = (10000, 0) if split == "train" else (2000, 1)
@@ -68,7 +70,9 @@ def open_source(data, split="train", limit=None, image_size=32, tfds_data_dir=No
     if data.startswith("tfds:"):
         match = _TFDS_RE.match(data)
         if not match:
-            raise ValueError(f"Malformed TFDS source; expected 'tfds:NAME' or 'tfds:NAME:SPLIT'. Received: data={data!r}")
+            raise ValueError(
+                f"Malformed TFDS source; expected 'tfds:NAME' or 'tfds:NAME:SPLIT'. Received: data={data!r}"
+            )
         return TfdsSource(match.group("name"), match.group("split") or split, tfds_data_dir, limit)
     if data.lower().endswith(".npz"):
         if not os.path.isfile(data):
@@ -79,8 +83,10 @@ def open_source(data, split="train", limit=None, image_size=32, tfds_data_dir=No
             return ShardSource(data, limit)
         return FolderSource(data, limit)
     what = "The path does not exist" if not os.path.exists(data) else "Unknown data source"
-    raise ValueError(f"{what}: expected a folder of images or shards, 'tfds:NAME[:SPLIT]', a .npz file or "
-                     f"'shapes'. Received: data={data!r}")
+    raise ValueError(
+        f"{what}: expected a folder of images or shards, 'tfds:NAME[:SPLIT]', a .npz file or "
+        f"'shapes'. Received: data={data!r}"
+    )
 
 
 def steps_per_epoch(num_images: int, batch_size: int) -> int:
@@ -127,6 +133,7 @@ class StreamPosition:
 
     def observe_op(self, step, positions):
         """`observe` as an op in the `tf.data` graph; returns `step`."""
+
         def observe(s, p):
             self.observe(s.numpy(), p.numpy())
             return s
@@ -134,10 +141,19 @@ class StreamPosition:
         return tf.py_function(observe, [step, positions], tf.int64)
 
 
-def pretrain_dataset(source, batch_size: int, augment_config: AugmentConfig, seed: int = 0, start_step: int = 0,
-                     start_position=None, with_labels: bool = False, autotune: bool = True,
-                     tracker: StreamPosition = None, input_context: tf.distribute.InputContext = None,
-                     augment_on: str = "host") -> tf.data.Dataset:
+def pretrain_dataset(
+    source,
+    batch_size: int,
+    augment_config: AugmentConfig,
+    seed: int = 0,
+    start_step: int = 0,
+    start_position=None,
+    with_labels: bool = False,
+    autotune: bool = True,
+    tracker: StreamPosition = None,
+    input_context: tf.distribute.InputContext = None,
+    augment_on: str = "host",
+) -> tf.data.Dataset:
     """An endless dataset of BYOL view pairs.
 
     Args:
@@ -179,8 +195,10 @@ def pretrain_dataset(source, batch_size: int, augment_config: AugmentConfig, see
     source = open_source(source)
     if source.num_examples < batch_size:
         # There would be no full batch at all and `fit` would hang.
-        raise ValueError("Not enough images for one batch: need at least `batch_size` images. "
-                         f"Received: {source.num_examples} images, batch_size={batch_size}, data={source.name!r}")
+        raise ValueError(
+            "Not enough images for one batch: need at least `batch_size` images. "
+            f"Received: {source.num_examples} images, batch_size={batch_size}, data={source.name!r}"
+        )
     if with_labels and not source.labelled:
         raise ValueError(f"`with_labels` needs labelled data. Received: data={source.name!r} (unlabelled)")
     workers, worker = (input_context.num_input_pipelines, input_context.input_pipeline_id) if input_context else (1, 0)
@@ -193,8 +211,18 @@ def pretrain_dataset(source, batch_size: int, augment_config: AugmentConfig, see
             ds = ds.map(lambda *element: tf.nest.map_structure(lambda t: t[rows], element))
     else:
         start = start_step * batch_size // workers if start_position is None else int(start_position)
-        ds = _streamed_views(source, batch_size // workers, augment_config, seed, start_step, start, with_labels,
-                             tracker, (workers, worker), augment_on)
+        ds = _streamed_views(
+            source,
+            batch_size // workers,
+            augment_config,
+            seed,
+            start_step,
+            start,
+            with_labels,
+            tracker,
+            (workers, worker),
+            augment_on,
+        )
     if input_context is not None:
         ds = ds.rebatch(input_context.get_per_replica_batch_size(batch_size), drop_remainder=True)
     options = tf.data.Options()
@@ -211,8 +239,12 @@ def _views_or_crops(crops1, crops2, batch_seed, config, augment_on):
     if augment_on == "host":
         return finish_pair(crops1, crops2, batch_seed, config)
     batch = tf.shape(crops1)[0]
-    return {"crops": tf.stack([crops1, crops2], axis=1), "seed": tf.tile(batch_seed[None], [batch, 1]),
-            "row": tf.range(batch, dtype=tf.int32), "rows": tf.fill([batch], tf.cast(batch, tf.int32))}
+    return {
+        "crops": tf.stack([crops1, crops2], axis=1),
+        "seed": tf.tile(batch_seed[None], [batch, 1]),
+        "row": tf.range(batch, dtype=tf.int32),
+        "rows": tf.fill([batch], tf.cast(batch, tf.int32)),
+    }
 
 
 def _array_views(source, batch_size, config, seed, start_step, with_labels, augment_on):
@@ -226,8 +258,9 @@ def _array_views(source, batch_size, config, seed, start_step, with_labels, augm
     def make_views(index):
         epoch, position = index // steps, index % steps
         order = tf.random.experimental.stateless_shuffle(
-            tf.range(num_images, dtype=tf.int64), seed=tf.stack([seed_const, -1 - epoch]))
-        chosen = order[position * batch_size:(position + 1) * batch_size]
+            tf.range(num_images, dtype=tf.int64), seed=tf.stack([seed_const, -1 - epoch])
+        )
+        chosen = order[position * batch_size : (position + 1) * batch_size]
         batch = tf.ensure_shape(tf.gather(images_t, chosen), element_shape)
         batch_seed = tf.stack([seed_const, index])
         if augment_on == "host":
@@ -267,8 +300,9 @@ def _streamed_views(source, batch_size, config, seed, start_step, start, with_la
     return ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
-def eval_dataset(source, image_size: int, crop_fraction: float = 1.0, batch_size: int = 256,
-                 tracker: StreamPosition = None) -> tf.data.Dataset:
+def eval_dataset(
+    source, image_size: int, crop_fraction: float = 1.0, batch_size: int = 256, tracker: StreamPosition = None
+) -> tf.data.Dataset:
     """Every image once, in a fixed order, through the one evaluation preprocessing.
 
     Args:
@@ -288,8 +322,11 @@ def eval_dataset(source, image_size: int, crop_fraction: float = 1.0, batch_size
     source = open_source(source)
     if isinstance(source, ArraySource):
         ds = source.eval_records().batch(batch_size)
-        ds = ds.map(lambda r: (preprocess_eval(r["data"], image_size, crop_fraction), r["label"]),
-                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.map(
+            lambda r: (preprocess_eval(r["data"], image_size, crop_fraction), r["label"]),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
         return ds.prefetch(tf.data.AUTOTUNE)
     max_pixels = getattr(source, "max_pixels", files.MAX_IMAGE_PIXELS)
     tracker = tracker or StreamPosition(source, train=False)
@@ -302,8 +339,11 @@ def eval_dataset(source, image_size: int, crop_fraction: float = 1.0, batch_size
     ds = source.eval_records().map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     # An empty batch at position `num_examples` closes the stream, so that
     # failures among the last records are noticed too.
-    end = {"position": tf.constant([source.num_examples], tf.int64),
-           "image": tf.zeros([0, image_size, image_size, 3]), "label": tf.zeros([0], tf.int64)}
+    end = {
+        "position": tf.constant([source.num_examples], tf.int64),
+        "image": tf.zeros([0, image_size, image_size, 3]),
+        "label": tf.zeros([0], tf.int64),
+    }
     ds = ds.ignore_errors().batch(batch_size).concatenate(tf.data.Dataset.from_tensors(end))
     ds = tf.data.Dataset.zip(tf.data.Dataset.counter(dtype=tf.int64), ds)
     ds = ds.map(lambda i, b: (tracker.observe_op(i, b["position"]), b))
@@ -321,17 +361,24 @@ def check_decodable(source, tries=256):
     if isinstance(source, ArraySource):
         return
     max_pixels = getattr(source, "max_pixels", files.MAX_IMAGE_PIXELS)
-    probe = source.eval_records().take(tries).map(
-        lambda r: tf.shape(crops.eval_image(source.fetch(r), 8, 1.0, max_pixels))).ignore_errors().take(1)
+    probe = (
+        source.eval_records()
+        .take(tries)
+        .map(lambda r: tf.shape(crops.eval_image(source.fetch(r), 8, 1.0, max_pixels)))
+        .ignore_errors()
+        .take(1)
+    )
     if any(True for _ in probe):
         return
     examples = "; ".join("{}: {}".format(*source.describe(p, train=False)) for p in range(min(3, tries)))
-    raise ValueError(f"None of the first {tries} images could be decoded (e.g. {examples}). "
-                     f"Received: data={source.name!r}")
+    raise ValueError(
+        f"None of the first {tries} images could be decoded (e.g. {examples}). Received: data={source.name!r}"
+    )
 
 
-def load_images(data, image_size: int, split: str = "train", limit=None, crop_fraction: float = 1.0,
-                tfds_data_dir=None) -> ImageSet:
+def load_images(
+    data, image_size: int, split: str = "train", limit=None, crop_fraction: float = 1.0, tfds_data_dir=None
+) -> ImageSet:
     """Loads a source into memory through the evaluation preprocessing, as uint8 `image_size` squares.
 
     For labelled sets that evaluation and fine-tuning hold in memory; pretraining streams instead.
@@ -353,11 +400,18 @@ def load_images(data, image_size: int, split: str = "train", limit=None, crop_fr
         labels.append(y)
     if not images:
         reason = source.skips.items()[-1] if source.skips.count else ("", "no image")
-        raise ValueError(f"None of the {source.num_examples} images could be decoded (e.g. {reason[0]}: {reason[1]}). "
-                         f"Received: data={source.name!r}")
+        raise ValueError(
+            f"None of the {source.num_examples} images could be decoded (e.g. {reason[0]}: {reason[1]}). "
+            f"Received: data={source.name!r}"
+        )
     labels = np.concatenate(labels)
-    return ImageSet(np.concatenate(images), labels if source.labelled else None, source.class_names,
-                    skipped=source.skips.items(), source=source.name)
+    return ImageSet(
+        np.concatenate(images),
+        labels if source.labelled else None,
+        source.class_names,
+        skipped=source.skips.items(),
+        source=source.name,
+    )
 
 
 def _check_batch_size(batch_size):

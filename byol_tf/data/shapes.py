@@ -64,7 +64,7 @@ def make_shapes(num_images: int, image_size: int = 32, num_classes: int = 10, se
     for k in range(num_classes):
         index = np.flatnonzero(labels == k)
         for start in range(0, len(index), _SHAPES_CHUNK):
-            chunk = index[start:start + _SHAPES_CHUNK]
+            chunk = index[start : start + _SHAPES_CHUNK]
             images[chunk] = _draw_family(k, len(chunk), size, yy, xx, rng)
     return ImageSet(
         images=images,

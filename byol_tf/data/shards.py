@@ -63,7 +63,7 @@ def write_shards(folder, out_dir, shard_size=1024, seed=0, max_pixels=files.MAX_
         name = f"{prefix}-{k:05d}-of-{num_shards:05d}.tfrecord"
         count = 0
         with tf.io.TFRecordWriter(os.path.join(out_dir, name)) as writer:
-            for i in order[k * shard_size:(k + 1) * shard_size]:
+            for i in order[k * shard_size : (k + 1) * shard_size]:
                 try:
                     with open(paths[i], "rb") as f:
                         contents = f.read()
@@ -79,9 +79,15 @@ def write_shards(folder, out_dir, shard_size=1024, seed=0, max_pixels=files.MAX_
         shards.append({"file": name, "count": count})
         written += count
         logging.info("Wrote %s (%d images, %d of %d so far)", name, count, written, len(paths))
-    index = {"format": "byol_tf.shards/1", "num_examples": written, "class_names": class_names, "shards": shards,
-             "source": root, "written_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-             "skipped": [[p, r] for p, r in skipped]}
+    index = {
+        "format": "byol_tf.shards/1",
+        "num_examples": written,
+        "class_names": class_names,
+        "shards": shards,
+        "source": root,
+        "written_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "skipped": [[p, r] for p, r in skipped],
+    }
     with open(os.path.join(out_dir, SHARD_INDEX), "w") as f:
         json.dump(index, f, indent=1)
     return index

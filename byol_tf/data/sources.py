@@ -69,7 +69,8 @@ class SkipLog:
 def _epoch_order(num, seed, epoch):
     """Epoch `epoch`'s stateless permutation of `num` records, seeded `[seed, -1 - epoch]`."""
     return tf.random.experimental.stateless_shuffle(
-        tf.range(num, dtype=tf.int64), seed=tf.stack([tf.cast(seed, tf.int64), -1 - tf.cast(epoch, tf.int64)]))
+        tf.range(num, dtype=tf.int64), seed=tf.stack([tf.cast(seed, tf.int64), -1 - tf.cast(epoch, tf.int64)])
+    )
 
 
 def _epochs(num, start, make_epoch):
@@ -122,8 +123,9 @@ class FolderSource(Source):
         super().__init__()
         paths, labels, self.class_names, skipped = files.list_image_folder(folder)
         if not paths:
-            raise ValueError(f"No image files ({', '.join(files.IMAGE_EXTENSIONS)}) found in the folder. "
-                             f"Received: data={folder!r}")
+            raise ValueError(
+                f"No image files ({', '.join(files.IMAGE_EXTENSIONS)}) found in the folder. Received: data={folder!r}"
+            )
         if limit is not None and limit < len(paths):
             keep = np.sort(np.random.default_rng(LIMIT_SEED).permutation(len(paths))[:limit])
             paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
@@ -153,7 +155,8 @@ class FolderSource(Source):
         def epoch(e, first):
             mine = _epoch_order(self.num_examples, seed, e)[index::count]
             return tf.data.Dataset.from_tensor_slices(
-                self._records(e * num + tf.range(first, num), tf.gather(mine, tf.range(first, num))))
+                self._records(e * num + tf.range(first, num), tf.gather(mine, tf.range(first, num)))
+            )
 
         self._seed, self._shard = seed, (count, index)
         return _epochs(num, start, epoch)
@@ -216,7 +219,9 @@ class _SequentialSource(Source):
         return record["data"]
 
     def describe(self, position, train=True):
-        records = self.train_records(self._seed, position, self._shard) if train else self.eval_records().skip(int(position))
+        records = (
+            self.train_records(self._seed, position, self._shard) if train else self.eval_records().skip(int(position))
+        )
         for record in records.take(1):
             name = record.get("name", tf.constant(f"record {position}")).numpy()
             name = name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
@@ -254,8 +259,10 @@ class ShardSource(_SequentialSource):
             shards = [os.path.join(folder, s["file"]) for s in index["shards"]]
             counts = [int(s["count"]) for s in index["shards"]]
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"Not a shard folder: {path} is missing or malformed ({type(e).__name__}: {e}). "
-                             f"Write one with scripts/make_shards.py. Received: data={folder!r}") from e
+            raise ValueError(
+                f"Not a shard folder: {path} is missing or malformed ({type(e).__name__}: {e}). "
+                f"Write one with scripts/make_shards.py. Received: data={folder!r}"
+            ) from e
         missing = [s for s in shards if not os.path.isfile(s)]
         if missing or not shards:
             raise ValueError(f"The shard index lists missing files ({missing[:3]}) or none. Received: data={folder!r}")
@@ -285,8 +292,11 @@ class ShardSource(_SequentialSource):
         if assigned is not None:
             return self._epoch_base(seed, sorted(assigned[index]))
         if count > 1:
-            logging.info("%d shards do not split evenly over %d workers: each reads all and keeps its records.",
-                         len(self.shards), count)
+            logging.info(
+                "%d shards do not split evenly over %d workers: each reads all and keeps its records.",
+                len(self.shards),
+                count,
+            )
         return super()._share(seed, shard)
 
     def _epoch_base(self, seed, files=None):
@@ -295,15 +305,22 @@ class ShardSource(_SequentialSource):
         if seed is not None:
             shards = shards.shuffle(len(files), seed=int(seed), reshuffle_each_iteration=True)
         records = shards.interleave(
-            tf.data.TFRecordDataset, cycle_length=min(8, len(files)), block_length=1,
-            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            tf.data.TFRecordDataset,
+            cycle_length=min(8, len(files)),
+            block_length=1,
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
         if self._limit is not None:
             records = records.take(self._limit)
 
         def parse(serialized):
             example = tf.io.parse_single_example(serialized, SHARD_FEATURES)
-            return {"data": example["image/encoded"], "label": example["image/class/label"],
-                    "name": example["image/filename"]}
+            return {
+                "data": example["image/encoded"],
+                "label": example["image/class/label"],
+                "name": example["image/filename"],
+            }
 
         return records.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
@@ -329,8 +346,10 @@ class DatasetSource(_SequentialSource):
         if num_examples is None:
             cardinality = int(dataset.cardinality())
             if cardinality < 0:
-                raise ValueError("The dataset's size is unknown (infinite or not computable): pass `num_examples`. "
-                                 f"Received: num_examples=None, cardinality={cardinality}")
+                raise ValueError(
+                    "The dataset's size is unknown (infinite or not computable): pass `num_examples`. "
+                    f"Received: num_examples=None, cardinality={cardinality}"
+                )
             num_examples = cardinality
         if num_examples < 1:
             raise ValueError(f"The dataset is empty. Received: num_examples={num_examples}")
@@ -369,8 +388,10 @@ class TfdsSource(DatasetSource):
         try:
             import tensorflow_datasets as tfds
         except ImportError as e:
-            raise ValueError(f"Reading tfds:{name} needs `tensorflow_datasets` (pip install tensorflow-datasets). "
-                             f"Received: data='tfds:{name}'") from e
+            raise ValueError(
+                f"Reading tfds:{name} needs `tensorflow_datasets` (pip install tensorflow-datasets). "
+                f"Received: data='tfds:{name}'"
+            ) from e
         source = f"tfds:{name}:{split}"
         try:
             builder = tfds.builder(name, data_dir=data_dir)
@@ -382,7 +403,8 @@ class TfdsSource(DatasetSource):
             raise RuntimeError(
                 f"Could not load the TFDS dataset {name!r} (split {split!r}): {type(e).__name__}: {e}. "
                 "Prepare it where there is a network (tfds build, or tfds.load) and pass --tfds_data_dir, "
-                "or use a folder of images, TFRecord shards or a .npz file.") from e
+                "or use a folder of images, TFRecord shards or a .npz file."
+            ) from e
         spec = ds.element_spec
         if not isinstance(spec, dict) or "image" not in spec:
             raise ValueError(f"TFDS dataset {name!r} has no 'image' feature. Received: data={source!r}")

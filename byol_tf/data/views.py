@@ -7,8 +7,9 @@ from byol_tf.data.pipeline import open_source, pretrain_dataset, steps_per_epoch
 from byol_tf.data.sources import DatasetSource
 
 
-def views(images, augment_config: AugmentConfig = None, batch_size: int = 256, seed: int = 0,
-          num_examples: int = None) -> tf.data.Dataset:
+def views(
+    images, augment_config: AugmentConfig = None, batch_size: int = 256, seed: int = 0, num_examples: int = None
+) -> tf.data.Dataset:
     """An endless, seeded stream of BYOL view pairs from `images`.
 
     Each image is cropped from its original size, twice, with the paper's

@@ -23,7 +23,9 @@ parser.add_argument("--batch", type=int, default=16)
 parser.add_argument("--precision", default="float32")
 parser.add_argument("--backbone", default="resnet_tiny")
 parser.add_argument("--image_size", type=int, default=16)
-parser.add_argument("--augment_on", default=None, help="Train on BYOL views of uint8 images made on the host or device.")
+parser.add_argument(
+    "--augment_on", default=None, help="Train on BYOL views of uint8 images made on the host or device."
+)
 parser.add_argument("--nofast_kernels", action="store_true", help="Keras's own BatchNorm and Conv2D paths.")
 parser.add_argument("--nosync_bn", action="store_true", help="Per-replica BatchNorm (to show what sync changes).")
 parser.add_argument("--init", default=None, help="Initial weights to load (saved there first if missing).")
@@ -42,9 +44,18 @@ from byol_tf.model import build_byol
 
 keras.mixed_precision.set_global_policy(args.precision)
 size = args.image_size
-config = get_preset("demo", backbone=args.backbone, image_size=size, batch_size=args.batch,
-                    projector_hidden=32, projection_dim=16, predictor_hidden=32, precision=args.precision,
-                    fast_kernels=not args.nofast_kernels, augment_on=args.augment_on or "host")
+config = get_preset(
+    "demo",
+    backbone=args.backbone,
+    image_size=size,
+    batch_size=args.batch,
+    projector_hidden=32,
+    projection_dim=16,
+    predictor_hidden=32,
+    precision=args.precision,
+    fast_kernels=not args.nofast_kernels,
+    augment_on=args.augment_on or "host",
+)
 distribute.check_global_batch(config.batch_size, strategy)
 rng = np.random.default_rng(0)
 x1 = rng.random((args.batch * args.steps, size, size, 3)).astype("float32")
@@ -85,7 +96,13 @@ values["names"] = np.array([v.path for v in model.weights])
 bn = [layer for layer in model._flatten_layers(recursive=True) if isinstance(layer, keras.layers.BatchNormalization)]
 values["bn_layers"] = np.int32(len(bn))
 values["bn_synchronized"] = np.int32(sum(layer.synchronized for layer in bn))
-values["loss_dtype"] = np.array(str(model.loss_tracker.result().dtype.name if hasattr(model.loss_tracker.result().dtype, "name") else model.loss_tracker.result().dtype))
+values["loss_dtype"] = np.array(
+    str(
+        model.loss_tracker.result().dtype.name
+        if hasattr(model.loss_tracker.result().dtype, "name")
+        else model.loss_tracker.result().dtype
+    )
+)
 # Every worker saves (to its own OUT), so the test can compare them.
 np.savez(args.out, **values)
 print("done", strategy.num_replicas_in_sync, float(values["loss"]), spread)

@@ -46,8 +46,18 @@ class LoggedFolder(FolderSource):
             return tf.io.read_file(record["path"])
 
 
-config = get_preset("demo", backbone="resnet_tiny", image_size=16, batch_size=8, epochs=1, projector_hidden=16,
-                    projection_dim=8, predictor_hidden=16, warmup_epochs=0, fast_kernels=False)
+config = get_preset(
+    "demo",
+    backbone="resnet_tiny",
+    image_size=16,
+    batch_size=8,
+    epochs=1,
+    projector_hidden=16,
+    projection_dim=8,
+    predictor_hidden=16,
+    warmup_epochs=0,
+    fast_kernels=False,
+)
 summary = run_pretraining(config, LoggedFolder(folder), run_dir, verbose=0, strategy=strategy, autotune=False)
 count, index = distribute.input_pipelines(strategy)
 gathered = distribute.gather_from_workers(strategy, 2**40 + 7 * index)
