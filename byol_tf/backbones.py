@@ -23,6 +23,7 @@ statistics (`configure_batch_norm`).
 """
 
 import importlib
+from typing import List, Optional, Union
 
 import keras
 
@@ -133,7 +134,12 @@ def _from_module(module_name, attr_path, image_size, kwargs):
     return target(**kwargs)
 
 
-def configure_batch_norm(model, synchronized=False, momentum=None, epsilon=None):
+def configure_batch_norm(
+    model: keras.layers.Layer,
+    synchronized: bool = False,
+    momentum: Optional[float] = None,
+    epsilon: Optional[float] = None,
+) -> int:
     """Sets every `BatchNormalization` layer in `model` (nested ones too) in place.
 
     Keras reads `synchronized`, `momentum` and `epsilon` when the layer is
@@ -168,7 +174,7 @@ def configure_batch_norm(model, synchronized=False, momentum=None, epsilon=None)
     return len(layers)
 
 
-def batch_norm_layers(model):
+def batch_norm_layers(model: keras.layers.Layer) -> List[keras.layers.BatchNormalization]:
     """Every `BatchNormalization` layer in `model`, nested ones included, in a fixed order."""
     return [
         layer
@@ -177,7 +183,9 @@ def batch_norm_layers(model):
     ]
 
 
-def build_backbone(name, image_size, synchronized=False, backbone_kwargs=None):
+def build_backbone(
+    name: str, image_size: int, synchronized: bool = False, backbone_kwargs: Optional[dict] = None
+) -> keras.Model:
     """Builds the backbone `name`, returning a feature map or pooled features.
 
     Args:
@@ -210,8 +218,14 @@ def build_backbone(name, image_size, synchronized=False, backbone_kwargs=None):
 
 
 def build_encoder(
-    backbone, image_size, synchronized=False, backbone_kwargs=None, name="encoder", bn_momentum=None, bn_epsilon=None
-):
+    backbone: Union[str, keras.Model],
+    image_size: int,
+    synchronized: bool = False,
+    backbone_kwargs: Optional[dict] = None,
+    name: str = "encoder",
+    bn_momentum: Optional[float] = None,
+    bn_epsilon: Optional[float] = None,
+) -> keras.Model:
     """Wraps a backbone into an encoder: [0, 1] images -> pooled features.
 
     Args:

@@ -3,6 +3,8 @@
 import json
 import os
 
+from typing import List, Optional, Tuple
+
 import numpy as np
 import tensorflow as tf
 from absl import logging
@@ -24,7 +26,7 @@ def split_cpu(num_replicas):
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * num_replicas)
 
 
-def get_strategy(name="auto", cpu_replicas=None):
+def get_strategy(name: str = "auto", cpu_replicas: Optional[int] = None) -> tf.distribute.Strategy:
     """Returns the strategy `name`.
 
     "auto": `TF_CONFIG` set -> MultiWorkerMirrored; a TPU found -> TPU;
@@ -112,7 +114,7 @@ def is_chief():
     return kind == "chief" or (kind == "worker" and task.get("index", 0) == 0 and not has_chief)
 
 
-def input_pipelines(strategy):
+def input_pipelines(strategy: tf.distribute.Strategy) -> Tuple[int, int]:
     """`(count, index)`: the workers of a multi-worker cluster and this one's index, else `(1, 0)`.
 
     The index is TensorFlow's `input_pipeline_id`: the chief first, then the workers.
@@ -128,7 +130,7 @@ def input_pipelines(strategy):
     return count, int(resolver.task_id) + offset
 
 
-def gather_from_workers(strategy, value):
+def gather_from_workers(strategy: tf.distribute.Strategy, value: int) -> List[int]:
     """`[value on worker 0, ..., value on worker n - 1]` for an integer `value` (< 2**53) on each.
 
     A collective (an all-reduce of one-hot vectors): every worker must call

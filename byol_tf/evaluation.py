@@ -7,6 +7,7 @@ weighted by `exp(sim / temperature)`, predict the class with the most weight.
 
 import sys
 import time
+from typing import Tuple
 
 import keras
 import numpy as np
@@ -80,7 +81,9 @@ def _run_embed_fn(fn, images, batch_size, what="images"):
     return np.concatenate(out)
 
 
-def embed_dataset(encoder, dataset, what="images"):
+def embed_dataset(
+    encoder: keras.Model, dataset: tf.data.Dataset, what: str = "images"
+) -> Tuple[np.ndarray, np.ndarray]:
     """Embeds an evaluation dataset of `(images, labels)` batches (`byol_tf.data.eval_dataset`).
 
     Shows progress (see `_Progress`), naming the images as `what`.
@@ -107,7 +110,7 @@ def embed_dataset(encoder, dataset, what="images"):
     return np.concatenate(features), np.concatenate(labels)
 
 
-def embed(encoder, images, image_size, batch_size=512, what="images"):
+def embed(encoder, images: np.ndarray, image_size: int, batch_size: int = 512, what: str = "images") -> np.ndarray:
     """Embeds uint8 images with a frozen encoder (inference mode).
 
     Args:
@@ -204,7 +207,7 @@ def knn_predict(train_features, train_labels, test_features, k=200, temperature=
     return np.concatenate(preds).astype(np.int64)
 
 
-def knn_accuracy(train_features, train_labels, test_features, test_labels, **kwargs):
+def knn_accuracy(train_features, train_labels, test_features, test_labels, **kwargs) -> float:
     """Top-1 accuracy in [0, 1] of `knn_predict` (same keyword arguments)."""
     test_labels = _check_labels("test_labels", test_labels, len(np.asarray(test_features)))
     preds = knn_predict(train_features, train_labels, test_features, **kwargs)

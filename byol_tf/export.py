@@ -35,6 +35,7 @@ import os
 import re
 import shutil
 import tempfile
+from typing import Optional
 
 import tensorflow as tf
 
@@ -138,7 +139,9 @@ class _ServingModule(tf.Module):
         return tf.constant(self._metadata_json)
 
 
-def export_encoder(encoder, export_dir, image_size, metadata=None, crop_fraction=1.0):
+def export_encoder(
+    encoder, export_dir: str, image_size: int, metadata: Optional[dict] = None, crop_fraction: float = 1.0
+) -> dict:
     """Writes `encoder` as a SavedModel with the serving signatures.
 
     Args:
@@ -205,7 +208,7 @@ def export_encoder(encoder, export_dir, image_size, metadata=None, crop_fraction
     return metadata
 
 
-def export_run(run_dir, out_dir, version=None):
+def export_run(run_dir: str, out_dir: str, version: Optional[int] = None) -> str:
     """Exports a run's online encoder to `out_dir/<version>/` for TF Serving.
 
     Also writes `out_dir/encoder-<version>.keras`, loadable with

@@ -1,5 +1,7 @@
 """`BYOL`: the online and target networks and the training step."""
 
+from typing import TYPE_CHECKING, Optional, Sequence
+
 import keras
 import tensorflow as tf
 
@@ -8,6 +10,9 @@ from byol_tf.backbones import batch_norm_layers, configure_batch_norm
 from byol_tf.device_views import DeviceViews
 from byol_tf.ema import EMAUpdate, ema_step
 from byol_tf.heads import MLPHead
+
+if TYPE_CHECKING:
+    from byol_tf.config import PretrainConfig
 
 
 def _clone(layer, input_shape):
@@ -25,7 +30,7 @@ def _clone(layer, input_shape):
     return copy
 
 
-def pooled_encoder(encoder, input_shape=None):
+def pooled_encoder(encoder: keras.Model, input_shape: Optional[Sequence[int]] = None) -> keras.Model:
     """`encoder` as a functional model from images to pooled features `[batch, features]`.
 
     A functional encoder that pools is returned as it is; one that returns
@@ -115,16 +120,16 @@ class BYOL(keras.Model):
 
     def __init__(
         self,
-        encoder,
-        projector=None,
-        predictor=None,
-        loss="byol",
-        temperature=0.1,
-        probe_classes=None,
-        probe_learning_rate=1e-3,
-        device_views=None,
-        base_tau=0.996,
-        input_shape=None,
+        encoder: keras.Model,
+        projector: Optional[keras.layers.Layer] = None,
+        predictor: Optional[keras.layers.Layer] = None,
+        loss: str = "byol",
+        temperature: float = 0.1,
+        probe_classes: Optional[int] = None,
+        probe_learning_rate: float = 1e-3,
+        device_views: Optional[DeviceViews] = None,
+        base_tau: float = 0.996,
+        input_shape: Optional[Sequence[int]] = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -385,7 +390,7 @@ def _replica_sum(value):
     return context.all_reduce("SUM", value)
 
 
-def collapse_std(z):
+def collapse_std(z: tf.Tensor) -> tf.Tensor:
     """Mean over dimensions of the batch std of L2-normalised projections.
 
     About `1/sqrt(dim)` for well-spread projections and 0 when the network
@@ -395,7 +400,12 @@ def collapse_std(z):
     return tf.reduce_mean(tf.math.reduce_std(z, axis=0))
 
 
-def build_byol(config, strategy_replicas=1, backbone=None, probe_classes=None):
+def build_byol(
+    config: "PretrainConfig",
+    strategy_replicas: int = 1,
+    backbone: Optional[keras.Model] = None,
+    probe_classes: Optional[int] = None,
+) -> BYOL:
     """Builds a `BYOL` model from a `byol_tf.config.PretrainConfig`.
 
     Args:

@@ -7,9 +7,13 @@ ready Keras optimizer. Biases and BatchNorm parameters (every variable of rank
 """
 
 import math
+from typing import TYPE_CHECKING, Optional
 
 import keras
 from keras import ops
+
+if TYPE_CHECKING:
+    from byol_tf.config import PretrainConfig
 
 
 def _check(ok, name, value, requirement):
@@ -183,7 +187,7 @@ class MaskedAdamW(_NoDecayForRankOne, keras.optimizers.AdamW):
     """`keras.optimizers.AdamW` whose weight decay skips rank <= 1 variables."""
 
 
-def build_optimizer(config, steps_per_epoch):
+def build_optimizer(config: "PretrainConfig", steps_per_epoch: int) -> keras.optimizers.Optimizer:
     """Returns the optimizer of `config`, with its `WarmupCosine` schedule.
 
     "lars": `LARS`. "sgd": momentum SGD with Keras' decoupled decay
@@ -220,7 +224,13 @@ def build_optimizer(config, steps_per_epoch):
     raise ValueError(f"Unknown optimizer. Received: optimizer={name!r}")
 
 
-def lars(learning_rate=0.2, total_steps=None, warmup_steps=0, weight_decay=1.5e-6, momentum=0.9):
+def lars(
+    learning_rate: float = 0.2,
+    total_steps: Optional[int] = None,
+    warmup_steps: int = 0,
+    weight_decay: float = 1.5e-6,
+    momentum: float = 0.9,
+) -> "LARS":
     """The paper's optimizer: `LARS` (bias and BatchNorm excluded) on a warm-up and cosine schedule.
 
     Args:

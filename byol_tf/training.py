@@ -5,6 +5,7 @@ import math
 import os
 import tempfile
 import time
+from typing import Optional
 
 import keras
 import numpy as np
@@ -361,26 +362,26 @@ def _summarise(r, model, history, state, train_seconds, compare_random_init):
 
 
 def run_pretraining(
-    config,
+    config: PretrainConfig,
     train,
-    out_dir,
+    out_dir: str,
     eval_set=None,
-    knn_every=1,
-    backup_every_steps=None,
-    compare_random_init=True,
-    verbose=2,
-    overwrite=False,
-    autotune=True,
-    strategy=None,
+    knn_every: int = 1,
+    backup_every_steps: Optional[int] = None,
+    compare_random_init: bool = True,
+    verbose: int = 2,
+    overwrite: bool = False,
+    autotune: bool = True,
+    strategy: Optional[tf.distribute.Strategy] = None,
     jit_compile="auto",
-    sync_bn=True,
-    deterministic=False,
-    collapse_threshold=None,
-    collapse_patience=50,
-    on_collapse="stop",
-    backbone=None,
-    callbacks=None,
-):
+    sync_bn: bool = True,
+    deterministic: bool = False,
+    collapse_threshold: Optional[float] = None,
+    collapse_patience: int = 50,
+    on_collapse: str = "stop",
+    backbone: Optional[keras.Model] = None,
+    callbacks: Optional[list] = None,
+) -> dict:
     """Pretrains BYOL on `train` and writes the run folder, resuming from its backup if there is one.
 
     Args:
