@@ -158,9 +158,7 @@ def augment_pair(images, seed, config: AugmentConfig):
     Returns:
         A tuple of two float32 tensors `[batch, image_size, image_size, 3]`.
     """
-    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=2)
-    images = _unit_float(images)  # once for both views
-    return augment_view(images, seeds[0], config, 0), augment_view(images, seeds[1], config, 1)
+    return finish_pair(*crop_pair(images, seed, config), seed, config)
 
 
 def _unit_float(images):

@@ -83,6 +83,11 @@ class AugmentConfig:
             _check(0.0 <= value < 1.0, name, value, "must be in [0, 1)")
         _check(0.0 <= self.hue <= 0.5, "hue", self.hue, "must be in [0, 0.5]")
 
+    @classmethod
+    def from_dict(cls, values: dict) -> "AugmentConfig":
+        """From `dataclasses.asdict` output after a JSON round trip (lists back to tuples)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
 
 @dataclasses.dataclass(frozen=True)
 class PretrainConfig:
@@ -214,9 +219,7 @@ class PretrainConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "PretrainConfig":
         values = dict(values)
-        augment = values.pop("augment", {}) or {}
-        augment = {k: tuple(v) if isinstance(v, list) else v for k, v in augment.items()}
-        return cls(augment=AugmentConfig(**augment), **values)
+        return cls(augment=AugmentConfig.from_dict(values.pop("augment", {}) or {}), **values)
 
 
 # CIFAR images are 32 px: a blur kernel of 10% of the side is 3 px and only

@@ -37,9 +37,7 @@ class DeviceViews(keras.layers.Layer):
         kwargs.setdefault("dtype", "float32")
         super().__init__(autocast=False, **kwargs)
         if isinstance(augment_config, dict):
-            augment_config = AugmentConfig(
-                **{k: tuple(v) if isinstance(v, list) else v for k, v in augment_config.items()}
-            )
+            augment_config = AugmentConfig.from_dict(augment_config)
         if not isinstance(augment_config, AugmentConfig):
             raise ValueError(f"`augment_config` must be an AugmentConfig. Received: augment_config={augment_config!r}")
         self.augment_config = augment_config

@@ -16,7 +16,7 @@ import re
 import numpy as np
 import tensorflow as tf
 
-from byol_tf.augment import augment_pair, crop_pair, finish_pair, preprocess_eval
+from byol_tf.augment import crop_pair, finish_pair, preprocess_eval
 from byol_tf.config import AUGMENT_ON, AugmentConfig
 from byol_tf.data import crops, files
 from byol_tf.data.arrays import ArraySource, ImageSet, load_npz
@@ -263,10 +263,7 @@ def _array_views(source, batch_size, config, seed, start_step, with_labels, augm
         chosen = order[position * batch_size : (position + 1) * batch_size]
         batch = tf.ensure_shape(tf.gather(images_t, chosen), element_shape)
         batch_seed = tf.stack([seed_const, index])
-        if augment_on == "host":
-            views = augment_pair(batch, batch_seed, config)
-        else:
-            views = _views_or_crops(*crop_pair(batch, batch_seed, config), batch_seed, config, augment_on)
+        views = _views_or_crops(*crop_pair(batch, batch_seed, config), batch_seed, config, augment_on)
         return (views, tf.ensure_shape(tf.gather(labels_t, chosen), [int(batch_size)])) if with_labels else views
 
     # The batch index (int64) counts across epochs, so every batch gets its own seed.

@@ -271,12 +271,25 @@ class ShardSource(_SequentialSource):
         self.labelled = self.class_names is not None
         self.num_examples = sum(counts) if limit is None else min(limit, sum(counts))
         self._limit = limit
+        self._assignments = {}  # worker count -> `worker_files`
 
     def worker_files(self, count):
         """Shard files per worker, balanced by record count, or None when they cannot balance within 1%.
 
         Largest shards first, each to the worker with the fewest records so far.
+        Worked out once per worker count (`describe` reopens the stream per skipped file).
         """
+        if count not in self._assignments:
+            self._assignments[count] = self._assign(count)
+            if count > 1 and self._assignments[count] is None:
+                logging.info(
+                    "%d shards do not split evenly over %d workers: each reads all and keeps its records.",
+                    len(self.shards),
+                    count,
+                )
+        return self._assignments[count]
+
+    def _assign(self, count):
         if count > len(self.shards) or self._limit is not None:
             return None
         loads, assigned = [0] * count, [[] for _ in range(count)]
@@ -291,12 +304,6 @@ class ShardSource(_SequentialSource):
         assigned = self.worker_files(count) if count > 1 else None
         if assigned is not None:
             return self._epoch_base(seed, sorted(assigned[index]))
-        if count > 1:
-            logging.info(
-                "%d shards do not split evenly over %d workers: each reads all and keeps its records.",
-                len(self.shards),
-                count,
-            )
         return super()._share(seed, shard)
 
     def _epoch_base(self, seed, files=None):
