@@ -13,6 +13,9 @@ Names:
 - `resnet50`: `keras.applications.ResNet50(weights=None)`.
 - `keras_cv:CLASS`, `keras_hub:CLASS`, `applications:NAME`: any such backbone,
   with constructor arguments in `backbone_kwargs`.
+- `keras_hub_preset:PRESET`: `keras_hub.models.Backbone.from_preset(PRESET)`
+  with its weights. A local preset folder (e.g. one `byol_tf.hub.save_preset`
+  wrote) loads offline; a named Kaggle or Hugging Face preset needs the network.
 - any `keras.Model` passed directly to `build_encoder`.
 
 BatchNormalization: `build_encoder` sets every BN layer of the backbone,
@@ -23,6 +26,7 @@ statistics (`configure_batch_norm`).
 """
 
 import importlib
+import os
 from typing import List, Optional, Union
 
 import keras
@@ -39,20 +43,18 @@ _RESNETS = {
     "resnet_tiny_stem4": ((16, 32, 64, 128), (1, 1, 1, 1), "imagenet"),
 }
 
+_PREFIXES = ("keras_cv", "keras_hub", "keras_hub_preset", "applications")
+
 
 def available_backbones():
-    """Returns the registered names (prefix forms take a class name after ':')."""
-    return sorted(list(_RESNETS) + ["resnet18", "resnet50", "keras_cv:", "keras_hub:", "applications:"])
+    """Returns the registered names (prefix forms take a class name, or a preset, after ':')."""
+    return sorted(list(_RESNETS) + ["resnet18", "resnet50", *(f"{prefix}:" for prefix in _PREFIXES)])
 
 
 def check_backbone(name):
     """Raises a ValueError naming `name` unless it is a known backbone name."""
     prefix, _, cls = name.partition(":") if isinstance(name, str) else ("", "", "")
-    if (
-        name in _RESNETS
-        or name in ("resnet18", "resnet50")
-        or (cls and prefix in ("keras_cv", "keras_hub", "applications"))
-    ):
+    if name in _RESNETS or name in ("resnet18", "resnet50") or (cls and prefix in _PREFIXES):
         return
     raise ValueError(f"Unknown backbone; expected one of {available_backbones()}. Received: backbone={name!r}")
 
@@ -134,6 +136,35 @@ def _from_module(module_name, attr_path, image_size, kwargs):
     return target(**kwargs)
 
 
+def _import_keras_hub(name):
+    try:  # optional: the `hub` extra.
+        return importlib.import_module("keras_hub")
+    except ImportError as error:
+        raise ImportError(
+            f"This backbone needs keras-hub: pip install 'byol-tf[hub]'. Received: backbone={name}"
+        ) from error
+
+
+def _keras_hub_backbone(cls, image_size, kwargs):
+    """`keras_hub.models.CLASS(**kwargs)`, by default at `image_size`."""
+    keras_hub = _import_keras_hub(f"keras_hub:{cls}")
+    target = getattr(keras_hub.models, cls, None)
+    if not (isinstance(target, type) and issubclass(target, keras_hub.models.Backbone)):
+        raise ValueError(f"`keras_hub.models` has no Backbone class `{cls}`. Received: backbone=keras_hub:{cls}")
+    return target(**{"image_shape": (image_size, image_size, 3), **kwargs})
+
+
+def _keras_hub_preset(preset, image_size, kwargs):
+    """`keras_hub.models.Backbone.from_preset(preset, **kwargs)`, by default at `image_size`."""
+    keras_hub = _import_keras_hub(f"keras_hub_preset:{preset}")
+    # A path that is not a folder would otherwise be looked up online as a preset name.
+    if os.sep in preset and not os.path.isdir(preset):
+        raise ValueError(f"No keras-hub preset folder at this path. Received: backbone=keras_hub_preset:{preset}")
+    # keras-hub forwards `image_shape` into the backbone's config, so a preset
+    # saved at one size builds at the run's.
+    return keras_hub.models.Backbone.from_preset(preset, **{"image_shape": (image_size, image_size, 3), **kwargs})
+
+
 def configure_batch_norm(
     model: keras.layers.Layer,
     synchronized: bool = False,
@@ -207,10 +238,9 @@ def build_backbone(
     if cls and prefix == "keras_cv":
         return _from_module("keras_cv", ("models", cls), image_size, kwargs)
     if cls and prefix == "keras_hub":
-        kwargs = dict(kwargs)
-        kwargs.setdefault("image_shape", (image_size, image_size, 3))
-        module = importlib.import_module("keras_hub")
-        return getattr(module.models, cls)(**kwargs)
+        return _keras_hub_backbone(cls, image_size, kwargs)
+    if cls and prefix == "keras_hub_preset":
+        return _keras_hub_preset(cls, image_size, kwargs)
     if cls and prefix == "applications":
         kwargs = {"weights": None, "include_top": False, **kwargs}
         return _from_module("keras", ("applications", cls), image_size, kwargs)

@@ -17,6 +17,9 @@ where the head is
 The backbone is taken out of the encoder, not copied: the classifier and the
 encoder share its variables, so load a fresh encoder for each classifier.
 
+`byol_tf.export.export_classifier` writes a fine-tuned classifier for TF
+Serving with the encoder export's signatures (returning `probabilities`).
+
 Training uses the standard supervised augmentation as batched `tf.data` ops:
 a random crop of the image zero-padded by 1/8 of its side (4 px at 32 px,
 the CIFAR recipe) or, for larger images, an Inception-style random resized

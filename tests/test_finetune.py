@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from byol_tf import data, finetune
+from byol_tf import data, export, finetune
 from byol_tf.backbones import build_encoder
 from test_linear import RESULT_RE, colour_set, tiny_run_dir
 from test_scripts import colour_npz, run_script
@@ -128,10 +128,45 @@ def test_saved_classifier_reloads_with_equal_predictions(encoder_file, splits, t
     expected = classifier.predict(x, verbose=0)
     np.testing.assert_allclose(reloaded.predict(x, verbose=0), expected, atol=1e-5)
     assert isinstance(finetune.find_backbone(reloaded), keras_cv.models.ResNetBackbone)
-    classifier.export(str(tmp_path / "saved_model"), verbose=False)
+
+
+def test_classifier_export_serves_the_encoder_signatures(encoder_file, splits, tmp_path):
+    _, test = splits
+    # Untrained head, but the encoder's BatchNorm statistics are off their init: serving
+    # in training mode (batch statistics) would give other probabilities.
+    classifier = finetune.build_classifier(keras.saving.load_model(encoder_file), num_classes=3)
+    out = str(tmp_path / "served")
+    version_dir = export.export_classifier(classifier, out, metadata={"class_names": ["r", "g", "b"]})
+    assert version_dir == os.path.join(out, "1")
+    assert sorted(os.listdir(out)) == ["1", "classifier-1.keras"]  # no temporary folder left
     # Keep the loaded object alive: `serve` only holds weak references to its variables.
-    loaded = tf.saved_model.load(str(tmp_path / "saved_model"))
-    np.testing.assert_allclose(loaded.serve(tf.constant(x)), expected, atol=1e-5)
+    loaded = tf.saved_model.load(version_dir)
+    pixels = test.images[:5]
+    # The reference: the Keras classifier on the evaluation pipeline's input (images at the
+    # training size, so preprocess_eval is the identity up to /255).
+    expected = classifier.predict(pixels.astype(np.float32) / 255.0, verbose=0)
+    assert expected.shape == (5, 3)
+    pngs = tf.constant([tf.io.encode_png(image).numpy() for image in pixels])
+    for name, feed in [
+        ("serving_default", {"images": tf.constant(pixels.astype(np.float32))}),
+        ("serve_uint8", {"images": tf.constant(pixels)}),
+        ("serve_image_bytes", {"image_bytes": pngs}),
+    ]:
+        outputs = loaded.signatures[name](**feed)
+        assert list(outputs) == ["probabilities"], name
+        np.testing.assert_allclose(outputs["probabilities"], expected, atol=1e-5, err_msg=name)
+    # Keras's own endpoint is kept: float images in [0, 1] at the training size.
+    np.testing.assert_allclose(loaded.serve(tf.constant(pixels / 255.0, tf.float32)), expected, atol=1e-5)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="1 8 8 4"):
+        loaded.signatures["serving_default"](images=tf.zeros([1, 8, 8, 4]))
+    metadata = json.loads(loaded.metadata().numpy().decode())
+    assert metadata["num_classes"] == 3 and metadata["class_names"] == ["r", "g", "b"] and metadata["version"] == 1
+    assert metadata["signatures"]["serve_uint8"]["outputs"] == {"probabilities": "float32 [batch, 3]"}
+    reloaded = keras.saving.load_model(os.path.join(out, "classifier-1.keras"), safe_mode=True)
+    np.testing.assert_allclose(reloaded.predict(pixels / 255.0, verbose=0), expected, atol=1e-5)
+    # Version 1 is never overwritten (the next free one is tested with export_run, same code).
+    with pytest.raises(ValueError, match="version=1"):
+        export.export_classifier(classifier, out, version=1)
 
 
 def test_plain_keras_classifier_for_builtin_resnets(splits):
@@ -191,7 +226,10 @@ def test_finetune_script(tmp_path_factory):
     assert record["top1"] == pytest.approx(top1, abs=1e-4) and record["num_train"] == 63  # 3 classes x round(64 / 3)
     assert len(record["history"]["loss"]) == 2
     assert os.path.getsize(os.path.join(out, "classifier.keras")) > 0
-    assert os.path.exists(os.path.join(out, "saved_model", "saved_model.pb"))
+    # TF Serving's versioned layout, as byol-export writes it, without a second .keras copy.
+    assert sorted(os.listdir(os.path.join(out, "saved_model"))) == ["1"]
+    assert os.path.exists(os.path.join(out, "saved_model", "1", "saved_model.pb"))
+    assert os.path.join(out, "saved_model", "1") in result.stdout
     # --init=random rebuilds the run's backbone from config.json: fails fast without a run folder.
     bad = run_script("finetune.py", f"--encoder={run_dir}/encoder.keras", "--init=random", f"--out={out}", timeout=120)
     assert bad.returncode != 0 and "--run_dir=None" in bad.stderr, bad.stderr[-2000:]

@@ -5,8 +5,10 @@
     byol-finetune --run_dir=runs/demo --label_fraction=0.1 --freeze_epochs=5
 
 Writes into --out (default `RUN/finetune`, `RUN/finetune_random`, with a
-`_frac0.1` suffix for a label fraction): `classifier.keras`, a SavedModel in
-`saved_model/` and `finetune.json`; prints `top1=... top5=...`.
+`_frac0.1` suffix for a label fraction): `classifier.keras`, `finetune.json`
+and, in TF Serving's versioned layout, `saved_model/<version>/` (the next free
+version, with the encoder export's signatures: see `byol_tf.export`); prints
+`top1=... top5=...`.
 """
 
 import json
@@ -16,7 +18,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags
 
-from byol_tf.cli import eval_flags, run_main
+from byol_tf.cli import eval_flags, flag_errors, run_main
 
 FLAGS = flags.FLAGS
 eval_flags.define_input_flags()
@@ -62,10 +64,10 @@ def main(argv):
 
     import keras
 
-    from byol_tf import finetune, linear
+    from byol_tf import eval_inputs, export, finetune, linear
 
-    try:
-        encoder, _, train, test, data, eval_data = linear.load_eval_inputs(
+    with flag_errors(**eval_flags.INPUT_ARGUMENTS):
+        encoder, _, train, test, data, eval_data = eval_inputs.load_eval_inputs(
             FLAGS.run_dir,
             FLAGS.encoder,
             FLAGS.init == "random",
@@ -74,8 +76,11 @@ def main(argv):
             FLAGS.limit,
             FLAGS.eval_limit,
         )
-    except ValueError as error:
-        raise app.UsageError(linear.usage_message(error))
+    if getattr(train, "modality", "image") != "image":
+        raise app.UsageError(
+            f"byol-finetune fine-tunes image encoders; evaluate a {train.modality} run with byol-linear-eval. "
+            f"Received: --run_dir={FLAGS.run_dir}"
+        )
     index = linear.class_balanced_subset(train.labels, FLAGS.label_fraction, FLAGS.seed)
     train = type(train)(
         images=train.images[index], labels=train.labels[index], class_names=train.class_names, source=train.source
@@ -102,7 +107,17 @@ def main(argv):
     out = FLAGS.out or os.path.join(FLAGS.run_dir, "finetune" + suffix)
     os.makedirs(out, exist_ok=True)
     classifier.save(os.path.join(out, "classifier.keras"))
-    classifier.export(os.path.join(out, "saved_model"), verbose=False)
+    # classifier.keras is the Keras copy already: no classifier-N.keras next to the versions.
+    version_dir = export.export_classifier(
+        classifier,
+        os.path.join(out, "saved_model"),
+        metadata={
+            "class_names": None if train.class_names is None else [str(n) for n in train.class_names],
+            "init": FLAGS.init,
+            "top1": result.top1,
+        },
+        keras_copy=False,
+    )
     record = {
         "top1": result.top1,
         "top5": result.top5,
@@ -131,7 +146,7 @@ def main(argv):
         f"({FLAGS.freeze_epochs} frozen):"
     )
     print(f"top1={result.top1:.4f} top5={result.top5:.4f}")
-    print(f"Wrote {out}/classifier.keras, {out}/saved_model, {out}/finetune.json")
+    print(f"Wrote {out}/classifier.keras, {version_dir} (TF Serving), {out}/finetune.json")
 
 
 def run():
