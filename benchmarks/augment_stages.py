@@ -27,8 +27,8 @@ def main(argv):
     import numpy as np
     import tensorflow as tf
 
-    from byol_tf import augment
-    from byol_tf.config import get_preset
+    from byol_tf import augment, colour
+    from byol_tf.presets import get_preset
 
     size, batch = FLAGS.image_size, FLAGS.batch_size
     config = dataclasses.replace(get_preset("imagenet").augment, image_size=size)
@@ -40,8 +40,8 @@ def main(argv):
     sigma = tf.constant(rng.uniform(*config.blur_sigma, batch), tf.float32)
     delta = tf.constant(rng.uniform(-config.hue, config.hue, batch), tf.float32)
     no_hue = dataclasses.replace(config, hue=0.0)
-    ops, amounts = augment._jitter_params(batch, key, config)
-    weights = augment._blur_weights(sigma, config)
+    ops, amounts = colour._jitter_params(batch, key, config)
+    weights = colour._blur_weights(sigma, config)
     threshold = tf.where(tf.constant(rng.random(batch) < 0.2), 0.5, 2.0)
     boxes = tf.tile([[0.1, 0.1, 0.9, 0.9]], [batch, 1])
     unit = augment._unit_float(images)  # what both views are cropped from
@@ -51,14 +51,14 @@ def main(argv):
         ("view 2 (blur p=0.1, solarize)", lambda: augment.augment_view(images, seed, config, 1)),
         ("uint8 to float32", lambda: augment._unit_float(images)),
         ("crop and resize (float32)", lambda: tf.image.crop_and_resize(unit, boxes, tf.range(batch), [size, size])),
-        ("colour jitter", lambda: augment._color_jitter(x, apply, key, config)),
-        ("colour jitter without hue", lambda: augment._color_jitter(x, apply, key, no_hue)),
-        ("hue shift, all images", lambda: augment._adjust_hue(x, delta)),
-        ("jitter chain, all images, XLA", lambda: augment._JITTER_CHAINS[1](x, ops, amounts)),
-        ("grayscale", lambda: augment._gray(x)),
-        ("Gaussian blur, all images, XLA", lambda: augment._finish(x, None, weights, None)),
-        ("grey+blur+clip, all, XLA", lambda: augment._finish(x, apply, weights, None)),
-        ("grey+solarize+clip, all, XLA", lambda: augment._finish(x, apply, None, threshold)),
+        ("colour jitter", lambda: colour._color_jitter(x, apply, key, config)),
+        ("colour jitter without hue", lambda: colour._color_jitter(x, apply, key, no_hue)),
+        ("hue shift, all images", lambda: colour._adjust_hue(x, delta)),
+        ("jitter chain, all images, XLA", lambda: colour._JITTER_CHAINS[1](x, ops, amounts)),
+        ("grayscale", lambda: colour._gray(x)),
+        ("Gaussian blur, all images, XLA", lambda: colour._finish(x, None, weights, None)),
+        ("grey+blur+clip, all, XLA", lambda: colour._finish(x, apply, weights, None)),
+        ("grey+solarize+clip, all, XLA", lambda: colour._finish(x, apply, None, threshold)),
     ]
     for name, stage in stages:
         fn = tf.function(stage)

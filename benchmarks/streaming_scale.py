@@ -70,7 +70,7 @@ def main(argv):
             print(f"peak_rss_mb={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}")
         else:
             from byol_tf.ema import EMAUpdate
-            from byol_tf.model import build_byol
+            from byol_tf.build import build_byol
             from byol_tf.optim import build_optimizer
 
             steps = data.steps_per_epoch(source.num_examples, config.batch_size)

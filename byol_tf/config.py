@@ -1,17 +1,22 @@
-"""Frozen run configurations and the named presets.
+"""Frozen run configurations: `AugmentConfig` and `PretrainConfig`.
 
 Only scripts read flags; they turn flags into a `PretrainConfig` with
-`get_preset(name, **overrides)`, which validates every field and names the bad
-value in its error.
+`byol_tf.presets.get_preset(name, **overrides)`. Every field is validated
+here, and an error names the bad value.
 """
 
 import dataclasses
 from typing import Optional, Tuple
 
-OPTIMIZERS = ("lars", "sgd", "adam", "adamw")
-LOSSES = ("byol", "infonce")
-BN_STATS_MODES = ("own", "ema", "copy")
+# The names are declared where they are implemented; the config reads them there.
+from byol_tf.audio.config import AudioAugmentConfig
+from byol_tf.ema import BN_STATS_MODES
+from byol_tf.losses import LOSSES
+from byol_tf.optim import OPTIMIZERS
+from byol_tf.text.augment import TextAugmentConfig
+
 AUGMENT_ON = ("host", "device")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
 
 def _check(ok: bool, name: str, value, requirement: str) -> None:
@@ -89,14 +94,23 @@ class AugmentConfig:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
+# The views of each modality (`byol_tf.modalities` holds the rest of what differs).
+AUGMENT_CONFIGS = {"image": AugmentConfig, "audio": AudioAugmentConfig, "text": TextAugmentConfig}
+MODALITIES = tuple(AUGMENT_CONFIGS)
+
+
 @dataclasses.dataclass(frozen=True)
 class PretrainConfig:
     """Everything that defines a BYOL pretraining run.
 
     Args:
         preset: name of the preset this config started from.
-        backbone: a name from `byol_tf.backbones.available_backbones()`.
-        image_size: training resolution.
+        modality: "image", "audio" or "text": the kind of example, which
+            picks the views, the data, the encoder and the serving input
+            (`byol_tf.modalities`).
+        backbone: a name from `byol_tf.backbones.available_backbones()`;
+            audio takes "audio_conv", text "text_gru" or "text_lstm".
+        image_size: training resolution (images only).
         batch_size: global batch size, summed over replicas.
         epochs: passes over the training set.
         optimizer: one of `OPTIMIZERS`.
@@ -112,7 +126,8 @@ class PretrainConfig:
         predictor_hidden: the predictor MLP (output is `projection_dim`).
         loss: "byol" (the paper's) or "infonce".
         temperature: for "infonce" only.
-        augment: the two views.
+        augment: the two views: an `AugmentConfig`, `AudioAugmentConfig` or
+            `TextAugmentConfig`, as `modality` says.
         seed: seeds data order, augmentation and initialisation.
         steps_per_execution: optimizer steps per compiled call.
         precision: a Keras dtype policy name.
@@ -121,7 +136,7 @@ class PretrainConfig:
             changes the encoder.
         probe_lr: the probe's Adam learning rate.
         fast_kernels: train with `byol_tf.kernels`' fused BatchNorm and
-            convolution paths (the same maths, faster on CPUs).
+            convolution paths (the same maths, faster on CPUs); images only.
         eval_crop_fraction: the evaluation preprocessing (kNN, linear
             evaluation, fine-tuning, serving) resizes the short side to
             `image_size / eval_crop_fraction` and centre-crops `image_size`:
@@ -138,6 +153,7 @@ class PretrainConfig:
     """
 
     preset: str = "custom"
+    modality: str = "image"
     backbone: str = "resnet18"
     image_size: int = 224
     batch_size: int = 256
@@ -171,7 +187,7 @@ class PretrainConfig:
         _check(self.batch_size >= 2, "batch_size", self.batch_size, "must be >= 2")
         _check(self.epochs >= 1, "epochs", self.epochs, "must be >= 1")
         _check(self.optimizer in OPTIMIZERS, "optimizer", self.optimizer, f"must be one of {OPTIMIZERS}")
-        _check(self.loss in LOSSES, "loss", self.loss, f"must be one of {LOSSES}")
+        _check(self.loss in LOSSES, "loss", self.loss, f"must be one of {tuple(LOSSES)}")
         _check(self.bn_stats in BN_STATS_MODES, "bn_stats", self.bn_stats, f"must be one of {BN_STATS_MODES}")
         _check(self.base_lr > 0, "base_lr", self.base_lr, "must be > 0")
         _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
@@ -198,13 +214,24 @@ class PretrainConfig:
         _check(self.steps_per_execution >= 1, "steps_per_execution", self.steps_per_execution, "must be >= 1")
         for name in ("projector_hidden", "projection_dim", "predictor_hidden"):
             _check(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
-        _check(
-            self.precision in ("float32", "mixed_float16", "mixed_bfloat16"),
-            "precision",
-            self.precision,
-            "must be float32, mixed_float16 or mixed_bfloat16",
+        _check(self.precision in PRECISIONS, "precision", self.precision, f"must be one of {PRECISIONS}")
+        _check(self.modality in MODALITIES, "modality", self.modality, f"must be one of {MODALITIES}")
+        augment_class = AUGMENT_CONFIGS[self.modality]
+        default_views = isinstance(self.augment, AugmentConfig) and self.augment == AugmentConfig(
+            image_size=self.augment.image_size
         )
-        if self.augment.image_size != self.image_size:
+        if self.modality != "image" and default_views:
+            # The image default left in place: the modality's own default views.
+            object.__setattr__(self, "augment", augment_class())
+        _check(
+            isinstance(self.augment, augment_class),
+            "augment",
+            self.augment,
+            f"must be an {augment_class.__name__} for modality={self.modality!r}",
+        )
+        if self.modality != "image":
+            _check(self.augment_on == "host", "augment_on", self.augment_on, "must be 'host' for audio and text")
+        elif self.augment.image_size != self.image_size:
             # The views are made at the training resolution; keep one source of truth.
             object.__setattr__(self, "augment", dataclasses.replace(self.augment, image_size=self.image_size))
 
@@ -219,136 +246,5 @@ class PretrainConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "PretrainConfig":
         values = dict(values)
-        return cls(augment=AugmentConfig.from_dict(values.pop("augment", {}) or {}), **values)
-
-
-# CIFAR images are 32 px: a blur kernel of 10% of the side is 3 px and only
-# erases the little detail there is, so CIFAR recipes (solo-learn, lightly)
-# turn blur off; solarization stays asymmetric.
-_CIFAR_AUGMENT = AugmentConfig(image_size=32, blur_prob=(0.0, 0.0))
-
-PRESETS = {
-    # The quickstart: a tiny ResNet on generated shapes, a few CPU minutes.
-    "demo": PretrainConfig(
-        preset="demo",
-        backbone="resnet_tiny",
-        image_size=32,
-        batch_size=128,
-        epochs=12,
-        optimizer="lars",
-        base_lr=1.0,
-        weight_decay=1e-5,
-        warmup_epochs=1,
-        base_tau=0.99,
-        projector_hidden=512,
-        projection_dim=128,
-        predictor_hidden=512,
-        # The shapes' colours are random, so colour says nothing about the class:
-        # full-strength hue and saturation jitter and frequent grayscale make
-        # colour useless to BYOL too, and crops of at least 40% keep the shape in view.
-        eval_crop_fraction=1.0,
-        augment=dataclasses.replace(
-            _CIFAR_AUGMENT,
-            crop_scale=(0.6, 1.0),
-            jitter_prob=1.0,
-            brightness=0.6,
-            contrast=0.6,
-            saturation=0.9,
-            hue=0.5,
-            grayscale_prob=0.5,
-        ),
-    ),
-    # Paper-style CIFAR-10 recipe for GPUs (solo-learn's BYOL CIFAR settings).
-    "cifar10": PretrainConfig(
-        preset="cifar10",
-        backbone="resnet18_cifar",
-        image_size=32,
-        batch_size=256,
-        epochs=1000,
-        optimizer="lars",
-        base_lr=1.0,
-        weight_decay=1e-5,
-        warmup_epochs=10,
-        base_tau=0.99,
-        eval_crop_fraction=1.0,
-        augment=_CIFAR_AUGMENT,
-    ),
-    # The best this 2-core CPU reaches in 20 minutes of wall time: see BENCHMARKS.md.
-    # Why each choice: a 0.3 M-parameter ResNet runs 2.2x faster than the 1.2 M
-    # `resnet_small_cifar` and learned as much per minute in 4-minute probes,
-    # so it gets 22 epochs (what fits in 20 minutes with the kNN checks);
-    # batch 128 gives twice the steps of 256 at the same throughput; tau 0.96
-    # lets the target keep up in a short run (0.97 beat 0.98 by 0.2 points over
-    # 20 epochs; 0.96 over 22 epochs beat 0.97 over 20 by 2.1); crops of at
-    # least 20% of a 32 px image.
-    "cifar10_cpu20": PretrainConfig(
-        preset="cifar10_cpu20",
-        backbone="resnet_tiny",
-        image_size=32,
-        batch_size=128,
-        epochs=22,
-        optimizer="lars",
-        base_lr=2.0,
-        weight_decay=1e-5,
-        warmup_epochs=2,
-        base_tau=0.96,
-        projector_hidden=1024,
-        projection_dim=128,
-        predictor_hidden=1024,
-        eval_crop_fraction=1.0,
-        augment=dataclasses.replace(_CIFAR_AUGMENT, crop_scale=(0.2, 1.0)),
-    ),
-    # The paper's ImageNet recipe (Grill et al. 2020, Section 3.2).
-    "imagenet": PretrainConfig(
-        preset="imagenet",
-        backbone="resnet50",
-        image_size=224,
-        batch_size=4096,
-        epochs=1000,
-        optimizer="lars",
-        base_lr=0.2,
-        weight_decay=1.5e-6,
-        warmup_epochs=10,
-        base_tau=0.996,
-    ),
-}
-
-
-# Real photos at 96 px, 20 CPU-minutes (BENCHMARKS.md, "Photo folders"):
-#   byol-pretrain --preset=photos96_cpu20 --data=imagewoof/train --eval_data=imagewoof/val --out=runs/woof
-# cifar10_cpu20's short-run recipe on a tiny ResNet whose stem downsamples 4x
-# (24x24 maps at 96 px, the cost of CIFAR at 32 px), with the paper's views
-# (blur included) and crops of at least 20%.
-PRESETS["photos96_cpu20"] = dataclasses.replace(
-    PRESETS["cifar10_cpu20"],
-    preset="photos96_cpu20",
-    backbone="resnet_tiny_stem4",
-    image_size=96,
-    epochs=110,
-    warmup_epochs=3,
-    base_tau=0.97,
-    eval_crop_fraction=0.875,
-    augment=AugmentConfig(image_size=96, crop_scale=(0.2, 1.0)),
-)
-
-
-def get_preset(name: str, **overrides) -> PretrainConfig:
-    """Returns preset `name` with `overrides` applied and validated.
-
-    Args:
-        name: a key of `PRESETS`.
-        **overrides: `PretrainConfig` fields; `augment` takes a dict of
-            `AugmentConfig` fields to change.
-    """
-    if name not in PRESETS:
-        raise ValueError(f"Unknown preset; expected one of {sorted(PRESETS)}. Received: preset={name!r}")
-    base = PRESETS[name]
-    fields = {f.name for f in dataclasses.fields(PretrainConfig)}
-    for key in overrides:
-        if key not in fields:
-            raise ValueError(f"Unknown config field. Received: {key}={overrides[key]!r}")
-    augment_overrides = overrides.pop("augment", None) or {}
-    augment = dataclasses.replace(base.augment, **augment_overrides)
-    if "image_size" in overrides:
-        augment = dataclasses.replace(augment, image_size=overrides["image_size"])
-    return dataclasses.replace(base, augment=augment, **overrides)
+        augment_class = AUGMENT_CONFIGS.get(values.get("modality", "image"), AugmentConfig)
+        return cls(augment=augment_class.from_dict(values.pop("augment", {}) or {}), **values)

@@ -5,6 +5,9 @@ import math
 import keras
 import tensorflow as tf
 
+# How the target's BatchNorm moving statistics are kept (`update_target`).
+BN_STATS_MODES = ("own", "ema", "copy")
+
 
 def cosine_tau(step, total_steps, base_tau):
     """tau at optimizer step `step` (0-based): cosine from `base_tau` to 1.
@@ -109,8 +112,8 @@ class EMAUpdate(keras.callbacks.Callback):
             raise ValueError(f"`total_steps` must be a positive int. Received: total_steps={total_steps!r}")
         if not 0.0 <= base_tau <= 1.0:
             raise ValueError(f"`base_tau` must be in [0, 1]. Received: base_tau={base_tau!r}")
-        if bn_stats not in ("own", "ema", "copy"):
-            raise ValueError(f"`bn_stats` must be 'own', 'ema' or 'copy'. Received: bn_stats={bn_stats!r}")
+        if bn_stats not in BN_STATS_MODES:
+            raise ValueError(f"`bn_stats` must be one of {BN_STATS_MODES}. Received: bn_stats={bn_stats!r}")
         self.total_steps = total_steps
         self.base_tau = base_tau
         self.bn_stats = bn_stats

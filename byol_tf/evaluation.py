@@ -84,17 +84,19 @@ def _run_embed_fn(fn, images, batch_size, what="images"):
 def embed_dataset(
     encoder: keras.Model, dataset: tf.data.Dataset, what: str = "images"
 ) -> Tuple[np.ndarray, np.ndarray]:
-    """Embeds an evaluation dataset of `(images, labels)` batches (`byol_tf.data.eval_dataset`).
+    """Embeds an evaluation dataset of `(examples, labels)` batches (`byol_tf.data.eval_dataset`).
 
-    Shows progress (see `_Progress`), naming the images as `what`.
+    Any example type: images, waveforms or strings, as the encoder takes
+    them. Shows progress (see `_Progress`), naming the examples as `what`.
 
     Returns:
         `(features, labels)`: float32 `[N, D]` and int64 `[N]` numpy arrays.
     """
-    size = dataset.element_spec[0].shape[1]
+    spec = dataset.element_spec[0]
     fn = tf.function(
         lambda x: encoder(x, training=False),
-        input_signature=[tf.TensorSpec([None, size, size, 3])],
+        # Any batch size, one trace: the last batch is usually smaller.
+        input_signature=[tf.TensorSpec([None, *spec.shape[1:]], spec.dtype)],
         reduce_retracing=True,
     )
     features, labels = [], []

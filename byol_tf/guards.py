@@ -1,36 +1,21 @@
-"""Reliability callbacks: exact resume, NaN and collapse guards, safe saves.
+"""Reliability callbacks: NaN and collapse guards, safe saves (exact resume: `byol_tf.backup`).
 
-- `StepBackup` saves the whole training state (online and target weights,
-  BatchNorm statistics, tau, optimizer slots and step counter) every N
-  optimizer steps, atomically, and `restore_backup` loads it before `fit`.
-  The step is also the data position: `byol_tf.data.pretrain_dataset` is a
-  pure function of `(seed, batch index)`, so batch `step` is where to resume.
 - `NaNGuard` stops at the first non-finite loss, before anything is saved.
 - `CollapseGuard` watches each batch's `collapse_std` and stops (or warns)
   after `patience` steps below a threshold.
 - `SafeCheckpoint` writes `checkpoints/byol.keras` each epoch, atomically,
   and never from a state a guard has flagged.
 
-Keras's own `BackupAndRestore` is not used: in Keras 3.15 it restores only the
-epoch (`model._initial_epoch`), so a mid-epoch backup replays the epoch from
-its first batch with weights that already saw part of it.
-
 All of them share one `GuardState`, which also records the last good
 checkpoint so the run can say where it is.
 """
 
-import json
 import math
 import os
-import shutil
-import time
 
 import keras
 import numpy as np
 from absl import logging
-
-STATE_FILE = "latest.json"
-WEIGHTS_FILE = "state.weights.h5"
 
 FINISHED = "finished"
 STOPPED_NAN = "stopped_nan"
@@ -76,11 +61,11 @@ class GuardState:
         return "Last good state (kept): " + "; ".join(parts) + "."
 
 
-def _step(model):
+def optimizer_step(model):
     return int(model.optimizer.iterations.numpy())
 
 
-def _finite(logs, key="loss"):
+def finite_logs(logs, key="loss"):
     value = (logs or {}).get(key)
     if value is None:
         return True
@@ -104,9 +89,9 @@ class NaNGuard(keras.callbacks.Callback):
         self._epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.state.stopped or _finite(logs):
+        if self.state.stopped or finite_logs(logs):
             return
-        step = _step(self.model)
+        step = optimizer_step(self.model)
         loss = (logs or {}).get("loss")
         self.state.trip(
             STOPPED_NAN,
@@ -176,7 +161,7 @@ class CollapseGuard(keras.callbacks.Callback):
         value, steps = self._batch_value(logs)
         if value is None or not math.isfinite(value):
             return
-        step = _step(self.model)
+        step = optimizer_step(self.model)
         self.values.append((step, value))
         if value >= self.threshold:
             if self.streak:
@@ -206,133 +191,6 @@ class CollapseGuard(keras.callbacks.Callback):
             print(f"WARNING: {message}; continuing (--on_collapse=warn).", flush=True)
 
 
-def _atomic_json(path, value):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-class StepBackup(keras.callbacks.Callback):
-    """Backs up the full training state every `every_steps` optimizer steps.
-
-    Each backup goes to a fresh folder `backup_dir/step-NNNNNNNN/` (weights
-    file and a `run.json`); then `backup_dir/latest.json` is replaced
-    atomically to point at it, and older step folders are removed. A kill at
-    any moment leaves `latest.json` pointing at a complete backup.
-
-    The weights file holds every model variable (online and target networks,
-    BatchNorm statistics, tau) and the optimizer's variables, its step counter
-    included; `run.json` holds the step, the epoch and the batch within it
-    (the data position), and `run_info` (data and schedule facts checked on
-    resume).
-
-    Args:
-        backup_dir: folder for the backups.
-        every_steps: optimizer steps between backups.
-        steps_per_epoch: to record epoch and batch.
-        state: the shared `GuardState`; no backup from a stopped or held state.
-        run_info: JSON-able dict stored with every backup.
-        position_fn: `step -> stream position` after that many steps, stored
-            as `data_position` (streamed sources skip failed files, so the
-            position is not `step * batch_size`).
-    """
-
-    def __init__(self, backup_dir, every_steps, steps_per_epoch, state, run_info=None, position_fn=None):
-        super().__init__()
-        if every_steps < 1:
-            raise ValueError(f"`every_steps` must be >= 1. Received: every_steps={every_steps!r}")
-        self.backup_dir = backup_dir
-        self.every_steps = int(every_steps)
-        self.steps_per_epoch = int(steps_per_epoch)
-        self.state = state
-        self.run_info = dict(run_info or {})
-        self.position_fn = position_fn
-        self._last_saved = None
-
-    def on_train_begin(self, logs=None):
-        self._last_saved = _step(self.model)
-
-    def on_train_batch_end(self, batch, logs=None):
-        step = _step(self.model)
-        if step - self._last_saved < self.every_steps:
-            return
-        if self.state.stopped or self.state.hold_saves or not _finite(logs):
-            return
-        self.save(step)
-
-    def save(self, step):
-        os.makedirs(self.backup_dir, exist_ok=True)
-        name = f"step-{step:08d}"
-        folder = os.path.join(self.backup_dir, name)
-        tmp = os.path.join(self.backup_dir, f".tmp-{name}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        self.model.save_weights(os.path.join(tmp, WEIGHTS_FILE))
-        epoch, batch = divmod(step, self.steps_per_epoch)
-        info = {
-            "step": step,
-            "epoch": epoch,
-            "batch_in_epoch": batch,
-            "data_batch_index": step,
-            "time": time.time(),
-            "run_info": self.run_info,
-        }
-        if self.position_fn is not None:
-            info["data_position"] = self.position_fn(step)
-        _atomic_json(os.path.join(tmp, "run.json"), info)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
-        _atomic_json(os.path.join(self.backup_dir, STATE_FILE), {"folder": name, "step": step})
-        for old in os.listdir(self.backup_dir):
-            if old.startswith(("step-", ".tmp-step-")) and old != name:
-                shutil.rmtree(os.path.join(self.backup_dir, old), ignore_errors=True)
-        self._last_saved = step
-        self.state.last_good["backup"] = {"path": folder, "step": step, "epoch": epoch}
-
-
-def read_backup(backup_dir):
-    """The newest complete backup's `run.json` (plus `weights_path`), or None."""
-    pointer = os.path.join(backup_dir, STATE_FILE)
-    if not os.path.isfile(pointer):
-        return None
-    with open(pointer) as f:
-        latest = json.load(f)
-    folder = os.path.join(backup_dir, os.path.basename(str(latest["folder"])))
-    with open(os.path.join(folder, "run.json")) as f:
-        info = json.load(f)
-    info["weights_path"] = os.path.join(folder, WEIGHTS_FILE)
-    info["folder"] = folder
-    return info
-
-
-def restore_backup(model, backup_dir, build_optimizer_on):
-    """Loads the newest backup into a compiled `model`; returns its info or None.
-
-    Args:
-        model: the compiled model, built as when the backup was written.
-        backup_dir: the folder `StepBackup` writes to.
-        build_optimizer_on: the variables the optimizer trains, in the order
-            `train_step` applies gradients to them (its slots are stored in
-            that order).
-    """
-    info = read_backup(backup_dir)
-    if info is None:
-        return None
-    if model.optimizer is not None and not model.optimizer.built:
-        model.optimizer.build(build_optimizer_on)
-    model.load_weights(info["weights_path"])
-    restored = _step(model)
-    if restored != info["step"]:
-        raise ValueError(
-            f"The backup in {backup_dir} says step {info['step']} but its optimizer is at step {restored}; "
-            "it does not belong to this run. Remove it or use a new --out."
-        )
-    return info
-
-
 class SafeCheckpoint(keras.callbacks.Callback):
     """Saves the whole model (`.keras`) at each epoch end, atomically.
 
@@ -347,11 +205,11 @@ class SafeCheckpoint(keras.callbacks.Callback):
         self.state = state
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.state.stopped or self.state.hold_saves or not _finite(logs):
+        if self.state.stopped or self.state.hold_saves or not finite_logs(logs):
             return
         folder = os.path.dirname(self.path) or "."
         os.makedirs(folder, exist_ok=True)
         tmp = os.path.join(folder, ".tmp-" + os.path.basename(self.path))
         self.model.save(tmp)
         os.replace(tmp, self.path)
-        self.state.last_good["checkpoint"] = {"path": self.path, "step": _step(self.model), "epoch": epoch + 1}
+        self.state.last_good["checkpoint"] = {"path": self.path, "step": optimizer_step(self.model), "epoch": epoch + 1}

@@ -28,14 +28,12 @@ is cut to a class-balanced subset with a fixed seed (`class_balanced_subset`)
 before anything is embedded.
 """
 
-import os
-
 import keras
 import numpy as np
 import tensorflow as tf
 
-from byol_tf.evaluation import embed
-from byol_tf.run_dir import RunDir
+from byol_tf.eval_inputs import encoder_image_size
+from byol_tf.evaluation import embed, embed_dataset
 
 FEATURE_NORMS = ("standardize", "l2", "none")
 
@@ -53,142 +51,6 @@ def _check_labels(name, labels, num):
             f"Received: {name} with shape={labels.shape}, dtype={labels.dtype}"
         )
     return labels.astype(np.int64)
-
-
-# ---------------------------------------------------------------------------
-# Run folders: the encoder to evaluate and the data it was trained on.
-
-
-def load_run_config(run_dir):
-    """Reads `RUN/config.json` as a `PretrainConfig`.
-
-    Args:
-        run_dir: a pretraining run folder.
-
-    Returns:
-        The `byol_tf.config.PretrainConfig` the run was made with.
-    """
-    return RunDir(run_dir).read_config()
-
-
-def load_encoder(run_dir=None, encoder_path=None, random_init=False):
-    """Loads the encoder to evaluate: the run's, another file, or a random init.
-
-    Args:
-        run_dir: a pretraining run folder; its `encoder.keras` is the default
-            encoder and its `config.json` describes the backbone.
-        encoder_path: a `.keras` encoder file (images in [0, 1] to pooled
-            features), instead of `RUN/encoder.keras`.
-        random_init: instead of the trained weights, the same backbone at the
-            random init the run started from (rebuilt from `config.json` with
-            the run's seed), the baseline the learned features must beat.
-
-    Returns:
-        `(encoder, config)`: a `keras.Model` and the run's `PretrainConfig`,
-        or `None` when no `run_dir` is given.
-    """
-    config = load_run_config(run_dir) if run_dir else None
-    if random_init:
-        if config is None:
-            raise ValueError(
-                "A random-init encoder is rebuilt from the run's config.json, so it "
-                f"needs `run_dir`. Received: run_dir={run_dir!r}"
-            )
-        # Imported here: training pulls in the whole pretraining stack.
-        from byol_tf.training import random_init_encoder
-
-        return random_init_encoder(config), config
-    path = encoder_path or (RunDir(run_dir).encoder_file if run_dir else None)
-    if path is None or not os.path.exists(path):
-        raise ValueError(
-            "Expected an existing encoder file (`encoder_path`, or `run_dir` holding "
-            f"encoder.keras). Received: run_dir={run_dir!r}, encoder_path={encoder_path!r}"
-        )
-    return keras.saving.load_model(path), config
-
-
-def encoder_image_size(encoder):
-    """The square input side an encoder was built for."""
-    shape = encoder.input_shape
-    if len(shape) != 4 or shape[1] is None or shape[1] != shape[2]:
-        raise ValueError(f"Expected an encoder with a square input [B, S, S, 3]. Received: input_shape={shape}")
-    return int(shape[1])
-
-
-def resolve_sources(data, eval_data, config=None):
-    """The train and test data sources: the given ones, else what the run implies.
-
-    Args:
-        data: the training source, or `None`: `"shapes"` for a demo run.
-        eval_data: the test source, or `None`: the same `"shapes"` (whose
-            test split is generated with another seed) or, for `"tfds:NAME"`,
-            `"tfds:NAME:test"`.
-        config: the run's `PretrainConfig`, or `None`.
-
-    Returns:
-        `(data, eval_data)`.
-    """
-    data = data or ("shapes" if config is not None and config.preset == "demo" else None)
-    if data is None:
-        raise ValueError("`data` is required unless the run is a demo run. Received: data=None")
-    if eval_data is None and data == "shapes":
-        eval_data = data
-    elif eval_data is None and data.startswith("tfds:") and data.count(":") == 1:
-        eval_data = f"{data}:test"
-    if eval_data is None:
-        raise ValueError(f"`eval_data` is required for this data. Received: eval_data=None, data={data}")
-    for name, value in (("data", data), ("eval_data", eval_data)):
-        if value != "shapes" and not value.startswith("tfds:") and not os.path.exists(value):
-            raise ValueError(f"`{name}` does not exist. Received: {name}={value}")
-    return data, eval_data
-
-
-def load_labelled(source, image_size, split, limit=None, crop_fraction=1.0):
-    """Loads a labelled `data.ImageSet` (`shapes`, tfds, .npz or folder).
-
-    Args:
-        source: as `--data` of `byol-pretrain`.
-        image_size: side the images are fitted to.
-        split: "train" or "test" (the held-out `shapes` use another seed).
-        limit: keep at most this many images (a fixed random subset).
-        crop_fraction: the evaluation preprocessing's (`preprocess_eval`).
-    """
-    from byol_tf import data
-
-    images = data.load_images(source, image_size, split, limit, crop_fraction)
-    if images.labels is None:
-        raise ValueError(f"Evaluation needs labelled data. Received: data={source!r} (unlabelled)")
-    return images
-
-
-def load_eval_inputs(run_dir, encoder_path, random_init, data, eval_data, limit=None, eval_limit=None):
-    """The encoder and the labelled train/test sets that an evaluation script needs.
-
-    Returns:
-        `(encoder, config, train, test, data, eval_data)`: the sources as
-        resolved from the run's config when `data`/`eval_data` are None.
-    """
-    encoder, config = load_encoder(run_dir, encoder_path, random_init)
-    data, eval_data = resolve_sources(data, eval_data, config)
-    image_size = encoder_image_size(encoder)
-    crop_fraction = config.eval_crop_fraction if config is not None else 1.0
-    train = load_labelled(data, image_size, "train", limit, crop_fraction)
-    test = load_labelled(eval_data, image_size, "test", eval_limit, crop_fraction)
-    return encoder, config, train, test, data, eval_data
-
-
-def usage_message(error):
-    """A library ValueError reworded with the scripts' flag names."""
-    message = str(error).replace("run_dir=", "--run_dir=").replace("encoder_path=", "--encoder=")
-    return (
-        message.replace("Received: data=", "Received: --data=")
-        .replace(", data=", ", --data=")
-        .replace("eval_data=", "--eval_data=")
-    )
-
-
-# ---------------------------------------------------------------------------
-# The protocol.
 
 
 def class_balanced_subset(labels, fraction, seed=0):
@@ -369,16 +231,18 @@ def train_linear(
     }
 
 
-def linear_eval(encoder, train, test, label_fraction=1.0, flip_augment=False, seed=0, **kwargs):
-    """The linear-evaluation protocol on a frozen encoder, from images.
+def linear_eval(encoder, train, test, label_fraction=1.0, flip_augment=False, seed=0, config=None, **kwargs):
+    """The linear-evaluation protocol on a frozen encoder, from images (or audio, text).
 
     Args:
         encoder: images in [0, 1] `[B, S, S, 3]` -> features `[B, D]`.
-        train, test: labelled `byol_tf.data.ImageSet`s.
+        train, test: labelled `byol_tf.data.ImageSet`s; for audio and text,
+            `ArraySource`s (`byol_tf.run_eval.load_source`) and `config`.
         label_fraction: in (0, 1]: train on a class-balanced subset of this
             fraction of the train labels (`class_balanced_subset`, `seed`).
         flip_augment: add the features of the flipped train images.
         seed: seeds the label subset, the classifier init and the shuffling.
+        config: the run's `PretrainConfig`, for the evaluation input of audio and text.
         **kwargs: passed to `train_linear` (`epochs`, `batch_size`, `lr`,
             `feature_norm`, ...).
 
@@ -387,7 +251,11 @@ def linear_eval(encoder, train, test, label_fraction=1.0, flip_augment=False, se
     """
     for name, split in (("train", train), ("test", test)):
         if split.labels is None:
-            raise ValueError(f"Linear evaluation needs labels. Received: {name} from {split.source!r} (unlabelled)")
+            raise ValueError(
+                f"Linear evaluation needs labels. Received: {name} from {getattr(split, 'name', '')!r} (unlabelled)"
+            )
+    if getattr(train, "modality", "image") != "image":
+        return _linear_eval_examples(encoder, train, test, label_fraction, flip_augment, seed, config, **kwargs)
     image_size = encoder_image_size(encoder)
     index = class_balanced_subset(train.labels, label_fraction, seed)
     images, labels = train.images[index], train.labels[index]
@@ -401,4 +269,24 @@ def linear_eval(encoder, train, test, label_fraction=1.0, flip_augment=False, se
         train_features, labels, test_features, test.labels, num_classes=num_classes, seed=seed, **kwargs
     )
     result.update(label_fraction=float(label_fraction), flip_augment=bool(flip_augment))
+    return result
+
+
+def _linear_eval_examples(encoder, train, test, label_fraction, flip_augment, seed, config, **kwargs):
+    """`linear_eval` for in-memory audio or text: every example embedded once, then the label subset."""
+    from byol_tf.run_eval import eval_data
+
+    if config is None or flip_augment:
+        raise ValueError(
+            "Audio and text need the run's `config` and have no flip augmentation. "
+            f"Received: config={config!r}, flip_augment={flip_augment!r}"
+        )
+    train_features, train_labels = embed_dataset(encoder, eval_data(train, config), "training examples")
+    test_features, test_labels = embed_dataset(encoder, eval_data(test, config), "test examples")
+    index = class_balanced_subset(train_labels, label_fraction, seed)
+    num_classes = max(len(train.class_names or []), int(train_labels.max()) + 1, int(test_labels.max()) + 1)
+    result = train_linear(
+        train_features[index], train_labels[index], test_features, test_labels, num_classes, seed=seed, **kwargs
+    )
+    result.update(label_fraction=float(label_fraction), flip_augment=False)
     return result

@@ -65,4 +65,4 @@ def symmetric_loss(p1, p2, z1, z2, loss="byol", temperature=0.1):
         raise ValueError(f"Unknown loss; expected one of {sorted(LOSSES)}. Received: loss={loss!r}")
     if loss == "infonce":
         return infonce_loss(p1, z2, temperature) + infonce_loss(p2, z1, temperature)
-    return regression_loss(p1, z2) + regression_loss(p2, z1)
+    return LOSSES[loss](p1, z2) + LOSSES[loss](p2, z1)

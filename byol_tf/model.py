@@ -5,14 +5,14 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import keras
 import tensorflow as tf
 
-from byol_tf import kernels, losses
+from byol_tf import losses
 from byol_tf.backbones import batch_norm_layers, configure_batch_norm
 from byol_tf.device_views import DeviceViews
 from byol_tf.ema import EMAUpdate, ema_step
 from byol_tf.heads import MLPHead
 
 if TYPE_CHECKING:
-    from byol_tf.config import PretrainConfig
+    pass
 
 
 def _clone(layer, input_shape):
@@ -398,57 +398,3 @@ def collapse_std(z: tf.Tensor) -> tf.Tensor:
     """
     z = tf.math.l2_normalize(tf.cast(z, tf.float32), axis=-1)
     return tf.reduce_mean(tf.math.reduce_std(z, axis=0))
-
-
-def build_byol(
-    config: "PretrainConfig",
-    strategy_replicas: int = 1,
-    backbone: Optional[keras.Model] = None,
-    probe_classes: Optional[int] = None,
-) -> BYOL:
-    """Builds a `BYOL` model from a `byol_tf.config.PretrainConfig`.
-
-    Args:
-        config: the run's configuration.
-        strategy_replicas: replicas of the current strategy; every BatchNorm
-            layer (backbone and heads) is synchronised across them when there
-            are several.
-        backbone: optional `keras.Model` to use instead of `config.backbone`.
-        probe_classes: classes of the online linear probe (`None`: no probe);
-            it trains with `config.probe_lr`.
-    """
-    from byol_tf.backbones import build_encoder
-
-    sync = strategy_replicas > 1
-    encoder = build_encoder(
-        backbone if backbone is not None else config.backbone,
-        config.image_size,
-        synchronized=sync,
-        bn_momentum=config.bn_momentum,
-        bn_epsilon=config.bn_epsilon,
-    )
-    # The heads are ours: the paper's BN unless the config says otherwise.
-    heads_bn = dict(
-        synchronized=sync,
-        bn_momentum=0.9 if config.bn_momentum is None else config.bn_momentum,
-        bn_epsilon=1e-5 if config.bn_epsilon is None else config.bn_epsilon,
-    )
-    projector = MLPHead(config.projector_hidden, config.projection_dim, name="projector", **heads_bn)
-    predictor = MLPHead(config.predictor_hidden, config.projection_dim, name="predictor", **heads_bn)
-    device_views = DeviceViews(config.augment, name="device_views") if config.augment_on == "device" else None
-    model = BYOL(
-        encoder,
-        projector,
-        predictor,
-        loss=config.loss,
-        temperature=config.temperature,
-        probe_classes=probe_classes,
-        probe_learning_rate=config.probe_lr,
-        device_views=device_views,
-        base_tau=config.base_tau,
-        name="byol",
-    )
-    if config.fast_kernels:
-        # CPU speed paths (the same maths): the training entry point's choice, not the model's.
-        kernels.install_fast_kernels(model)
-    return model

@@ -6,7 +6,6 @@ ready Keras optimizer. Biases and BatchNorm parameters (every variable of rank
 <= 1) get neither weight decay nor the LARS trust ratio, as in the paper.
 """
 
-import math
 from typing import TYPE_CHECKING, Optional
 
 import keras
@@ -22,7 +21,7 @@ def _check(ok, name, value, requirement):
 
 
 @keras.saving.register_keras_serializable(package="byol_tf")
-class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
+class WarmupCosine(keras.optimizers.schedules.CosineDecay):
     """Linear warm-up to `peak_lr`, then cosine decay to `final_lr`.
 
     As in DeepMind's BYOL, the rate at step `s < warmup_steps` is
@@ -31,6 +30,10 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
     `final_lr + (peak_lr - final_lr) * 0.5 * (1 + cos(pi * t / T))` with
     `t = s - warmup_steps`, `T = total_steps - warmup_steps`; then `final_lr`.
 
+    Keras's `CosineDecay(warmup_target=...)` does the maths; this subclass
+    only speaks the paper's terms (peak, warm-up, total), checks them, and
+    keeps the name older runs' saved optimizers refer to.
+
     Args:
         peak_lr: rate at the end of warm-up.
         warmup_steps: length of the linear warm-up, in optimizer steps.
@@ -38,7 +41,7 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
         final_lr: rate at and after `total_steps`.
     """
 
-    def __init__(self, peak_lr, warmup_steps, total_steps, final_lr=0.0):
+    def __init__(self, peak_lr, warmup_steps, total_steps, final_lr=0.0, name="WarmupCosine"):
         _check(total_steps > 0, "total_steps", total_steps, "must be > 0")
         _check(
             0 <= warmup_steps <= total_steps, "warmup_steps", warmup_steps, f"must be in [0, total_steps={total_steps}]"
@@ -46,19 +49,17 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
         _check(peak_lr >= 0, "peak_lr", peak_lr, "must be >= 0")
         _check(0 <= final_lr <= peak_lr, "final_lr", final_lr, f"must be in [0, peak_lr={peak_lr}]")
         self.peak_lr = float(peak_lr)
-        self.warmup_steps = int(warmup_steps)
         self.total_steps = int(total_steps)
         self.final_lr = float(final_lr)
-
-    def __call__(self, step):
-        step = ops.cast(step, "float32")
-        warmup = float(max(self.warmup_steps, 1))
-        decay_steps = float(max(self.total_steps - self.warmup_steps, 1))
-        warm = self.peak_lr * step / warmup
-        t = ops.clip(step - self.warmup_steps, 0.0, decay_steps)
-        cosine = 0.5 * (1.0 + ops.cos(math.pi * t / decay_steps))
-        decayed = self.final_lr + (self.peak_lr - self.final_lr) * cosine
-        return ops.where(step < self.warmup_steps, warm, decayed)
+        super().__init__(
+            initial_learning_rate=0.0,
+            # Keras counts the cosine from the end of the warm-up; a zero-length one is a step.
+            decay_steps=max(self.total_steps - int(warmup_steps), 1),
+            alpha=self.final_lr / self.peak_lr if self.peak_lr > 0 else 0.0,
+            warmup_target=self.peak_lr,
+            warmup_steps=int(warmup_steps),
+            name=name,
+        )
 
     def get_config(self):
         return {
@@ -66,6 +67,7 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
             "warmup_steps": self.warmup_steps,
             "total_steps": self.total_steps,
             "final_lr": self.final_lr,
+            "name": self.name,
         }
 
 
@@ -171,10 +173,17 @@ class LARS(keras.optimizers.Optimizer):
 
 
 class _NoDecayForRankOne:
-    """Keeps Keras' decoupled weight decay off biases and BatchNorm parameters."""
+    """Keras's decoupled weight decay, masked with its own `exclude_from_weight_decay` by the paper's rule.
 
-    def _use_weight_decay(self, variable):
-        return len(variable.shape) > 1 and super()._use_weight_decay(variable)
+    Biases and BatchNorm parameters (every variable of rank <= 1) get no
+    decay; the mask is set when the optimizer is built, the first time it
+    sees the variables.
+    """
+
+    def build(self, var_list):
+        if not self.built:
+            self.exclude_from_weight_decay(var_list=[v for v in var_list if len(v.shape) <= 1])
+        super().build(var_list)
 
 
 @keras.saving.register_keras_serializable(package="byol_tf")
@@ -185,6 +194,18 @@ class MaskedSGD(_NoDecayForRankOne, keras.optimizers.SGD):
 @keras.saving.register_keras_serializable(package="byol_tf")
 class MaskedAdamW(_NoDecayForRankOne, keras.optimizers.AdamW):
     """`keras.optimizers.AdamW` whose weight decay skips rank <= 1 variables."""
+
+
+# Each optimizer from (schedule, config); the names are the config's choices.
+_BUILDERS = {
+    "lars": lambda schedule, c: LARS(schedule, momentum=c.momentum, weight_decay=c.weight_decay),
+    "sgd": lambda schedule, c: MaskedSGD(
+        schedule, momentum=float(c.momentum), nesterov=False, weight_decay=c.weight_decay or None
+    ),
+    "adam": lambda schedule, c: keras.optimizers.Adam(schedule),
+    "adamw": lambda schedule, c: MaskedAdamW(schedule, weight_decay=c.weight_decay),
+}
+OPTIMIZERS = tuple(_BUILDERS)
 
 
 def build_optimizer(config: "PretrainConfig", steps_per_epoch: int) -> keras.optimizers.Optimizer:
@@ -200,6 +221,7 @@ def build_optimizer(config: "PretrainConfig", steps_per_epoch: int) -> keras.opt
     """
     _check(steps_per_epoch >= 1, "steps_per_epoch", steps_per_epoch, "must be >= 1")
     name, peak = config.optimizer, config.peak_lr
+    _check(name in _BUILDERS, "optimizer", name, f"must be one of {OPTIMIZERS}")
     if name in ("adam", "adamw") and peak > 0.01:
         suggestion = 1e-3 * 256 / config.batch_size
         raise ValueError(
@@ -212,16 +234,7 @@ def build_optimizer(config: "PretrainConfig", steps_per_epoch: int) -> keras.opt
         warmup_steps=round(config.warmup_epochs * steps_per_epoch),
         total_steps=config.epochs * steps_per_epoch,
     )
-    decay = config.weight_decay or None
-    if name == "lars":
-        return LARS(schedule, momentum=config.momentum, weight_decay=config.weight_decay)
-    if name == "sgd":
-        return MaskedSGD(schedule, momentum=float(config.momentum), nesterov=False, weight_decay=decay)
-    if name == "adam":
-        return keras.optimizers.Adam(schedule)
-    if name == "adamw":
-        return MaskedAdamW(schedule, weight_decay=config.weight_decay)
-    raise ValueError(f"Unknown optimizer. Received: optimizer={name!r}")
+    return _BUILDERS[name](schedule, config)
 
 
 def lars(

@@ -132,7 +132,7 @@ def pca_2d(features):
     return coords.astype(np.float32)
 
 
-def plot_embedding_map(encoder, eval_set, out_path, max_points=2000, seed=0, crop_fraction=1.0):
+def plot_embedding_map(encoder, eval_set, out_path, max_points=2000, seed=0, crop_fraction=1.0, batches=None):
     """Scatter plot of the PCA of the encoder's features, coloured by label.
 
     Args:
@@ -144,6 +144,9 @@ def plot_embedding_map(encoder, eval_set, out_path, max_points=2000, seed=0, cro
             the plot readable and quick.
         seed: seeds that subset.
         crop_fraction: the evaluation preprocessing's (`preprocess_eval`).
+        batches: instead of images, the encoder's inputs as `(inputs, labels)`
+            batches (`byol_tf.run_eval.eval_data`: audio, text); `eval_set`
+            then only names the classes.
 
     Returns:
         `out_path`.
@@ -155,11 +158,12 @@ def plot_embedding_map(encoder, eval_set, out_path, max_points=2000, seed=0, cro
         raise ValueError(
             f"The embedding map is coloured by label. Received: eval_set from {source.name!r} (unlabelled)"
         )
-    if isinstance(source, data.ArraySource) and source.num_examples > max_points:
+    if batches is None and isinstance(source, data.ArraySource) and source.num_examples > max_points:
         index = np.sort(np.random.default_rng(seed).choice(source.num_examples, max_points, replace=False))
         source = data.ArraySource(data.ImageSet(source.images[index], source.labels[index], source.class_names))
-    batches = data.eval_dataset(source, int(encoder.input_shape[1]), crop_fraction, batch_size=250)
-    features, labels = embed_dataset(encoder, batches.take(-(-max_points // 250)))
+    if batches is None:
+        batches = data.eval_dataset(source, int(encoder.input_shape[1]), crop_fraction, batch_size=250)
+    features, labels = embed_dataset(encoder, batches.unbatch().take(max_points).batch(250))
     coords, labels = pca_2d(features[:max_points]), labels[:max_points]
     classes = np.unique(labels)
     names = source.class_names
@@ -174,7 +178,7 @@ def plot_embedding_map(encoder, eval_set, out_path, max_points=2000, seed=0, cro
         axes.scatter(coords[mask, 0], coords[mask, 1], s=6, alpha=0.7, color=cmap(i % cmap.N), label=label)
     if len(classes) <= 20:  # beyond that a legend hides the plot
         axes.legend(markerscale=2, fontsize=7, loc="best")
-    axes.set_title(f"PCA of encoder features ({len(labels)} images)")
+    axes.set_title(f"PCA of encoder features ({len(labels)} examples)")
     axes.set_xlabel("PC 1")
     axes.set_ylabel("PC 2")
     figure.tight_layout()
@@ -182,7 +186,7 @@ def plot_embedding_map(encoder, eval_set, out_path, max_points=2000, seed=0, cro
     return out_path
 
 
-def plot_run(run_dir, eval_set=None, encoder=None, max_points=2000, crop_fraction=1.0):
+def plot_run(run_dir, eval_set=None, encoder=None, max_points=2000, crop_fraction=1.0, batches=None):
     """Writes a run's plots into its folder.
 
     Args:
@@ -192,7 +196,7 @@ def plot_run(run_dir, eval_set=None, encoder=None, max_points=2000, crop_fractio
             `embedding_map.png` is written too.
         encoder: the encoder to embed with; default `RUN/encoder.keras`
             (pass the in-memory one to skip reloading it).
-        max_points, crop_fraction: see `plot_embedding_map`.
+        max_points, crop_fraction, batches: see `plot_embedding_map`.
 
     Returns:
         A dict `name -> path` of the PNGs written.
@@ -206,6 +210,6 @@ def plot_run(run_dir, eval_set=None, encoder=None, max_points=2000, crop_fractio
     if eval_set is not None:
         encoder = run.load_encoder() if encoder is None else encoder
         written["embedding_map"] = plot_embedding_map(
-            encoder, eval_set, run.embedding_plot, max_points=max_points, crop_fraction=crop_fraction
+            encoder, eval_set, run.embedding_plot, max_points, crop_fraction=crop_fraction, batches=batches
         )
     return written

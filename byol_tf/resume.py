@@ -5,7 +5,7 @@ import json
 import os
 import shutil
 
-from byol_tf import guards
+from byol_tf import backup
 from byol_tf.config import PretrainConfig
 from byol_tf.run_dir import RunDir
 
@@ -20,7 +20,7 @@ def check_out_dir(out_dir, overwrite=False):
         except (OSError, ValueError):
             status = "unknown"
         raise ValueError(
-            f"`out` holds a finished run (status={status}); pass overwrite=True (--overwrite) to replace it. "
+            f"`out` holds a finished run (status={status}); pass overwrite=True to replace it. "
             f"Received: out={out_dir!r}"
         )
 
@@ -61,7 +61,7 @@ def check_resume(out_dir, config, overwrite=False):
     is ignored and replaced).
     """
     run = RunDir(out_dir)
-    has_backup = guards.read_backup(run.backup_dir) is not None
+    has_backup = backup.read_backup(run.backup_dir) is not None
     old = run.read_config_dict()
     if old is None:
         return has_backup
@@ -79,14 +79,14 @@ def check_resume(out_dir, config, overwrite=False):
 
 
 def resume_backup(out_dir, config, run_info, overwrite=False):
-    """The backup to resume from (`guards.read_backup`'s dict), or None to start afresh.
+    """The backup to resume from (`backup.read_backup`'s dict), or None to start afresh.
 
     Also refuses (unless `overwrite`) a backup made with other data or
     another schedule: `run_info` must match the one stored with it.
     """
     if not check_resume(out_dir, config, overwrite):
         return None
-    info = guards.read_backup(RunDir(out_dir).backup_dir)
+    info = backup.read_backup(RunDir(out_dir).backup_dir)
     stored = info.get("run_info", {})
     differences = [(k, stored[k], v) for k, v in run_info.items() if k in stored and stored[k] != v]
     if differences and not overwrite:

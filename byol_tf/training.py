@@ -1,29 +1,25 @@
 """One pretraining run: validate, build, resume, fit, summarise, into a run folder (`RunDir`)."""
 
 import dataclasses
-import math
-import os
 import tempfile
 import time
 from typing import Optional
 
 import keras
-import numpy as np
 import tensorflow as tf
 from absl import logging
 
 from byol_tf import __version__
 from byol_tf import data as data_lib
-from byol_tf import distribute, guards
-from byol_tf.backbones import build_encoder
+from byol_tf import backup as backups
+from byol_tf import distribute, guards, run_fit
 from byol_tf.config import PretrainConfig
-from byol_tf.ema import EMAUpdate
-from byol_tf.evaluation import KNNMonitor, embed_dataset, is_monitor_epoch, knn_accuracy
-from byol_tf.model import build_byol
+from byol_tf.build import build_byol
 from byol_tf.optim import build_optimizer
 from byol_tf.plots import plot_run
 from byol_tf.resume import check_out_dir, check_resume, remove, resume_backup, truncate_metrics
 from byol_tf.run_dir import RunDir
+from byol_tf.run_eval import eval_data, knn_eval, load_source, probe_classes, random_init_encoder
 
 __all__ = [
     "run_pretraining",
@@ -35,43 +31,6 @@ __all__ = [
     "random_init_encoder",
     "probe_classes",
 ]
-
-
-def probe_classes(train, eval_set=None):
-    """Classes for the online linear probe: the class names, or enough for every label of in-memory sets."""
-    labels = [
-        int(np.max(s.labels)) + 1
-        for s in (train, eval_set)
-        if s is not None and getattr(s, "labels", None) is not None and len(s.labels)
-    ]
-    count = max([len(s.class_names or []) for s in (train, eval_set) if s is not None] + labels)
-    # A probe needs two classes; a one-class set still gets a valid (if trivial) probe.
-    return max(2, count)
-
-
-def load_source(spec, image_size, split="train", limit=None, tfds_data_dir=None):
-    """`data.open_source` for a run: nothing is decoded until training reads it."""
-    return data_lib.open_source(spec, split, limit, image_size, tfds_data_dir)
-
-
-def eval_data(source, config, batch_size=256):
-    """`source` through the run's evaluation preprocessing, as `(images, labels)` batches."""
-    return data_lib.eval_dataset(source, config.image_size, config.eval_crop_fraction, batch_size)
-
-
-def knn_eval(encoder, config, memory, test, k=200):
-    """kNN top-1 on `test` with `memory` (labelled sources) as memory."""
-    train_features, train_labels = embed_dataset(encoder, eval_data(memory, config), "kNN memory images")
-    test_features, test_labels = embed_dataset(encoder, eval_data(test, config), "kNN test images")
-    return knn_accuracy(train_features, train_labels, test_features, test_labels, k=k)
-
-
-def random_init_encoder(config):
-    """The run's backbone at the random init the run started from."""
-    keras.utils.set_random_seed(config.seed)
-    return build_encoder(
-        config.backbone, config.image_size, bn_momentum=config.bn_momentum, bn_epsilon=config.bn_epsilon
-    )
 
 
 @dataclasses.dataclass
@@ -101,6 +60,12 @@ def _validate(
     check_out_dir(out_dir, overwrite)
     train = data_lib.open_source(train)
     eval_set = None if eval_set is None else data_lib.open_source(eval_set)
+    for name, source in (("data", train), ("eval_set", eval_set)):
+        if source is not None and getattr(source, "modality", "image") != config.modality:
+            raise ValueError(
+                f"The run is {config.modality} (config.modality) but `{name}` holds "
+                f"{getattr(source, 'modality', 'image')} examples. Received: {name}={source.name!r}"
+            )
     if eval_set is not None and not train.labelled:
         raise ValueError(
             "kNN evaluation uses the training images as memory, so they need labels. "
@@ -156,6 +121,7 @@ def _build(r, sync_bn, backbone, jit_compile, deterministic):
             replicas if sync_bn else 1,
             backbone=backbone,
             probe_classes=probe_classes(r.train, r.eval_set) if r.config.probe else None,
+            train=r.train,
         )
         model.compile(
             optimizer=build_optimizer(r.config, r.steps),
@@ -174,7 +140,7 @@ def _resume(r, model):
                 remove(path)
     else:
         with r.strategy.scope():
-            r.backup = guards.restore_backup(model, r.out.backup_dir, model.online_trainable_variables)
+            r.backup = backups.restore_backup(model, r.out.backup_dir, model.online_trainable_variables)
         r.start_step = int(r.backup["step"])
         if distribute.is_chief():
             truncate_metrics(r.run.metrics_file, r.start_step // r.steps)
@@ -185,129 +151,15 @@ def _resume(r, model):
     r.run.write_config(r.config)
 
 
-def _tracker(r):
-    """The stream position of this worker's data, from the backup's; and what a backup stores of it."""
-    workers, worker = r.workers
-    tracker = data_lib.StreamPosition(r.train)
-    position = r.backup.get("data_position", r.start_step * r.config.batch_size // workers) if r.backup else 0
-    tracker.restart(r.start_step, position[worker] if isinstance(position, list) else position)
-    if isinstance(r.train, data_lib.ArraySource):
-        return tracker, None  # arrays: the batch index is the position
-    # Each worker streams its own share; the backup keeps every worker's position.
-    if workers == 1:
-        return tracker, tracker.after
-    return tracker, lambda step: distribute.gather_from_workers(r.strategy, tracker.after(step))
-
-
-def _callbacks(
-    r, state, position_fn, knn_every, backup_every_steps, collapse_threshold, collapse_patience, on_collapse, extra
-):
-    """The run's callbacks, in the order they must run."""
-    config, steps = r.config, r.steps
-    if collapse_threshold is None:
-        collapse_threshold = 0.1 / math.sqrt(config.projection_dim)
-    # The EMA update first (a backup must include it), then the guards (they flag a
-    # bad state), then everything that saves or logs.
-    callbacks = [EMAUpdate(steps * config.epochs, config.base_tau, config.bn_stats), guards.NaNGuard(state)]
-    if collapse_threshold > 0:
-        callbacks.append(guards.CollapseGuard(state, collapse_threshold, collapse_patience, on_collapse))
-    callbacks += list(extra or [])
-    if r.eval_set is not None:
-        # Before the loggers: they read the kNN accuracy from the shared logs.
-        callbacks.append(
-            KNNMonitor(
-                eval_data(r.train, config),
-                None,
-                eval_data(r.eval_set, config),
-                None,
-                config.image_size,
-                every_n_epochs=knn_every,
-            )
-        )
-    callbacks += [
-        guards.StepBackup(r.run.backup_dir, backup_every_steps or steps, steps, state, r.run_info, position_fn),
-        keras.callbacks.CSVLogger(r.run.metrics_file, append=True),
-        keras.callbacks.TensorBoard(r.run.tensorboard_dir, update_freq=max(1, steps // 10)),
-        guards.SafeCheckpoint(r.run.checkpoint_file, state),
-    ]
-    if os.path.isfile(r.run.checkpoint_file):
-        # Written at the end of the last whole epoch before the backup.
-        epoch = r.start_step // steps
-        state.last_good["checkpoint"] = {"path": r.run.checkpoint_file, "step": epoch * steps, "epoch": epoch}
-    if r.backup:
-        state.last_good["backup"] = {"path": r.backup["folder"], "step": r.start_step, "epoch": r.backup.get("epoch")}
-    return callbacks
-
-
-def _fit(r, model, callbacks, state, tracker, streamed, knn_every, verbose, autotune):
-    """`model.fit` from the start step: the rest of an interrupted epoch, then whole epochs."""
-    config, steps = r.config, r.steps
-    validation = {}
-    if config.probe and r.eval_set is not None:
-        # The probe is validated on the kNN monitor's epochs (`val_probe_acc`).
-        validation = dict(
-            validation_data=eval_data(r.eval_set, config),
-            validation_freq=[e for e in range(1, config.epochs + 1) if is_monitor_epoch(e, knn_every, config.epochs)],
-        )
-
-    def fit(first_step, epoch, end_epoch, steps_per_epoch):
-        # The stream is a pure function of the position: resume where step `first_step` starts.
-        position = tracker.after(first_step) if streamed else None  # arrays: the batch index
-
-        def make(context=None):
-            return data_lib.pretrain_dataset(
-                r.train,
-                config.batch_size,
-                config.augment,
-                seed=config.seed,
-                autotune=autotune,
-                start_step=first_step,
-                start_position=position,
-                with_labels=config.probe,
-                tracker=tracker,
-                input_context=context,
-                augment_on=config.augment_on,
-            )
-
-        # Several workers: each builds its own share (its files), in per-replica batches.
-        dataset = r.strategy.distribute_datasets_from_function(make) if r.workers[0] > 1 else make()
-        return model.fit(
-            dataset,
-            initial_epoch=epoch,
-            epochs=end_epoch,
-            steps_per_epoch=steps_per_epoch,
-            callbacks=callbacks,
-            verbose=verbose,
-            **validation,
-        ).history
-
-    logging.info(
-        "Pretraining %s on %d images: %d epochs x %d steps, global batch %d, peak lr %.4g",
-        config.backbone,
-        r.train.num_examples,
-        config.epochs,
-        steps,
-        config.batch_size,
-        config.peak_lr,
-    )
-    history = {}
-    epoch, offset = divmod(r.start_step, steps)
-    if offset and epoch < config.epochs:
-        history = fit(r.start_step, epoch, epoch + 1, steps - offset)
-        epoch += 1
-    if epoch < config.epochs and not state.stopped:
-        history = fit(epoch * steps, epoch, config.epochs, steps)
-    return history
-
-
 def _summarise(r, model, history, state, train_seconds, compare_random_init):
     """Writes `summary.json`, the encoder and the plots; returns the summary."""
     config, train = r.config, r.train
-    steps_done = guards._step(model)
+    steps_done = guards.optimizer_step(model)
     summary = {
         "version": __version__,
         "status": state.status,
         "preset": config.preset,
+        "modality": config.modality,
         "backbone": config.backbone,
         "image_size": config.image_size,
         "steps": steps_done,
@@ -336,13 +188,13 @@ def _summarise(r, model, history, state, train_seconds, compare_random_init):
                 float(knn_history[-1]) if knn_history else knn_eval(model.encoder, config, train, r.eval_set)
             )
             if compare_random_init:
-                summary["knn_acc_random_init"] = knn_eval(random_init_encoder(config), config, train, r.eval_set)
+                summary["knn_acc_random_init"] = knn_eval(random_init_encoder(config, train), config, train, r.eval_set)
             logging.info(
                 "kNN top-1 (k=200): %.4f learned, %s at random init",
                 summary["knn_acc"],
                 summary.get("knn_acc_random_init", "n/a"),
             )
-    guards._atomic_json(r.run.summary_file, summary)
+    backups.atomic_json(r.run.summary_file, summary)
     if distribute.is_chief():
         try:
             plot_run(
@@ -350,6 +202,7 @@ def _summarise(r, model, history, state, train_seconds, compare_random_init):
                 None if state.stopped else r.eval_set,
                 encoder=model.encoder,
                 crop_fraction=config.eval_crop_fraction,
+                batches=None if config.modality == "image" or r.eval_set is None else eval_data(r.eval_set, config),
             )
         except Exception as error:  # A plotting failure must not fail a finished run.
             logging.warning("Plots failed: %s", error)
@@ -386,8 +239,9 @@ def run_pretraining(
 
     Args:
         config: a `byol_tf.config.PretrainConfig`.
-        train: the training images: a `data.Source` (`data.open_source`),
-            or an `ImageSet`.
+        train: the training examples: a `data.Source` (`data.open_source`),
+            an `ImageSet`, or for audio and text an `ExampleSet`
+            (`load_source`, `modalities.open_examples`).
         out_dir: the run folder (`RunDir`).
         eval_set: optional labelled source for kNN; the memory is `train`,
             which must then be labelled.
@@ -423,9 +277,10 @@ def run_pretraining(
     )
     model = _build(r, sync_bn, backbone, jit_compile, deterministic)
     _resume(r, model)
-    tracker, position_fn = _tracker(r)
+    tracker, position_fn = run_fit.stream_tracker(r)
     state = guards.GuardState()
-    callback_list = _callbacks(
+    # Looked up on the module, so that a test can add a callback after all of them.
+    callback_list = run_fit.run_callbacks(
         r,
         state,
         position_fn,
@@ -437,5 +292,7 @@ def run_pretraining(
         callbacks,
     )
     start = time.time()
-    history = _fit(r, model, callback_list, state, tracker, position_fn is not None, knn_every, verbose, autotune)
+    history = run_fit.fit_run(
+        r, model, callback_list, state, tracker, position_fn is not None, knn_every, verbose, autotune
+    )
     return _summarise(r, model, history, state, time.time() - start, compare_random_init)

@@ -30,6 +30,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags
 
+from byol_tf.config import AUGMENT_ON, PRECISIONS
+
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("what", "step", ["augment", "input", "step", "fit"], "What to time.")
 flags.DEFINE_string(
@@ -40,7 +42,7 @@ flags.DEFINE_string(
 flags.DEFINE_enum(
     "augment_on",
     "host",
-    ["host", "device"],
+    list(AUGMENT_ON),
     "--what=fit: the colour stages in tf.data, or inside the train step (--what=input/augment then time the host's part).",
 )
 flags.DEFINE_string("preset", "imagenet", "Preset for the heads, optimizer, EMA and augmentation.")
@@ -49,7 +51,7 @@ flags.DEFINE_integer("image_size", 32, "Image (view) side in pixels.")
 flags.DEFINE_integer("batch_size", 128, "Global batch size, in source images.")
 flags.DEFINE_integer("steps", 20, "Timed steps (batches).")
 flags.DEFINE_integer("warmup", 5, "Untimed steps (batches) first; the first one compiles.")
-flags.DEFINE_enum("precision", "float32", ["float32", "mixed_bfloat16", "mixed_float16"], "Keras global dtype policy.")
+flags.DEFINE_enum("precision", "float32", list(PRECISIONS), "Keras global dtype policy.")
 flags.DEFINE_boolean("jit_compile", None, "XLA: passed to compile. Unset: Keras' 'auto', as scripts/pretrain.py uses.")
 flags.DEFINE_string("strategy", "default", "A byol_tf.distribute strategy name.")
 flags.DEFINE_integer(
@@ -108,7 +110,7 @@ def _check_flags():
                     f"--{name} must be a multiple of --steps_per_execution={spe}: batch callbacks fire once "
                     f"per execution. Received: --{name}={getattr(FLAGS, name)}"
                 )
-    from byol_tf import backbones, config as config_lib, distribute
+    from byol_tf import backbones, distribute, presets
 
     if FLAGS.strategy not in distribute.STRATEGIES:
         raise app.UsageError(
@@ -122,7 +124,7 @@ def _check_flags():
     if FLAGS.projector_hidden is not None and FLAGS.predictor_hidden is None:
         overrides["predictor_hidden"] = FLAGS.projector_hidden
     try:
-        return config_lib.get_preset(FLAGS.preset, **overrides)
+        return presets.get_preset(FLAGS.preset, **overrides)
     except ValueError as error:
         raise _usage_error(error)
 
@@ -189,7 +191,7 @@ def _time_fit(config, strategy):
 
     from byol_tf import data
     from byol_tf.ema import EMAUpdate
-    from byol_tf.model import build_byol
+    from byol_tf.build import build_byol
     from byol_tf.optim import build_optimizer
 
     total = FLAGS.warmup + FLAGS.steps

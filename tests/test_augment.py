@@ -8,9 +8,10 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from byol_tf import augment
+from byol_tf import colour
 from byol_tf.augment import augment_pair, augment_view, preprocess_eval
-from byol_tf.config import AugmentConfig, get_preset
+from byol_tf.config import AugmentConfig
+from byol_tf.presets import get_preset
 
 SIZE = 32
 BASE = AugmentConfig(image_size=SIZE)
@@ -424,7 +425,7 @@ def test_each_jitter_op_matches_torchvision(op):
     else:
         stage, ops, stage_amounts = None, [[op, 3, 3]] * batch, [[a, 0.0, 0.0] for a in amounts]
     x, ops, stage_amounts = _chain_inputs(rng, batch, len(ops[0]), ops, stage_amounts)
-    got = augment._JITTER_CHAINS[stage](tf.constant(x), tf.constant(ops), tf.constant(stage_amounts)).numpy()
+    got = colour._JITTER_CHAINS[stage](tf.constant(x), tf.constant(ops), tf.constant(stage_amounts)).numpy()
     expected = np.stack([_np_jitter_op(img.astype(np.float64), op, a) for img, a in zip(x, amounts)])
     np.testing.assert_allclose(got, expected, atol=JITTER_ATOL)
     # Amount 0 is the identity, and the others change the image.
@@ -445,7 +446,7 @@ def test_xla_jitter_chain_matches_torchvision(batch, hue_stage):
         rows = [row[:hue_stage] + [3] + row[hue_stage:] for row in rows]
     stages = 3 if hue_stage is None else 4
     x, ops, amounts = _chain_inputs(rng, batch, stages, rows, rng.uniform(-0.4, 0.4, (batch, stages)))
-    fast = augment._JITTER_CHAINS[hue_stage](tf.constant(x), tf.constant(ops), tf.constant(amounts)).numpy()
+    fast = colour._JITTER_CHAINS[hue_stage](tf.constant(x), tf.constant(ops), tf.constant(amounts)).numpy()
     assert fast.shape == x.shape
     for img, row, amount, got in zip(x, ops, amounts, fast):
         expected = img.astype(np.float64)
@@ -464,13 +465,13 @@ def test_grouped_jitter_matches_torchvision_per_image():
     x = rng.random((40, 12, 12, 3)).astype(np.float32)
     apply = rng.random(40) < 0.8
     key = tf.constant([3, 4], tf.int64)
-    ops, amounts = [t.numpy() for t in augment._jitter_params(40, key, config)]
+    ops, amounts = [t.numpy() for t in colour._jitter_params(40, key, config)]
     strengths = np.array([config.brightness, config.contrast, config.saturation, config.hue])
     np.testing.assert_array_equal(np.sort(ops, axis=1), np.tile(np.arange(4), (40, 1)))
     assert np.all(np.abs(amounts) <= strengths[ops] + 1e-7)
     assert len({tuple(row) for row in ops}) > 10  # the orders vary
-    got = augment._color_jitter(
-        tf.constant(x), tf.constant(apply), augment._jitter_params(40, key, config), config
+    got = colour._color_jitter(
+        tf.constant(x), tf.constant(apply), colour._jitter_params(40, key, config), config
     ).numpy()
     for img, on, row, amount, out in zip(x, apply, ops, amounts, got):
         if not on:
@@ -502,7 +503,7 @@ def test_xla_finish_matches_torchvision(batch, gray, blur, solarize):
     sigmas = rng.uniform(0.1, 2.0, batch)
     kernels = np.stack([_np_gaussian_kernel(9, s) for s in sigmas]) if batch else np.zeros((0, 9))
     thresholds = np.where(rng.random(batch) < 0.5, 0.5, 2.0)
-    got = augment._finish(
+    got = colour._finish(
         tf.constant(x),
         tf.constant(grey) if gray else None,
         tf.constant(kernels, tf.float32) if blur else None,

@@ -87,7 +87,7 @@ def test_batch_norm_momentum_is_what_the_layer_uses():
 
 def test_the_target_network_keeps_the_batch_norm_settings():
     from byol_tf import get_preset
-    from byol_tf.model import build_byol
+    from byol_tf.build import build_byol
 
     config = get_preset(
         "demo",

@@ -12,8 +12,8 @@ import pytest
 import tensorflow as tf
 
 from byol_tf import losses
-from byol_tf.config import get_preset
-from byol_tf.model import build_byol
+from byol_tf.presets import get_preset
+from byol_tf.build import build_byol
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [

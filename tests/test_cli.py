@@ -64,3 +64,22 @@ def test_the_wheel_has_every_package_and_command(tmp_path):
         assert module in names, module
     for command in COMMANDS:
         assert f"{command} = byol_tf.cli." in entry_points, command
+
+
+def test_library_errors_name_the_flags_the_user_typed():
+    from absl import app
+
+    from byol_tf.cli import flag_errors, flag_message
+
+    names = {"data": "eval_data", "out_dir": "out", "batch_size": "batch_size"}
+    # Whole argument names only: `eval_data=` and an existing `--data=` stay as they are.
+    assert (
+        flag_message("bad. Received: data='x', eval_data=1, --data=2, out_dir='/o', batch_size=7", names)
+        == "bad. Received: --eval_data='x', eval_data=1, --data=2, --out='/o', --batch_size=7"
+    )
+    with pytest.raises(app.UsageError, match=r"^`shard_size` must be >= 1\. Received: --shard_size=0$"):
+        with flag_errors("shard_size"):
+            raise ValueError("`shard_size` must be >= 1. Received: shard_size=0")
+    with pytest.raises(KeyError):  # only ValueErrors are the user's to fix
+        with flag_errors("shard_size"):
+            raise KeyError("shard_size=0")

@@ -2,17 +2,17 @@ import dataclasses
 
 import pytest
 
-from byol_tf import config
+from byol_tf import config, presets
 
 
 def test_presets_are_valid_and_named():
-    for name, preset in config.PRESETS.items():
+    for name, preset in presets.PRESETS.items():
         assert preset.preset == name
         assert preset.augment.image_size == preset.image_size
 
 
 def test_paper_recipe_defaults():
-    paper = config.PRESETS["imagenet"]
+    paper = presets.PRESETS["imagenet"]
     assert paper.base_tau == 0.996 and paper.base_lr == 0.2 and paper.weight_decay == 1.5e-6
     assert (paper.projector_hidden, paper.projection_dim, paper.predictor_hidden) == (4096, 256, 4096)
     assert paper.warmup_epochs == 10 and paper.optimizer == "lars" and paper.loss == "byol"
@@ -24,7 +24,7 @@ def test_paper_recipe_defaults():
 
 
 def test_get_preset_overrides_and_image_size_follows():
-    cfg = config.get_preset("demo", image_size=48, epochs=3, augment={"flip_prob": 0.0})
+    cfg = presets.get_preset("demo", image_size=48, epochs=3, augment={"flip_prob": 0.0})
     assert cfg.image_size == 48 and cfg.augment.image_size == 48 and cfg.epochs == 3
     assert cfg.augment.flip_prob == 0.0
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -44,14 +44,14 @@ def test_get_preset_overrides_and_image_size_follows():
 )
 def test_bad_values_are_named(overrides, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        config.get_preset("demo", **overrides)
+        presets.get_preset("demo", **overrides)
 
 
 def test_unknown_preset():
     with pytest.raises(ValueError, match="preset='nope'"):
-        config.get_preset("nope")
+        presets.get_preset("nope")
 
 
 def test_dict_round_trip():
-    cfg = config.get_preset("cifar10_cpu20", seed=3)
+    cfg = presets.get_preset("cifar10_cpu20", seed=3)
     assert config.PretrainConfig.from_dict(cfg.to_dict()) == cfg

@@ -52,7 +52,7 @@ def test_device_views_round_trip_and_refuse_bad_settings():
 
 def test_a_model_without_device_views_refuses_crops(sources):
     from byol_tf import get_preset
-    from byol_tf.model import build_byol
+    from byol_tf.build import build_byol
 
     config = get_preset("demo", image_size=16, projector_hidden=8, projection_dim=4, predictor_hidden=8)
     model = build_byol(config)

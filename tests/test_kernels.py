@@ -202,7 +202,7 @@ def test_byol_step_in_bfloat16_stays_as_close_to_float32_as_keras():
 
 def test_fast_kernels_are_the_entry_points_choice_not_the_models():
     from byol_tf import get_preset
-    from byol_tf.model import build_byol
+    from byol_tf.build import build_byol
 
     model = tiny_byol(fast_kernels=False)
     assert not any("call" in vars(l) for l in model._flatten_layers())

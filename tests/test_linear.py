@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from byol_tf import data, linear
+from byol_tf import data, eval_inputs, linear
 from byol_tf.backbones import build_encoder
 from test_scripts import colour_npz, run_script
 
@@ -132,14 +132,14 @@ def test_linear_eval_from_images_with_flips():
 
 
 def test_random_init_encoder_is_rebuilt_from_the_run(run_dir):
-    trained, config = linear.load_encoder(run_dir)
-    random, _ = linear.load_encoder(run_dir, random_init=True)
-    assert config.preset == "demo" and linear.encoder_image_size(random) == config.image_size
+    trained, config = eval_inputs.load_encoder(run_dir)
+    random, _ = eval_inputs.load_encoder(run_dir, random_init=True)
+    assert config.preset == "demo" and eval_inputs.encoder_image_size(random) == config.image_size
     assert [w.shape for w in trained.weights] == [w.shape for w in random.weights]
     # Pretraining moved the weights away from the init the run started from.
     assert any(not np.allclose(a, b) for a, b in zip(trained.get_weights(), random.get_weights()))
     with pytest.raises(ValueError, match="Received: run_dir=None"):
-        linear.load_encoder(encoder_path=os.path.join(run_dir, "encoder.keras"), random_init=True)
+        eval_inputs.load_encoder(encoder_path=os.path.join(run_dir, "encoder.keras"), random_init=True)
 
 
 def test_linear_eval_script(run_dir, tmp_path):

@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from byol_tf import data, guards, training
-from byol_tf.config import get_preset
+from byol_tf import backup as backups
+from byol_tf import data, training
+from byol_tf.presets import get_preset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -86,15 +87,15 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
     victim.send_signal(signal.SIGKILL)
     victim.communicate()
     assert victim.returncode == -signal.SIGKILL
-    backup = guards.read_backup(os.path.join(killed, "backup"))
-    assert backup["step"] == 5 and backup["epoch"] == 1 and backup["batch_in_epoch"] == 1
+    saved = backups.read_backup(os.path.join(killed, "backup"))
+    assert saved["step"] == 5 and saved["epoch"] == 1 and saved["batch_in_epoch"] == 1
     assert not os.path.exists(os.path.join(killed, "summary.json"))
 
     # Another configuration must not resume this run: it names the fields and values.
     code, _, err = _finish(_script(*RESUME_ARGS, "--batch_size=16", "--seed=4", f"--out={killed}"), timeout=200)
     assert code != 0
     assert "batch_size: 32" in err and "vs 16 now" in err and "seed: 3" in err, err[-2000:]
-    assert guards.read_backup(os.path.join(killed, "backup"))["step"] == 5
+    assert backups.read_backup(os.path.join(killed, "backup"))["step"] == 5
 
     code, out, err = _finish(_script(*RESUME_ARGS, f"--out={killed}"))
     assert code == 0, err[-3000:]
@@ -182,9 +183,9 @@ def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_images, cap
     assert _all_finite(arrays)
     model = keras.saving.load_model(checkpoint, safe_mode=True)
     assert int(model.optimizer.iterations.numpy()) == 4
-    backup = guards.read_backup(os.path.join(out, "backup"))
-    assert backup["step"] == 4
-    with h5py.File(backup["weights_path"], "r") as f:
+    saved = backups.read_backup(os.path.join(out, "backup"))
+    assert saved["step"] == 4
+    with h5py.File(saved["weights_path"], "r") as f:
         values = []
         f.visititems(lambda name, obj: values.append(obj[()]) if isinstance(obj, h5py.Dataset) else None)
     assert all(np.all(np.isfinite(v)) for v in values if np.issubdtype(np.asarray(v).dtype, np.floating))
@@ -376,7 +377,7 @@ def test_resume_in_process_after_a_nan_stop(tmp_path, tiny_images, capsys):
         config, tiny_images, out, verbose=0, autotune=False, backup_every_steps=1, callbacks=[PoisonAt(6)]
     )
     assert stopped["status"] == "stopped_nan"
-    assert guards.read_backup(os.path.join(out, "backup"))["step"] == 6
+    assert backups.read_backup(os.path.join(out, "backup"))["step"] == 6
     os.remove(os.path.join(out, "summary.json"))
     capsys.readouterr()
     summary = training.run_pretraining(config, tiny_images, out, verbose=0, autotune=False)

@@ -102,7 +102,7 @@ def test_finished_run_is_not_overwritten(demo_run):
         ("--epochs=-1", "--epochs=-1"),
         ("--batch_size=0", "--batch_size=0"),
         ("--backbone=resnet7", "backbone='resnet7'"),
-        ("--preset=nope", "preset='nope'"),
+        ("--preset=nope", "--preset=nope"),
         ("--data=/no/such/dir", "--data=/no/such/dir"),
         ("--image_size=4", "--image_size=4"),
         # Too small for the backbone (keras.applications ResNet50 needs 32 px).

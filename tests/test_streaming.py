@@ -205,7 +205,7 @@ def test_shards_keep_original_bytes_and_stream_like_the_folder(hostile_folder, t
     names = {}
     for shard in index["shards"]:
         for record in tf.data.TFRecordDataset(str(tmp_path / "shards" / shard["file"])):
-            example = tf.io.parse_single_example(record, data.sources.SHARD_FEATURES)
+            example = tf.io.parse_single_example(record, data.record_sources.SHARD_FEATURES)
             names[example["image/filename"].numpy().decode()] = example
     for path in good:
         example = names[os.path.relpath(path, root)]
@@ -332,7 +332,7 @@ def test_shard_workers_split_files_when_they_balance(tmp_path, workers, file_lev
     # Each shard file's names, read directly.
     files = [
         {
-            tf.io.parse_single_example(r, data.sources.SHARD_FEATURES)["image/filename"].numpy().decode()
+            tf.io.parse_single_example(r, data.record_sources.SHARD_FEATURES)["image/filename"].numpy().decode()
             for r in tf.data.TFRecordDataset(str(tmp_path / "shards" / s["file"]))
         }
         for s in index["shards"]

@@ -2,6 +2,9 @@
 
 from absl import flags
 
+# The library's argument names for these flags (`byol_tf.cli.flag_errors`).
+INPUT_ARGUMENTS = {"run_dir": "run_dir", "encoder_path": "encoder", "data": "data", "eval_data": "eval_data"}
+
 
 def define_input_flags():
     """The encoder and labelled data flags of linear_eval.py and finetune.py."""

@@ -18,7 +18,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags
 
-from byol_tf.cli import eval_flags, run_main
+from byol_tf.cli import eval_flags, flag_errors, run_main
 
 FLAGS = flags.FLAGS
 eval_flags.define_input_flags()
@@ -63,14 +63,12 @@ def main(argv):
     if FLAGS.lr <= 0:
         raise app.UsageError(f"--lr must be > 0. Received: --lr={FLAGS.lr}")
 
-    from byol_tf import linear
+    from byol_tf import eval_inputs, linear
 
-    try:
-        encoder, _, train, test, data, eval_data = linear.load_eval_inputs(
+    with flag_errors(**eval_flags.INPUT_ARGUMENTS):
+        encoder, config, train, test, data, eval_data = eval_inputs.load_eval_inputs(
             FLAGS.run_dir, FLAGS.encoder, FLAGS.random_init, FLAGS.data, FLAGS.eval_data, FLAGS.limit, FLAGS.eval_limit
         )
-    except ValueError as error:
-        raise app.UsageError(linear.usage_message(error))
     result = linear.linear_eval(
         encoder,
         train,
@@ -78,6 +76,7 @@ def main(argv):
         label_fraction=FLAGS.label_fraction,
         flip_augment=FLAGS.flip_augment,
         seed=FLAGS.seed,
+        config=config,
         epochs=FLAGS.epochs,
         batch_size=FLAGS.batch_size,
         lr=FLAGS.lr,

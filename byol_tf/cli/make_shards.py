@@ -11,7 +11,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags
 
-from byol_tf.cli import run_main
+from byol_tf.cli import flag_errors, run_main
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data", None, "The image folder (first-level subfolders are classes).")
@@ -31,15 +31,8 @@ def main(argv):
         raise app.UsageError(f"--shard_size must be >= 1. Received: --shard_size={FLAGS.shard_size}")
     from byol_tf import data
 
-    try:
+    with flag_errors("shard_size", folder="data", out_dir="out"):
         index = data.write_shards(FLAGS.data, FLAGS.out, FLAGS.shard_size, FLAGS.seed)
-    except ValueError as error:
-        raise app.UsageError(
-            str(error)
-            .replace("Received: folder=", "Received: --data=")
-            .replace("Received: out_dir=", "Received: --out=")
-            .replace("Received: shard_size=", "Received: --shard_size=")
-        )
     print(
         f"Wrote {index['num_examples']} images in {len(index['shards'])} shards to {FLAGS.out}; "
         f"left out {len(index['skipped'])} unusable files (listed in index.json)."

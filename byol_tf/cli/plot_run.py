@@ -14,7 +14,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags
 
-from byol_tf.cli import run_main
+from byol_tf.cli import flag_errors, run_main
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("eval_data", None, "Labelled data for the embedding map (its test split); none: metrics only.")
@@ -32,21 +32,23 @@ def main(argv):
     if FLAGS.eval_limit < 1:
         raise app.UsageError(f"--eval_limit must be >= 1. Received: --eval_limit={FLAGS.eval_limit}")
 
-    from byol_tf import linear, plots
+    from byol_tf import eval_inputs, plots
 
-    eval_set = encoder = None
+    eval_set = encoder = batches = None
     if FLAGS.eval_data:
-        try:
-            encoder, _ = linear.load_encoder(run_dir)
-            _, eval_data = linear.resolve_sources(FLAGS.eval_data, FLAGS.eval_data)
-            eval_set = linear.load_labelled(eval_data, linear.encoder_image_size(encoder), "test", FLAGS.eval_limit)
-        except ValueError as error:
-            raise app.UsageError(
-                str(error)
-                .replace("Received: eval_data=", "Received: --eval_data=")
-                .replace("Received: data=", "Received: --eval_data=")
-            )
-    written = plots.plot_run(run_dir, eval_set, encoder=encoder, max_points=FLAGS.eval_limit)
+        with flag_errors("eval_data", data="eval_data"):
+            encoder, config = eval_inputs.load_encoder(run_dir)
+            if config is not None and config.modality != "image":
+                from byol_tf import run_eval
+
+                eval_set = run_eval.load_source(FLAGS.eval_data, config)
+                batches = run_eval.eval_data(eval_set, config)
+            else:
+                _, eval_data = eval_inputs.resolve_sources(FLAGS.eval_data, FLAGS.eval_data)
+                eval_set = eval_inputs.load_labelled(
+                    eval_data, eval_inputs.encoder_image_size(encoder), "test", FLAGS.eval_limit
+                )
+    written = plots.plot_run(run_dir, eval_set, encoder=encoder, max_points=FLAGS.eval_limit, batches=batches)
     for path in written.values():
         print(f"Wrote {path}")
 

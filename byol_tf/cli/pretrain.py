@@ -3,6 +3,8 @@
     byol-pretrain --preset=demo --out=runs/demo
     byol-pretrain --preset=cifar10_cpu20 --data=data/cifar10/train.npz \
         --eval_data=data/cifar10/test.npz --out=runs/cifar10_cpu20
+    byol-pretrain --preset=fsdd_audio --data=fsdd.npz:train --eval_data=fsdd.npz:test --out=runs/fsdd
+    byol-pretrain --preset=sst2_text --data=sst2.csv.gz:train --eval_data=sst2.csv.gz:dev --out=runs/sst2
 
 Flags left unset keep the preset's value.
 """
@@ -13,14 +15,17 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging
 
-from byol_tf.cli import run_main
+from byol_tf.cli import flag_errors, run_main
+from byol_tf.config import AUGMENT_ON, LOSSES, OPTIMIZERS, PRECISIONS
+from byol_tf.presets import PRESETS, get_preset
+from byol_tf.distribute import STRATEGIES
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("preset", "demo", "demo, cifar10, cifar10_cpu20, photos96_cpu20 or imagenet.")
+flags.DEFINE_enum("preset", "demo", list(PRESETS), "A named recipe (byol_tf.presets.PRESETS).")
 flags.DEFINE_string(
     "data",
     None,
-    "An image folder, a folder of TFRecord shards (byol-make-shards), tfds:NAME[:SPLIT], a .npz, or 'shapes' (generated). Folders, shards and tfds are streamed. Default: 'shapes' for the demo preset.",
+    "An image folder, a folder of TFRecord shards (byol-make-shards), tfds:NAME[:SPLIT], a .npz, or 'shapes' (generated). Folders, shards and tfds are streamed. Audio presets: a folder of WAVs or a .npz; text presets: a folder of .txt files, a text file (a line each), a CSV (column 'text', labels 'label') or a .npz; PATH:SPLIT keeps the rows whose 'split' is SPLIT. Default: 'shapes' for the demo preset.",
 )
 flags.DEFINE_string("tfds_data_dir", None, "tfds's data folder, for --data=tfds:NAME (default: tfds's own).")
 flags.DEFINE_string(
@@ -33,12 +38,12 @@ flags.DEFINE_string("backbone", None, "Backbone name (see byol_tf.backbones).")
 flags.DEFINE_integer("image_size", None, "Training resolution.")
 flags.DEFINE_integer("epochs", None, "Epochs.")
 flags.DEFINE_integer("batch_size", None, "Global batch size.")
-flags.DEFINE_enum("optimizer", None, ["lars", "sgd", "adam", "adamw"], "Optimizer.")
+flags.DEFINE_enum("optimizer", None, list(OPTIMIZERS), "Optimizer.")
 flags.DEFINE_float("lr", None, "Base learning rate for a batch of 256 (peak = lr * batch / 256).")
 flags.DEFINE_float("weight_decay", None, "Weight decay (not on biases and BatchNorm).")
 flags.DEFINE_float("warmup_epochs", None, "Linear warm-up epochs.")
 flags.DEFINE_float("base_tau", None, "EMA decay at step 0, cosine-annealed to 1.")
-flags.DEFINE_enum("loss", None, ["byol", "infonce"], "Loss.")
+flags.DEFINE_enum("loss", None, list(LOSSES), "Loss.")
 flags.DEFINE_integer("seed", None, "Seed for data order, augmentation and init.")
 flags.DEFINE_integer("steps_per_execution", None, "Optimizer steps per compiled call.")
 flags.DEFINE_integer("limit", None, "Use at most this many training images.")
@@ -62,13 +67,13 @@ flags.DEFINE_enum("on_collapse", "stop", ["stop", "warn"], "Collapse guard actio
 flags.DEFINE_enum(
     "strategy",
     "auto",
-    ["auto", "default", "one_device", "mirrored", "multi_worker", "tpu"],
+    list(STRATEGIES),
     "tf.distribute strategy (see byol_tf.distribute.get_strategy).",
 )
 flags.DEFINE_integer(
     "cpu_replicas", None, "Split the CPU into this many logical devices (Mirrored on CPU, for testing)."
 )
-flags.DEFINE_enum("precision", None, ["float32", "mixed_bfloat16", "mixed_float16"], "Keras dtype policy.")
+flags.DEFINE_enum("precision", None, list(PRECISIONS), "Keras dtype policy.")
 flags.DEFINE_boolean("jit_compile", None, "XLA-compile the train step (default: Keras's 'auto').")
 flags.DEFINE_boolean(
     "sync_bn", True, "Synchronise BatchNorm across replicas when there are several (--nosync_bn: per replica)."
@@ -98,7 +103,7 @@ flags.DEFINE_float("bn_epsilon", None, "Epsilon of every BatchNorm layer (defaul
 flags.DEFINE_enum(
     "augment_on",
     None,
-    ["host", "device"],
+    list(AUGMENT_ON),
     "Where the colour stages of the views run: in tf.data on the host, or inside the compiled train step on each replica (the host still decodes and crops).",
 )
 flags.DEFINE_integer("verbose", 2, "fit verbosity: 0, 1 (progress bar) or 2 (a line per epoch).")
@@ -131,17 +136,9 @@ EXIT_STOPPED = 3
 
 
 def _config():
-    from byol_tf import config as config_lib
-
     overrides = {field: getattr(FLAGS, flag) for flag, field in _OVERRIDES.items() if getattr(FLAGS, flag) is not None}
-    try:
-        return config_lib.get_preset(FLAGS.preset, **overrides)
-    except ValueError as error:
-        # Name the flag, not the config field, in what the user reads.
-        head, _, received = str(error).partition("Received: ")
-        name, _, value = received.partition("=")
-        flag = {field: flag for flag, field in _OVERRIDES.items()}.get(name, name)
-        raise app.UsageError(f"{head}Received: --{flag}={value}" if received else str(error))
+    with flag_errors(**{field: flag for flag, field in _OVERRIDES.items()}):
+        return get_preset(FLAGS.preset, **overrides)
 
 
 def _check_image_size(config):
@@ -171,8 +168,10 @@ def main(argv):
     if data is None:
         raise app.UsageError("--data is required for this preset. Received: --data=None")
     eval_data = FLAGS.eval_data or ("shapes" if data == "shapes" else None)
+    from byol_tf.modalities import check_backbone, split_spec
+
     for name, value in (("data", data), ("eval_data", eval_data)):
-        if value and value != "shapes" and not value.startswith("tfds:") and not os.path.exists(value):
+        if value and value != "shapes" and not value.startswith("tfds:") and not os.path.exists(split_spec(value)[0]):
             raise app.UsageError(f"--{name} does not exist. Received: --{name}={value}")
     for name in ("knn_every", "limit", "backup_every_steps", "cpu_replicas", "collapse_patience"):
         value = getattr(FLAGS, name)
@@ -184,51 +183,36 @@ def main(argv):
         )
 
     # Importing TensorFlow does not initialise its devices; the first op does.
-    from byol_tf import backbones, distribute, training
+    from byol_tf import distribute, training
 
-    try:
-        backbones.check_backbone(config.backbone)
-    except ValueError as error:
-        raise app.UsageError(str(error).replace("backbone=", "--backbone="))
-    try:
+    with flag_errors("backbone", "out", "overwrite"):
+        check_backbone(config)
         training.check_out_dir(FLAGS.out, FLAGS.overwrite)
         training.check_resume(FLAGS.out, config, FLAGS.overwrite)
-    except ValueError as error:
-        raise app.UsageError(
-            str(error).replace("out=", "--out=").replace("overwrite=True (--overwrite)", "--overwrite")
-        )
 
     # The strategy first of all TF work: --cpu_replicas must split the CPU
     # before TensorFlow initialises its devices.
-    try:
+    with flag_errors("steps_per_execution", "batch_size", "cpu_replicas", "strategy"):
         strategy = distribute.get_strategy(FLAGS.strategy, FLAGS.cpu_replicas)
         distribute.check_global_batch(config.batch_size, strategy)
-        if hasattr(distribute, "check_steps_per_execution"):
-            distribute.check_steps_per_execution(config.steps_per_execution, strategy)
-    except ValueError as error:
-        message = str(error)
-        for name in ("steps_per_execution", "batch_size", "cpu_replicas", "strategy"):
-            message = message.replace(f"Received: {name}=", f"Received: --{name}=").replace(f" {name}=", f" --{name}=")
-        raise app.UsageError(message)
+        distribute.check_steps_per_execution(config.steps_per_execution, strategy)
     if FLAGS.deterministic:
         import keras
         import tensorflow as tf
 
         tf.config.experimental.enable_op_determinism()
         keras.utils.set_random_seed(config.seed)
-    _check_image_size(config)
+    if config.modality == "image":
+        _check_image_size(config)
 
     logging.info("Config: %s", config)
-    try:
-        train = training.load_source(data, config.image_size, "train", FLAGS.limit, FLAGS.tfds_data_dir)
-        eval_set = (
-            training.load_source(eval_data, config.image_size, "test", None, FLAGS.tfds_data_dir) if eval_data else None
-        )
-    except ValueError as error:
-        raise app.UsageError(str(error).replace("Received: data=", "Received: --data="))
+    with flag_errors("data"):
+        train = training.load_source(data, config, "train", FLAGS.limit, FLAGS.tfds_data_dir)
+    with flag_errors(data="eval_data"):
+        eval_set = training.load_source(eval_data, config, "test", None, FLAGS.tfds_data_dir) if eval_data else None
     if config.probe and not train.labelled:
         raise app.UsageError(f"--probe trains a classifier on the labels, but --data has none. Received: --data={data}")
-    print(f"Training data: {train.num_examples} images from {train.name}", flush=True)
+    print(f"Training data: {train.num_examples} {config.modality} examples from {train.name}", flush=True)
     summary = training.run_pretraining(
         config,
         train,

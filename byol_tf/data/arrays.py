@@ -1,7 +1,8 @@
-"""Images held in memory: `ImageSet`, `.npz` files, and the array source.
+"""Examples held in memory: `ImageSet`, `ExampleSet` (audio, text), `.npz` images, and the array source.
 
 The fast path for CIFAR-sized data: the arrays are cropped batch-wise by
 `byol_tf.augment.augment_pair`, from the images as stored (no resizing).
+Audio waveforms and sentences are held the same way, as `ExampleSet`s.
 """
 
 import dataclasses
@@ -31,6 +32,7 @@ class ImageSet:
     class_names: Optional[List[str]] = None
     skipped: List[Tuple[str, str]] = dataclasses.field(default_factory=list)
     source: str = ""
+    modality = "image"  # not a field: an ImageSet holds images
 
     def __post_init__(self):
         images = np.asarray(self.images)
@@ -53,6 +55,11 @@ class ImageSet:
         return len(self.images)
 
     @property
+    def examples(self) -> np.ndarray:
+        """The images, under the name every in-memory set shares."""
+        return self.images
+
+    @property
     def num_images(self) -> int:
         """Number of images loaded."""
         return len(self.images)
@@ -70,6 +77,40 @@ class ImageSet:
         if self.labels is not None and len(self.labels):
             return int(self.labels.max()) + 1
         return None
+
+
+@dataclasses.dataclass(frozen=True)
+class ExampleSet:
+    """Audio or text examples in memory, with their labels when there are any.
+
+    Args:
+        examples: `[N, ...]`: float32 waveforms `[N, samples]` for audio, a
+            string array `[N]` for text.
+        modality: "audio" or "text" (`byol_tf.modalities`).
+        labels: int64 `[N]` indices into `class_names`, or `None`.
+        class_names: the class names (index = label), or `None`.
+        skipped: `(item, reason)` for each file or line that could not be used.
+        source: where the examples came from, for logs and run records.
+    """
+
+    examples: np.ndarray
+    modality: str
+    labels: Optional[np.ndarray] = None
+    class_names: Optional[List[str]] = None
+    skipped: List[Tuple[str, str]] = dataclasses.field(default_factory=list)
+    source: str = ""
+
+    def __post_init__(self):
+        if len(self.examples) == 0:
+            raise ValueError(f"An example set needs at least one example. Received: {len(self.examples)} examples")
+        if self.labels is not None and np.shape(self.labels) != (len(self.examples),):
+            raise ValueError(
+                f"`labels` must have shape ({len(self.examples)},), one per example. "
+                f"Received: labels with shape={np.shape(self.labels)}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.examples)
 
 
 def load_npz(path):
@@ -147,31 +188,37 @@ def _to_uint8(x, path):
 
 
 class ArraySource(Source):
-    """An `ImageSet` as a source: the in-memory fast path.
+    """An `ImageSet` or `ExampleSet` as a source: the in-memory fast path.
 
     Args:
-        images: an `ImageSet`.
-        limit: keep a fixed random subset of this many images.
+        examples: an `ImageSet` or an `ExampleSet`.
+        limit: keep a fixed random subset of this many examples.
     """
 
-    def __init__(self, images, limit=None):
-        self.name = images.source or "arrays"
+    def __init__(self, examples, limit=None):
+        self.name = examples.source or "arrays"
         super().__init__()
-        if limit is not None and limit < len(images):
-            keep = np.random.default_rng(LIMIT_SEED).permutation(len(images))[:limit]
-            images = dataclasses.replace(
-                images, images=images.images[keep], labels=None if images.labels is None else images.labels[keep]
-            )
-        self.images, self.labels, self.class_names = images.images, images.labels, images.class_names
-        for path, reason in images.skipped:
+        self.examples, self.labels = examples.examples, examples.labels
+        if limit is not None and limit < len(examples):
+            keep = np.random.default_rng(LIMIT_SEED).permutation(len(examples))[:limit]
+            self.examples, self.labels = self.examples[keep], None if self.labels is None else self.labels[keep]
+        if self.labels is not None:
+            self.labels = np.asarray(self.labels, np.int64)
+        self.class_names, self.modality = examples.class_names, examples.modality
+        for path, reason in examples.skipped:
             self.skips.add(path, reason)
-        self.labelled = images.labels is not None
-        self.num_examples = len(images)
+        self.labelled = self.labels is not None
+        self.num_examples = len(self.examples)
+
+    @property
+    def images(self) -> np.ndarray:
+        """The examples of an image set."""
+        return self.examples
 
     def eval_records(self):
-        labels = self.labels if self.labels is not None else np.full(len(self.images), -1, np.int64)
+        labels = self.labels if self.labels is not None else np.full(self.num_examples, -1, np.int64)
         return tf.data.Dataset.from_tensor_slices(
-            {"position": np.arange(len(self.images), dtype=np.int64), "data": self.images, "label": labels}
+            {"position": np.arange(self.num_examples, dtype=np.int64), "data": self.examples, "label": labels}
         )
 
     @staticmethod

@@ -1,4 +1,4 @@
-"""`tf.data` pipelines: BYOL view pairs for training, preprocessed images for evaluation.
+"""`tf.data` pipelines: where the data comes from (`open_source`) and BYOL view pairs for training.
 
 Training streams any source with memory that does not grow with its size:
 records are read and decoded in a parallel map, each image's two crops are
@@ -16,12 +16,15 @@ import re
 import numpy as np
 import tensorflow as tf
 
-from byol_tf.augment import crop_pair, finish_pair, preprocess_eval
-from byol_tf.config import AUGMENT_ON, AugmentConfig
+from byol_tf.augment import crop_pair, finish_pair
+from byol_tf.config import AUGMENT_CONFIGS, AUGMENT_ON
 from byol_tf.data import crops, files
-from byol_tf.data.arrays import ArraySource, ImageSet, load_npz
+from byol_tf.data.arrays import ArraySource, ExampleSet, ImageSet, load_npz
 from byol_tf.data.shapes import make_shapes
-from byol_tf.data.sources import DatasetSource, FolderSource, SHARD_INDEX, ShardSource, Source, TfdsSource
+from byol_tf.data.stream import StreamPosition
+from byol_tf.data.record_sources import SHARD_INDEX, DatasetSource, ShardSource, TfdsSource
+from byol_tf.data.sources import FolderSource, Source
+from byol_tf.modalities import get_modality
 
 # "tfds:NAME[:SPLIT]". NAME may carry a config and a version ("mnist:3.0.1",
 # "imagenette/320px:1.0.0"), and SPLIT may contain colons ("train[:10%]"), so
@@ -40,7 +43,8 @@ def open_source(data, split="train", limit=None, image_size=32, tfds_data_dir=No
             - a `.npz` file with `x` (uint8 `[N, H, W, 3]`), optional `y` and
               `class_names` (held in memory);
             - `"shapes"`: the generated demo set (10,000 train, 2,000 test images);
-            - an `ImageSet`, or a `tf.data.Dataset` of images or `(image, label)`.
+            - an `ImageSet`, or a `tf.data.Dataset` of images or `(image, label)`;
+            - an `ExampleSet` of audio or text (`byol_tf.modalities.open_examples`).
         split: the tfds split when `data` names none; `"test"` draws the
             held-out shapes.
         limit: use a fixed subset of at most this many images.
@@ -54,7 +58,7 @@ def open_source(data, split="train", limit=None, image_size=32, tfds_data_dir=No
         raise ValueError(f"`limit` must be None or a positive integer. Received: limit={limit!r}")
     if isinstance(data, Source):
         return data
-    if isinstance(data, ImageSet):
+    if isinstance(data, (ImageSet, ExampleSet)):
         return ArraySource(data, limit)
     if isinstance(data, tf.data.Dataset):
         return DatasetSource(data.take(limit) if limit else data)
@@ -95,56 +99,10 @@ def steps_per_epoch(num_images: int, batch_size: int) -> int:
     return int(num_images) // int(batch_size)
 
 
-class StreamPosition:
-    """Which record the stream has reached after each batch, and what it skipped on the way.
-
-    Filled by `pretrain_dataset` as batches are made (ahead of training, in
-    order); `after(step)` is where a run that has trained `step` steps
-    resumes. Records missing between batches failed to decode: each is named
-    by the source and added to its `SkipLog`.
-    """
-
-    def __init__(self, source, train=True):
-        self.source, self.train = source, train
-        self.restart(0, 0)
-
-    def restart(self, start_step, start_position):
-        """A new stream starts: batch `start_step` begins at `start_position`."""
-        self._start = self._next = int(start_position)
-        self.ends = {s: p for s, p in getattr(self, "ends", {}).items() if s < start_step - 1}
-        self.ends[int(start_step) - 1] = int(start_position)
-
-    def observe(self, step, positions):
-        step, positions = int(step), np.asarray(positions)
-        if not len(positions):
-            return
-        # The same dataset iterated again starts over.
-        expected = self._next if positions[0] >= self._next else self._start
-        missing = sorted(set(range(expected, int(positions[-1]) + 1)) - set(positions.tolist()))
-        for position in missing:
-            self.source.skips.add(*self.source.describe(position, self.train))
-        self._next = self.ends[step] = int(positions[-1]) + 1
-        for old in [s for s in self.ends if s < step - 1000]:
-            del self.ends[old]
-
-    def after(self, steps):
-        """The stream position after `steps` optimizer steps (batches `0 .. steps - 1`)."""
-        return self.ends[int(steps) - 1]
-
-    def observe_op(self, step, positions):
-        """`observe` as an op in the `tf.data` graph; returns `step`."""
-
-        def observe(s, p):
-            self.observe(s.numpy(), p.numpy())
-            return s
-
-        return tf.py_function(observe, [step, positions], tf.int64)
-
-
 def pretrain_dataset(
     source,
     batch_size: int,
-    augment_config: AugmentConfig,
+    augment_config,
     seed: int = 0,
     start_step: int = 0,
     start_position=None,
@@ -159,7 +117,8 @@ def pretrain_dataset(
     Args:
         source: a `Source` (`open_source`), an `ImageSet` or a uint8 array.
         batch_size: images per batch.
-        augment_config: the two views.
+        augment_config: the two views: an `AugmentConfig`, or the config
+            of an audio or text source's modality (`byol_tf.modalities`).
         seed: seeds the order and every augmentation.
         start_step: the optimizer step of the first batch (seeds its colour stages).
         start_position: the stream position to start at (`StreamPosition.after`);
@@ -183,8 +142,6 @@ def pretrain_dataset(
         with an `input_context`); with `augment_on="device"`, the dict of
         crops that `DeviceViews` takes instead of the views.
     """
-    if not isinstance(augment_config, AugmentConfig):
-        raise ValueError(f"`augment_config` must be an AugmentConfig. Received: augment_config={augment_config!r}")
     _check_batch_size(batch_size)
     if augment_on not in AUGMENT_ON:
         raise ValueError(f"`augment_on` must be one of {AUGMENT_ON}. Received: augment_on={augment_on!r}")
@@ -199,13 +156,30 @@ def pretrain_dataset(
             "Not enough images for one batch: need at least `batch_size` images. "
             f"Received: {source.num_examples} images, batch_size={batch_size}, data={source.name!r}"
         )
+    modality = getattr(source, "modality", "image")
+    expected = AUGMENT_CONFIGS[modality]
+    if not isinstance(augment_config, expected):
+        raise ValueError(
+            f"`augment_config` must be an {expected.__name__} for {modality} data. "
+            f"Received: augment_config={augment_config!r}"
+        )
+    if modality != "image" and augment_on != "host":
+        raise ValueError(f"Audio and text views are made on the host. Received: augment_on={augment_on!r}")
     if with_labels and not source.labelled:
         raise ValueError(f"`with_labels` needs labelled data. Received: data={source.name!r} (unlabelled)")
     workers, worker = (input_context.num_input_pipelines, input_context.input_pipeline_id) if input_context else (1, 0)
     if batch_size % workers:
         raise ValueError(f"`batch_size` must divide by the {workers} workers. Received: batch_size={batch_size}")
     if isinstance(source, ArraySource):
-        ds = _array_views(source, batch_size, augment_config, seed, start_step, with_labels, augment_on)
+
+        def make_views(batch, batch_seed):
+            if modality != "image":
+                return get_modality(modality).views(batch, batch_seed, augment_config)
+            return _views_or_crops(
+                *crop_pair(batch, batch_seed, augment_config), batch_seed, augment_config, augment_on
+            )
+
+        ds = _array_views(source, batch_size, make_views, seed, start_step, with_labels)
         if workers > 1:
             rows = slice(worker * batch_size // workers, (worker + 1) * batch_size // workers)
             ds = ds.map(lambda *element: tf.nest.map_structure(lambda t: t[rows], element))
@@ -247,28 +221,30 @@ def _views_or_crops(crops1, crops2, batch_seed, config, augment_on):
     }
 
 
-def _array_views(source, batch_size, config, seed, start_step, with_labels, augment_on):
-    """In-memory images: epoch `e` is the stateless permutation `[seed, -1 - e]`, cut into full batches."""
-    num_images, steps = source.num_examples, steps_per_epoch(source.num_examples, batch_size)
-    seed_const = tf.constant(int(seed), tf.int64)
-    images_t = tf.constant(source.images)
-    labels_t = tf.constant(source.labels if source.labels is not None else np.zeros(num_images, np.int64))
-    element_shape = [int(batch_size), *source.images.shape[1:]]
+def _array_views(source, batch_size, make_views, seed, start_step, with_labels):
+    """In-memory examples: epoch `e` is the stateless permutation `[seed, -1 - e]`, cut into full batches.
 
-    def make_views(index):
+    `make_views(batch, batch_seed)` turns each batch into what the model takes.
+    """
+    num_examples, steps = source.num_examples, steps_per_epoch(source.num_examples, batch_size)
+    seed_const = tf.constant(int(seed), tf.int64)
+    examples_t = tf.constant(source.examples)
+    labels_t = tf.constant(source.labels if source.labels is not None else np.zeros(num_examples, np.int64))
+    element_shape = [int(batch_size), *source.examples.shape[1:]]
+
+    def make(index):
         epoch, position = index // steps, index % steps
         order = tf.random.experimental.stateless_shuffle(
-            tf.range(num_images, dtype=tf.int64), seed=tf.stack([seed_const, -1 - epoch])
+            tf.range(num_examples, dtype=tf.int64), seed=tf.stack([seed_const, -1 - epoch])
         )
         chosen = order[position * batch_size : (position + 1) * batch_size]
-        batch = tf.ensure_shape(tf.gather(images_t, chosen), element_shape)
-        batch_seed = tf.stack([seed_const, index])
-        views = _views_or_crops(*crop_pair(batch, batch_seed, config), batch_seed, config, augment_on)
+        batch = tf.ensure_shape(tf.gather(examples_t, chosen), element_shape)
+        views = make_views(batch, tf.stack([seed_const, index]))
         return (views, tf.ensure_shape(tf.gather(labels_t, chosen), [int(batch_size)])) if with_labels else views
 
     # The batch index (int64) counts across epochs, so every batch gets its own seed.
     ds = tf.data.Dataset.counter(start=int(start_step), dtype=tf.int64)
-    return ds.map(make_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.map(make, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 def _streamed_views(source, batch_size, config, seed, start_step, start, with_labels, tracker, shard, augment_on):
@@ -295,120 +271,6 @@ def _streamed_views(source, batch_size, config, seed, start_step, start, with_la
         return (views, batch["label"]) if with_labels else views
 
     return ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-
-
-def eval_dataset(
-    source, image_size: int, crop_fraction: float = 1.0, batch_size: int = 256, tracker: StreamPosition = None
-) -> tf.data.Dataset:
-    """Every image once, in a fixed order, through the one evaluation preprocessing.
-
-    Args:
-        source: a `Source`, an `ImageSet`, or a uint8 array `[N, H, W, 3]`.
-        image_size: the encoder's input side.
-        crop_fraction: see `byol_tf.augment.preprocess_eval`.
-        batch_size: images per batch; the last batch may be smaller.
-        tracker: a `StreamPosition` that names files that fail (streaming sources).
-
-    Returns:
-        A finite `tf.data.Dataset` of `(images, labels)`: float32
-        `[batch, image_size, image_size, 3]` in [0, 1] and int64 labels (-1 when unlabelled).
-    """
-    _check_batch_size(batch_size)
-    if isinstance(source, np.ndarray):
-        source = ArraySource(ImageSet(source))
-    source = open_source(source)
-    if isinstance(source, ArraySource):
-        ds = source.eval_records().batch(batch_size)
-        ds = ds.map(
-            lambda r: (preprocess_eval(r["data"], image_size, crop_fraction), r["label"]),
-            num_parallel_calls=tf.data.AUTOTUNE,
-            deterministic=True,
-        )
-        return ds.prefetch(tf.data.AUTOTUNE)
-    max_pixels = getattr(source, "max_pixels", files.MAX_IMAGE_PIXELS)
-    tracker = tracker or StreamPosition(source, train=False)
-    tracker.restart(0, 0)
-
-    def load(record):
-        image = crops.eval_image(source.fetch(record), image_size, crop_fraction, max_pixels)
-        return {"position": record["position"], "image": image, "label": record["label"]}
-
-    ds = source.eval_records().map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    # An empty batch at position `num_examples` closes the stream, so that
-    # failures among the last records are noticed too.
-    end = {
-        "position": tf.constant([source.num_examples], tf.int64),
-        "image": tf.zeros([0, image_size, image_size, 3]),
-        "label": tf.zeros([0], tf.int64),
-    }
-    ds = ds.ignore_errors().batch(batch_size).concatenate(tf.data.Dataset.from_tensors(end))
-    ds = tf.data.Dataset.zip(tf.data.Dataset.counter(dtype=tf.int64), ds)
-    ds = ds.map(lambda i, b: (tracker.observe_op(i, b["position"]), b))
-    ds = ds.filter(lambda _, b: tf.size(b["label"]) > 0)
-    return ds.map(lambda _, b: (b["image"], b["label"])).prefetch(tf.data.AUTOTUNE)
-
-
-def check_decodable(source, tries=256):
-    """Raises a ValueError naming the data unless one of its first `tries` images decodes.
-
-    The stream skips what fails, so a source of nothing but bad files would
-    otherwise wait forever for its first batch.
-    """
-    source = open_source(source)
-    if isinstance(source, ArraySource):
-        return
-    max_pixels = getattr(source, "max_pixels", files.MAX_IMAGE_PIXELS)
-    probe = (
-        source.eval_records()
-        .take(tries)
-        .map(lambda r: tf.shape(crops.eval_image(source.fetch(r), 8, 1.0, max_pixels)))
-        .ignore_errors()
-        .take(1)
-    )
-    if any(True for _ in probe):
-        return
-    examples = "; ".join("{}: {}".format(*source.describe(p, train=False)) for p in range(min(3, tries)))
-    raise ValueError(
-        f"None of the first {tries} images could be decoded (e.g. {examples}). Received: data={source.name!r}"
-    )
-
-
-def load_images(
-    data, image_size: int, split: str = "train", limit=None, crop_fraction: float = 1.0, tfds_data_dir=None
-) -> ImageSet:
-    """Loads a source into memory through the evaluation preprocessing, as uint8 `image_size` squares.
-
-    For labelled sets that evaluation and fine-tuning hold in memory; pretraining streams instead.
-
-    Args:
-        data, split, limit, tfds_data_dir: as `open_source`.
-        image_size: the side of the squares.
-        crop_fraction: see `byol_tf.augment.preprocess_eval`.
-
-    Returns:
-        An `ImageSet`; `skipped` lists `(file, reason)` for every file that failed.
-    """
-    if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 1:
-        raise ValueError(f"`image_size` must be a positive integer. Received: image_size={image_size!r}")
-    source = open_source(data, split, limit, image_size, tfds_data_dir)
-    images, labels = [], []
-    for x, y in eval_dataset(source, int(image_size), crop_fraction).as_numpy_iterator():
-        images.append(np.round(x * 255.0).astype(np.uint8))
-        labels.append(y)
-    if not images:
-        reason = source.skips.items()[-1] if source.skips.count else ("", "no image")
-        raise ValueError(
-            f"None of the {source.num_examples} images could be decoded (e.g. {reason[0]}: {reason[1]}). "
-            f"Received: data={source.name!r}"
-        )
-    labels = np.concatenate(labels)
-    return ImageSet(
-        np.concatenate(images),
-        labels if source.labelled else None,
-        source.class_names,
-        skipped=source.skips.items(),
-        source=source.name,
-    )
 
 
 def _check_batch_size(batch_size):

@@ -21,7 +21,7 @@ import tensorflow as tf
 from absl import logging
 
 from byol_tf.data import files
-from byol_tf.data.sources import SHARD_INDEX
+from byol_tf.data.record_sources import SHARD_INDEX
 
 
 def _example(contents, name, label):

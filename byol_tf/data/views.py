@@ -4,7 +4,7 @@ import tensorflow as tf
 
 from byol_tf.config import AugmentConfig
 from byol_tf.data.pipeline import open_source, pretrain_dataset, steps_per_epoch
-from byol_tf.data.sources import DatasetSource
+from byol_tf.data.record_sources import DatasetSource
 
 
 def views(

@@ -40,7 +40,7 @@ import tensorflow as tf
 
 from byol_tf import get_preset
 from byol_tf.ema import EMAUpdate
-from byol_tf.model import build_byol
+from byol_tf.build import build_byol
 
 keras.mixed_precision.set_global_policy(args.precision)
 size = args.image_size

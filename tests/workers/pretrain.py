@@ -11,7 +11,7 @@ import time
 
 import keras
 
-from byol_tf import guards, training
+from byol_tf import guards, run_fit
 
 
 class PauseAt(keras.callbacks.Callback):
@@ -22,7 +22,7 @@ class PauseAt(keras.callbacks.Callback):
         self.step, self.marker = int(step), marker
 
     def on_train_batch_end(self, batch, logs=None):
-        if guards._step(self.model) == self.step:
+        if guards.optimizer_step(self.model) == self.step:
             if self.marker:
                 with open(self.marker + ".tmp", "w") as f:
                     json.dump({"step": self.step}, f)
@@ -33,9 +33,9 @@ class PauseAt(keras.callbacks.Callback):
 
 if os.environ.get("BYOL_TF_TEST_PAUSE_AT_STEP"):
     pause = PauseAt(os.environ["BYOL_TF_TEST_PAUSE_AT_STEP"], os.environ.get("BYOL_TF_TEST_PAUSE_MARKER", ""))
-    callbacks = training._callbacks
+    callbacks = run_fit.run_callbacks
     # Last, after every callback that saves: the backups before the pause are on disk.
-    training._callbacks = lambda *args, **kwargs: callbacks(*args, **kwargs) + [pause]
+    run_fit.run_callbacks = lambda *args, **kwargs: callbacks(*args, **kwargs) + [pause]
 
 if __name__ == "__main__":
     from byol_tf.cli.pretrain import run

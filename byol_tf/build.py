@@ -1,0 +1,64 @@
+"""`build_byol`: a `BYOL` model from a `PretrainConfig` (encoder, heads, views, fast kernels)."""
+
+from typing import TYPE_CHECKING, Optional
+
+import keras
+
+from byol_tf import kernels
+from byol_tf.device_views import DeviceViews
+from byol_tf.heads import MLPHead
+from byol_tf.model import BYOL
+
+if TYPE_CHECKING:
+    from byol_tf.config import PretrainConfig
+
+
+def build_byol(
+    config: "PretrainConfig",
+    strategy_replicas: int = 1,
+    backbone: Optional[keras.Model] = None,
+    probe_classes: Optional[int] = None,
+    train=None,
+) -> BYOL:
+    """Builds a `BYOL` model from a `byol_tf.config.PretrainConfig`.
+
+    Args:
+        config: the run's configuration.
+        strategy_replicas: replicas of the current strategy; every BatchNorm
+            layer (backbone and heads) is synchronised across them when there
+            are several.
+        backbone: optional `keras.Model` to use instead of `config.backbone`.
+        probe_classes: classes of the online linear probe (`None`: no probe);
+            it trains with `config.probe_lr`.
+        train: the training examples (an `ArraySource`); a text encoder
+            adapts its vocabulary to them.
+    """
+    from byol_tf.modalities import build_encoder
+
+    sync = strategy_replicas > 1
+    encoder = build_encoder(config, backbone, train, synchronized=sync)
+    # The heads are ours: the paper's BN unless the config says otherwise.
+    heads_bn = dict(
+        synchronized=sync,
+        bn_momentum=0.9 if config.bn_momentum is None else config.bn_momentum,
+        bn_epsilon=1e-5 if config.bn_epsilon is None else config.bn_epsilon,
+    )
+    projector = MLPHead(config.projector_hidden, config.projection_dim, name="projector", **heads_bn)
+    predictor = MLPHead(config.predictor_hidden, config.projection_dim, name="predictor", **heads_bn)
+    device_views = DeviceViews(config.augment, name="device_views") if config.augment_on == "device" else None
+    model = BYOL(
+        encoder,
+        projector,
+        predictor,
+        loss=config.loss,
+        temperature=config.temperature,
+        probe_classes=probe_classes,
+        probe_learning_rate=config.probe_lr,
+        device_views=device_views,
+        base_tau=config.base_tau,
+        name="byol",
+    )
+    if config.fast_kernels and config.modality == "image":
+        # CPU speed paths (the same maths): the training entry point's choice, not the model's.
+        kernels.install_fast_kernels(model)
+    return model

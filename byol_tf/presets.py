@@ -1,0 +1,180 @@
+"""The named recipes (`PRESETS`) and `get_preset`, which applies and validates overrides."""
+
+import dataclasses
+
+from byol_tf.audio.config import AudioAugmentConfig
+from byol_tf.config import AugmentConfig, PretrainConfig
+from byol_tf.text.augment import TextAugmentConfig
+
+# CIFAR images are 32 px: a blur kernel of 10% of the side is 3 px and only
+# erases the little detail there is, so CIFAR recipes (solo-learn, lightly)
+# turn blur off; solarization stays asymmetric.
+_CIFAR_AUGMENT = AugmentConfig(image_size=32, blur_prob=(0.0, 0.0))
+
+PRESETS = {
+    # The quickstart: a tiny ResNet on generated shapes, a few CPU minutes.
+    "demo": PretrainConfig(
+        preset="demo",
+        backbone="resnet_tiny",
+        image_size=32,
+        batch_size=128,
+        epochs=12,
+        optimizer="lars",
+        base_lr=1.0,
+        weight_decay=1e-5,
+        warmup_epochs=1,
+        base_tau=0.99,
+        projector_hidden=512,
+        projection_dim=128,
+        predictor_hidden=512,
+        # The shapes' colours are random, so colour says nothing about the class:
+        # full-strength hue and saturation jitter and frequent grayscale make
+        # colour useless to BYOL too, and crops of at least 40% keep the shape in view.
+        eval_crop_fraction=1.0,
+        augment=dataclasses.replace(
+            _CIFAR_AUGMENT,
+            crop_scale=(0.6, 1.0),
+            jitter_prob=1.0,
+            brightness=0.6,
+            contrast=0.6,
+            saturation=0.9,
+            hue=0.5,
+            grayscale_prob=0.5,
+        ),
+    ),
+    # Paper-style CIFAR-10 recipe for GPUs (solo-learn's BYOL CIFAR settings).
+    "cifar10": PretrainConfig(
+        preset="cifar10",
+        backbone="resnet18_cifar",
+        image_size=32,
+        batch_size=256,
+        epochs=1000,
+        optimizer="lars",
+        base_lr=1.0,
+        weight_decay=1e-5,
+        warmup_epochs=10,
+        base_tau=0.99,
+        eval_crop_fraction=1.0,
+        augment=_CIFAR_AUGMENT,
+    ),
+    # The best 2 CPU cores reach in 20 minutes of wall time. Each choice won a
+    # 4-minute probe (BENCHMARKS.md, "What each choice bought"): the tiny
+    # ResNet learns as much per minute as larger ones and gets more epochs;
+    # batch 128 gives more steps; tau 0.96 lets the target keep up in a short
+    # run; crops of at least 20% of a 32 px image keep the object.
+    "cifar10_cpu20": PretrainConfig(
+        preset="cifar10_cpu20",
+        backbone="resnet_tiny",
+        image_size=32,
+        batch_size=128,
+        epochs=22,
+        optimizer="lars",
+        base_lr=2.0,
+        weight_decay=1e-5,
+        warmup_epochs=2,
+        base_tau=0.96,
+        projector_hidden=1024,
+        projection_dim=128,
+        predictor_hidden=1024,
+        eval_crop_fraction=1.0,
+        augment=dataclasses.replace(_CIFAR_AUGMENT, crop_scale=(0.2, 1.0)),
+    ),
+    # The paper's ImageNet recipe (Grill et al. 2020, Section 3.2).
+    "imagenet": PretrainConfig(
+        preset="imagenet",
+        backbone="resnet50",
+        image_size=224,
+        batch_size=4096,
+        epochs=1000,
+        optimizer="lars",
+        base_lr=0.2,
+        weight_decay=1.5e-6,
+        warmup_epochs=10,
+        base_tau=0.996,
+    ),
+}
+
+
+# Real photos at 96 px, 20 CPU-minutes (BENCHMARKS.md, "Photo folders"):
+#   byol-pretrain --preset=photos96_cpu20 --data=imagewoof/train --eval_data=imagewoof/val --out=runs/woof
+# cifar10_cpu20's short-run recipe on a tiny ResNet whose stem downsamples 4x
+# (24x24 maps at 96 px, the cost of CIFAR at 32 px), with the paper's views
+# (blur included) and crops of at least 20%.
+PRESETS["photos96_cpu20"] = dataclasses.replace(
+    PRESETS["cifar10_cpu20"],
+    preset="photos96_cpu20",
+    backbone="resnet_tiny_stem4",
+    image_size=96,
+    epochs=110,
+    warmup_epochs=3,
+    base_tau=0.97,
+    eval_crop_fraction=0.875,
+    augment=AugmentConfig(image_size=96, crop_scale=(0.2, 1.0)),
+)
+
+
+# Spoken digits (FSDD: 8 kHz, clips up to 1 s), 10 CPU-minutes (BENCHMARKS.md, "Audio"):
+#   byol-pretrain --preset=fsdd_audio --data=fsdd.npz:train --eval_data=fsdd.npz:test --out=runs/fsdd
+# A 98k-parameter log-mel conv net with small heads (a 4096-wide head would
+# cost more than the encoder); the views shift, gain, add noise and mask.
+PRESETS["fsdd_audio"] = PretrainConfig(
+    preset="fsdd_audio",
+    modality="audio",
+    backbone="audio_conv",
+    batch_size=128,
+    epochs=40,
+    optimizer="lars",
+    base_lr=1.0,
+    weight_decay=1e-5,
+    warmup_epochs=2,
+    base_tau=0.97,
+    projector_hidden=512,
+    projection_dim=128,
+    predictor_hidden=512,
+    fast_kernels=False,
+    augment=AudioAugmentConfig(sample_rate=8000, num_samples=8000, num_mel_bins=64),
+)
+
+# Movie-review sentences (SST-2), 10 CPU-minutes (BENCHMARKS.md, "Text"):
+#   byol-pretrain --preset=sst2_text --data=sst2.csv.gz:train --eval_data=sst2.csv.gz:dev --out=runs/sst2
+# A bidirectional GRU over a vocabulary adapted to the training text; Adam,
+# as recurrent nets usually train, and small heads.
+PRESETS["sst2_text"] = PretrainConfig(
+    preset="sst2_text",
+    modality="text",
+    backbone="text_gru",
+    batch_size=256,
+    epochs=30,
+    optimizer="adam",
+    base_lr=1e-3,
+    weight_decay=0.0,
+    warmup_epochs=1,
+    base_tau=0.97,
+    projector_hidden=512,
+    projection_dim=128,
+    predictor_hidden=512,
+    fast_kernels=False,
+    augment=TextAugmentConfig(),
+)
+
+
+def get_preset(name: str, **overrides) -> PretrainConfig:
+    """Returns preset `name` with `overrides` applied and validated.
+
+    Args:
+        name: a key of `PRESETS`.
+        **overrides: `PretrainConfig` fields; `augment` takes a dict of
+            `AugmentConfig` fields to change.
+    """
+    if name not in PRESETS:
+        raise ValueError(f"Unknown preset; expected one of {sorted(PRESETS)}. Received: preset={name!r}")
+    base = PRESETS[name]
+    fields = {f.name for f in dataclasses.fields(PretrainConfig)}
+    for key in overrides:
+        if key not in fields:
+            raise ValueError(f"Unknown config field. Received: {key}={overrides[key]!r}")
+    augment_overrides = overrides.pop("augment", None) or {}
+    augment = dataclasses.replace(base.augment, **augment_overrides)
+    if "image_size" in overrides and base.modality == "image":
+        augment = dataclasses.replace(augment, image_size=overrides["image_size"])
+    return dataclasses.replace(base, augment=augment, **overrides)

@@ -1,0 +1,132 @@
+"""The `model.fit` part of a run: the stream position, the callbacks in their order, and the fit calls.
+
+Each function takes the run's shared state (`training._Run`).
+"""
+
+import math
+import os
+
+import keras
+from absl import logging
+
+from byol_tf import backup as backups
+from byol_tf import data as data_lib
+from byol_tf import distribute, guards
+from byol_tf.ema import EMAUpdate
+from byol_tf.evaluation import KNNMonitor, is_monitor_epoch
+from byol_tf.run_eval import eval_data
+
+
+def stream_tracker(r):
+    """The stream position of this worker's data, from the backup's; and what a backup stores of it."""
+    workers, worker = r.workers
+    tracker = data_lib.StreamPosition(r.train)
+    position = r.backup.get("data_position", r.start_step * r.config.batch_size // workers) if r.backup else 0
+    tracker.restart(r.start_step, position[worker] if isinstance(position, list) else position)
+    if isinstance(r.train, data_lib.ArraySource):
+        return tracker, None  # arrays: the batch index is the position
+    # Each worker streams its own share; the backup keeps every worker's position.
+    if workers == 1:
+        return tracker, tracker.after
+    return tracker, lambda step: distribute.gather_from_workers(r.strategy, tracker.after(step))
+
+
+def run_callbacks(
+    r, state, position_fn, knn_every, backup_every_steps, collapse_threshold, collapse_patience, on_collapse, extra
+):
+    """The run's callbacks, in the order they must run."""
+    config, steps = r.config, r.steps
+    if collapse_threshold is None:
+        collapse_threshold = 0.1 / math.sqrt(config.projection_dim)
+    # The EMA update first (a backup must include it), then the guards (they flag a
+    # bad state), then everything that saves or logs.
+    callbacks = [EMAUpdate(steps * config.epochs, config.base_tau, config.bn_stats), guards.NaNGuard(state)]
+    if collapse_threshold > 0:
+        callbacks.append(guards.CollapseGuard(state, collapse_threshold, collapse_patience, on_collapse))
+    callbacks += list(extra or [])
+    if r.eval_set is not None:
+        # Before the loggers: they read the kNN accuracy from the shared logs.
+        callbacks.append(
+            KNNMonitor(
+                eval_data(r.train, config),
+                None,
+                eval_data(r.eval_set, config),
+                None,
+                config.image_size,
+                every_n_epochs=knn_every,
+            )
+        )
+    callbacks += [
+        backups.StepBackup(r.run.backup_dir, backup_every_steps or steps, steps, state, r.run_info, position_fn),
+        keras.callbacks.CSVLogger(r.run.metrics_file, append=True),
+        keras.callbacks.TensorBoard(r.run.tensorboard_dir, update_freq=max(1, steps // 10)),
+        guards.SafeCheckpoint(r.run.checkpoint_file, state),
+    ]
+    if os.path.isfile(r.run.checkpoint_file):
+        # Written at the end of the last whole epoch before the backup.
+        epoch = r.start_step // steps
+        state.last_good["checkpoint"] = {"path": r.run.checkpoint_file, "step": epoch * steps, "epoch": epoch}
+    if r.backup:
+        state.last_good["backup"] = {"path": r.backup["folder"], "step": r.start_step, "epoch": r.backup.get("epoch")}
+    return callbacks
+
+
+def fit_run(r, model, callbacks, state, tracker, streamed, knn_every, verbose, autotune):
+    """`model.fit` from the start step: the rest of an interrupted epoch, then whole epochs."""
+    config, steps = r.config, r.steps
+    validation = {}
+    if config.probe and r.eval_set is not None:
+        # The probe is validated on the kNN monitor's epochs (`val_probe_acc`).
+        validation = dict(
+            validation_data=eval_data(r.eval_set, config),
+            validation_freq=[e for e in range(1, config.epochs + 1) if is_monitor_epoch(e, knn_every, config.epochs)],
+        )
+
+    def fit(first_step, epoch, end_epoch, steps_per_epoch):
+        # The stream is a pure function of the position: resume where step `first_step` starts.
+        position = tracker.after(first_step) if streamed else None  # arrays: the batch index
+
+        def make(context=None):
+            return data_lib.pretrain_dataset(
+                r.train,
+                config.batch_size,
+                config.augment,
+                seed=config.seed,
+                autotune=autotune,
+                start_step=first_step,
+                start_position=position,
+                with_labels=config.probe,
+                tracker=tracker,
+                input_context=context,
+                augment_on=config.augment_on,
+            )
+
+        # Several workers: each builds its own share (its files), in per-replica batches.
+        dataset = r.strategy.distribute_datasets_from_function(make) if r.workers[0] > 1 else make()
+        return model.fit(
+            dataset,
+            initial_epoch=epoch,
+            epochs=end_epoch,
+            steps_per_epoch=steps_per_epoch,
+            callbacks=callbacks,
+            verbose=verbose,
+            **validation,
+        ).history
+
+    logging.info(
+        "Pretraining %s on %d images: %d epochs x %d steps, global batch %d, peak lr %.4g",
+        config.backbone,
+        r.train.num_examples,
+        config.epochs,
+        steps,
+        config.batch_size,
+        config.peak_lr,
+    )
+    history = {}
+    epoch, offset = divmod(r.start_step, steps)
+    if offset and epoch < config.epochs:
+        history = fit(r.start_step, epoch, epoch + 1, steps - offset)
+        epoch += 1
+    if epoch < config.epochs and not state.stopped:
+        history = fit(epoch * steps, epoch, config.epochs, steps)
+    return history
