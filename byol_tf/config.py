@@ -112,7 +112,11 @@ class PretrainConfig:
             audio takes "audio_conv", text "text_gru" or "text_lstm".
         image_size: training resolution (images only).
         batch_size: global batch size, summed over replicas.
-        epochs: passes over the training set.
+        epochs: passes over the training set (with `time_budget`, planned
+            by the run instead).
+        time_budget: seconds of wall time for the whole run (`byol_tf.budget`):
+            after a measured warm-up the run plans its epochs to end inside
+            it; `None` trains for `epochs`.
         optimizer: one of `OPTIMIZERS`.
         base_lr: learning rate for a batch of 256; the peak is
             `base_lr * batch_size / 256`.
@@ -158,6 +162,7 @@ class PretrainConfig:
     image_size: int = 224
     batch_size: int = 256
     epochs: int = 100
+    time_budget: Optional[float] = None
     optimizer: str = "lars"
     base_lr: float = 0.2
     weight_decay: float = 1.5e-6
@@ -186,6 +191,7 @@ class PretrainConfig:
         _check(self.image_size >= 8, "image_size", self.image_size, "must be >= 8")
         _check(self.batch_size >= 2, "batch_size", self.batch_size, "must be >= 2")
         _check(self.epochs >= 1, "epochs", self.epochs, "must be >= 1")
+        _check(self.time_budget is None or self.time_budget > 0, "time_budget", self.time_budget, "must be None or > 0")
         _check(self.optimizer in OPTIMIZERS, "optimizer", self.optimizer, f"must be one of {OPTIMIZERS}")
         _check(self.loss in LOSSES, "loss", self.loss, f"must be one of {tuple(LOSSES)}")
         _check(self.bn_stats in BN_STATS_MODES, "bn_stats", self.bn_stats, f"must be one of {BN_STATS_MODES}")

@@ -23,7 +23,7 @@ def cosine_tau(step, total_steps, base_tau):
     if isinstance(step, (int, float)):
         progress = min(step / total_steps, 1.0)
         return 1.0 - (1.0 - base_tau) * (math.cos(math.pi * progress) + 1.0) / 2.0
-    progress = tf.minimum(tf.cast(step, tf.float32) / float(total_steps), 1.0)
+    progress = tf.minimum(tf.cast(step, tf.float32) / tf.cast(total_steps, tf.float32), 1.0)
     return 1.0 - (1.0 - base_tau) * (tf.cos(math.pi * progress) + 1.0) / 2.0
 
 
@@ -56,10 +56,19 @@ class TauSchedule:
 
     def __init__(self, total_steps, base_tau, bn_stats="own"):
         self.total_steps, self.base_tau, self.bn_stats = total_steps, base_tau, bn_stats
+        # Read by the compiled train step, which outlives one `fit`: a run planned to a
+        # time budget changes the length between fits without a retrace.
+        self._total = tf.Variable(float(total_steps), trainable=False, name="tau_total_steps")
+
+    def set_total_steps(self, total_steps):
+        self.total_steps = total_steps
+        self._total.assign(float(total_steps))
 
     def tau_at(self, step):
         """tau for the 0-based optimizer step `step`."""
-        return cosine_tau(step, self.total_steps, self.base_tau)
+        if isinstance(step, (int, float)):
+            return cosine_tau(step, self.total_steps, self.base_tau)
+        return cosine_tau(step, self._total, self.base_tau)
 
 
 def ema_step(model, schedule, previous_iterations=None):
@@ -128,7 +137,14 @@ class EMAUpdate(keras.callbacks.Callback):
                     f"`fit` for a dataset of unknown size. Received: total_steps=None, steps={steps}"
                 )
             self.total_steps = int(self.params["epochs"]) * int(steps)
-        schedule = TauSchedule(self.total_steps, self.base_tau, self.bn_stats)
+        schedule = getattr(self.model, "ema_schedule", None)
+        if isinstance(schedule, TauSchedule) and (schedule.base_tau, schedule.bn_stats) == (
+            self.base_tau,
+            self.bn_stats,
+        ):
+            schedule.set_total_steps(self.total_steps)  # the one the compiled step already reads
+        else:
+            schedule = TauSchedule(self.total_steps, self.base_tau, self.bn_stats)
         self.in_step = getattr(self.model, "steps_per_execution", 1) > 1
         self.model.ema_schedule, self.model.ema_in_step = schedule, self.in_step
         self._iterations = tf.identity(self.model.optimizer.iterations)

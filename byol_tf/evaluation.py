@@ -243,6 +243,9 @@ class KNNMonitor(keras.callbacks.Callback):
             online encoder (never the EMA `target_encoder`).
         batch_size: images per forward pass.
         name: key written into `logs`.
+        last_epoch: `() -> int`, the run's last epoch when one run is
+            several `fit` calls (resume, a time budget); default: the last
+            epoch of each `fit`.
 
     Example:
     >>> model.fit(ds, epochs=100, callbacks=[
@@ -263,6 +266,7 @@ class KNNMonitor(keras.callbacks.Callback):
         encoder_fn=None,
         batch_size=512,
         name="knn_acc",
+        last_epoch=None,
     ):
         super().__init__()
         if not isinstance(every_n_epochs, int) or every_n_epochs < 1:
@@ -279,7 +283,7 @@ class KNNMonitor(keras.callbacks.Callback):
             self.test_labels = _check_labels("test_labels", test_labels, len(self.test_images))
         self.image_size, self.every_n_epochs = image_size, every_n_epochs
         self.k, self.temperature, self.encoder_fn = k, temperature, encoder_fn
-        self.batch_size, self.name = batch_size, name
+        self.batch_size, self.name, self.last_epoch = batch_size, name, last_epoch
         self._fn_cache = (None, None)  # (encoder, tf.function): trace once per fit
 
     def _encoder(self):
@@ -307,7 +311,8 @@ class KNNMonitor(keras.callbacks.Callback):
         return knn_accuracy(train, self.train_labels, test, self.test_labels, k=self.k, temperature=self.temperature)
 
     def on_epoch_end(self, epoch, logs=None):
-        if not is_monitor_epoch(epoch + 1, self.every_n_epochs, (self.params or {}).get("epochs")):
+        last = self.last_epoch() if callable(self.last_epoch) else (self.params or {}).get("epochs")
+        if not is_monitor_epoch(epoch + 1, self.every_n_epochs, last):
             return
         acc = self.evaluate()
         if logs is not None:

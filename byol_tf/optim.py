@@ -9,6 +9,7 @@ ready Keras optimizer. Biases and BatchNorm parameters (every variable of rank
 from typing import TYPE_CHECKING, Optional
 
 import keras
+import tensorflow as tf
 from keras import ops
 
 if TYPE_CHECKING:
@@ -60,6 +61,24 @@ class WarmupCosine(keras.optimizers.schedules.CosineDecay):
             warmup_steps=int(warmup_steps),
             name=name,
         )
+        # A variable, read by the compiled step: a run planned to a time budget
+        # (`byol_tf.budget`) sets its length after the warm-up, without retracing.
+        self._decay_steps = tf.Variable(float(self.decay_steps), trainable=False, name="decay_steps")
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """Lays the cosine over `total_steps` (the warm-up is unchanged)."""
+        _check(total_steps >= self.warmup_steps, "total_steps", total_steps, f">= warmup_steps={self.warmup_steps}")
+        self.total_steps = int(total_steps)
+        self.decay_steps = max(self.total_steps - self.warmup_steps, 1)
+        self._decay_steps.assign(float(self.decay_steps))
+
+    def __call__(self, step):
+        # CosineDecay reads `self.decay_steps`; hand it the variable for this call.
+        plain, self.decay_steps = self.decay_steps, self._decay_steps
+        try:
+            return super().__call__(step)
+        finally:
+            self.decay_steps = plain
 
     def get_config(self):
         return {

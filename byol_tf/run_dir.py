@@ -7,6 +7,7 @@ RUN/backup/            the full training state for an exact resume
 RUN/checkpoints/byol.keras   the whole model, each epoch
 RUN/encoder.keras      the final online encoder
 RUN/metrics.png, RUN/embedding_map.png   the plots
+RUN/plan.json          a time-budgeted run's plan (`byol_tf.budget`)
 """
 
 import dataclasses
@@ -43,10 +44,18 @@ class RunDir:
     encoder_file = property(lambda self: self._file("encoder.keras"))
     metrics_plot = property(lambda self: self._file("metrics.png"))
     embedding_plot = property(lambda self: self._file("embedding_map.png"))
+    plan_file = property(lambda self: self._file("plan.json"))
 
     def fresh_start_files(self):
         """What a run that starts over removes: records of an older run."""
-        return [self.backup_dir, self.metrics_file, self.tensorboard_dir, self.encoder_file, self.summary_file]
+        return [
+            self.backup_dir,
+            self.metrics_file,
+            self.tensorboard_dir,
+            self.encoder_file,
+            self.summary_file,
+            self.plan_file,
+        ]
 
     def read_config_dict(self):
         """`config.json` as written (a dict), or None when there is none."""

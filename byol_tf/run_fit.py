@@ -3,6 +3,7 @@
 Each function takes the run's shared state (`training._Run`).
 """
 
+import csv
 import math
 import os
 
@@ -11,10 +12,41 @@ from absl import logging
 
 from byol_tf import backup as backups
 from byol_tf import data as data_lib
-from byol_tf import distribute, guards
+from byol_tf import budget, distribute, guards
 from byol_tf.ema import EMAUpdate
 from byol_tf.evaluation import KNNMonitor, is_monitor_epoch
 from byol_tf.run_eval import eval_data
+
+
+class RunCSVLogger(keras.callbacks.CSVLogger):
+    """Keras's `CSVLogger` (appending) with one set of columns for the whole run.
+
+    Keras takes the columns from the first epoch it sees in each `fit`, so a
+    metric logged on some epochs only (`knn_acc` every few epochs) was lost,
+    and a run made of several fits (resume, a time budget's warm-up) wrote
+    rows that did not match the header. Here the columns are the existing
+    file's header or, for a new file, the first epoch's plus `extra`.
+    """
+
+    def __init__(self, filename, extra=()):
+        super().__init__(filename, append=True)
+        self.extra = list(extra)
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        self.keys = None
+        if os.path.isfile(self.filename):
+            with open(self.filename, newline="") as f:
+                header = next(csv.reader(f), None)
+            if header and header[0] == "epoch":
+                self.keys = header[1:]
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.keys is None:
+            keys = sorted(set(logs or {}) | set(self.extra))
+            # As Keras does: validation columns even when the first epoch has none.
+            self.keys = keys if any(k.startswith("val_") for k in keys) else keys + [f"val_{k}" for k in keys]
+        super().on_epoch_end(epoch, logs)
 
 
 def stream_tracker(r):
@@ -54,11 +86,12 @@ def run_callbacks(
                 None,
                 config.image_size,
                 every_n_epochs=knn_every,
+                last_epoch=lambda: r.config.epochs,  # a time budget's plan sets it
             )
         )
     callbacks += [
         backups.StepBackup(r.run.backup_dir, backup_every_steps or steps, steps, state, r.run_info, position_fn),
-        keras.callbacks.CSVLogger(r.run.metrics_file, append=True),
+        RunCSVLogger(r.run.metrics_file, extra=["knn_acc"] if r.eval_set is not None else []),
         keras.callbacks.TensorBoard(r.run.tensorboard_dir, update_freq=max(1, steps // 10)),
         guards.SafeCheckpoint(r.run.checkpoint_file, state),
     ]
@@ -72,17 +105,16 @@ def run_callbacks(
 
 
 def fit_run(r, model, callbacks, state, tracker, streamed, knn_every, verbose, autotune):
-    """`model.fit` from the start step: the rest of an interrupted epoch, then whole epochs."""
-    config, steps = r.config, r.steps
-    validation = {}
-    if config.probe and r.eval_set is not None:
-        # The probe is validated on the kNN monitor's epochs (`val_probe_acc`).
-        validation = dict(
-            validation_data=eval_data(r.eval_set, config),
-            validation_freq=[e for e in range(1, config.epochs + 1) if is_monitor_epoch(e, knn_every, config.epochs)],
-        )
+    """`model.fit` from the start step: the rest of an interrupted epoch, then whole epochs.
 
-    def fit(first_step, epoch, end_epoch, steps_per_epoch):
+    With a time budget and no plan yet, a measured warm-up plans the epochs
+    first (`byol_tf.budget`); a step time that drifts from the plan stops a
+    fit at an epoch's end for the one re-plan, and the run fits on.
+    """
+    steps = r.steps
+
+    def fit(first_step, epoch, end_epoch, steps_per_epoch, callback_list=callbacks):
+        config = r.config  # a budget's plan sets its epochs
         # The stream is a pure function of the position: resume where step `first_step` starts.
         position = tracker.after(first_step) if streamed else None  # arrays: the batch index
 
@@ -101,6 +133,11 @@ def fit_run(r, model, callbacks, state, tracker, streamed, knn_every, verbose, a
                 augment_on=config.augment_on,
             )
 
+        validation = {}
+        if config.probe and r.eval_set is not None and callback_list is callbacks:
+            # The probe is validated on the kNN monitor's epochs (`val_probe_acc`).
+            epochs = [e for e in range(1, config.epochs + 1) if is_monitor_epoch(e, knn_every, config.epochs)]
+            validation = dict(validation_data=eval_data(r.eval_set, config), validation_freq=epochs)
         # Several workers: each builds its own share (its files), in per-replica batches.
         dataset = r.strategy.distribute_datasets_from_function(make) if r.workers[0] > 1 else make()
         return model.fit(
@@ -108,13 +145,20 @@ def fit_run(r, model, callbacks, state, tracker, streamed, knn_every, verbose, a
             initial_epoch=epoch,
             epochs=end_epoch,
             steps_per_epoch=steps_per_epoch,
-            callbacks=callbacks,
+            callbacks=callback_list,
             verbose=verbose,
             **validation,
         ).history
 
+    watch = None
+    if r.config.time_budget:
+        if r.plan is None:
+            budget.warm_up_and_plan(r, model, fit, callbacks, knn_every)
+        watch = budget.BudgetWatch(r.plan, knn_every)
+        callbacks.append(watch)
+    config = r.config
     logging.info(
-        "Pretraining %s on %d images: %d epochs x %d steps, global batch %d, peak lr %.4g",
+        "Pretraining %s on %d examples: %d epochs x %d steps, global batch %d, peak lr %.4g",
         config.backbone,
         r.train.num_examples,
         config.epochs,
@@ -127,6 +171,12 @@ def fit_run(r, model, callbacks, state, tracker, streamed, knn_every, verbose, a
     if offset and epoch < config.epochs:
         history = fit(r.start_step, epoch, epoch + 1, steps - offset)
         epoch += 1
-    if epoch < config.epochs and not state.stopped:
-        history = fit(epoch * steps, epoch, config.epochs, steps)
+    while epoch < r.config.epochs and not state.stopped:
+        if watch is not None and watch.drifted is not None:
+            budget.replan(r, model, callbacks, watch.drifted)
+            watch.plan, watch.drifted = r.plan, None
+            if epoch >= r.config.epochs:
+                break
+        history = fit(epoch * steps, epoch, r.config.epochs, steps)
+        epoch = guards.optimizer_step(model) // steps
     return history

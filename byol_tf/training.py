@@ -12,7 +12,7 @@ from absl import logging
 from byol_tf import __version__
 from byol_tf import data as data_lib
 from byol_tf import backup as backups
-from byol_tf import distribute, guards, run_fit
+from byol_tf import budget, distribute, guards, run_fit
 from byol_tf.config import PretrainConfig
 from byol_tf.build import build_byol
 from byol_tf.optim import build_optimizer
@@ -47,6 +47,9 @@ class _Run:
     run_info: dict
     backup: dict = None  # the backup resumed from
     start_step: int = 0
+    started: float = 0.0  # time.time() at the start of the run (a time budget counts from it)
+    plan: object = None  # a `budget.Plan` when the run has a time budget
+    knn_at_start: float = None  # kNN of the step-0 (random-init) encoder, measured by a budgeted run
 
     @property
     def workers(self):
@@ -166,6 +169,8 @@ def _summarise(r, model, history, state, train_seconds, compare_random_init):
         "total_steps": r.steps * config.epochs,
         "resumed_from_step": r.start_step if r.backup else None,
         "train_seconds": round(train_seconds, 1),
+        "time_budget": config.time_budget,
+        "plan": None if r.plan is None else dataclasses.asdict(r.plan),
         "images_per_sec": round((steps_done - r.start_step) * config.batch_size / max(train_seconds, 1e-9), 1),
         "num_train_images": train.num_examples,
         "num_skipped": sum(distribute.gather_from_workers(r.strategy, train.num_skipped)),
@@ -187,7 +192,9 @@ def _summarise(r, model, history, state, train_seconds, compare_random_init):
             summary["knn_acc"] = (
                 float(knn_history[-1]) if knn_history else knn_eval(model.encoder, config, train, r.eval_set)
             )
-            if compare_random_init:
+            if r.knn_at_start is not None:
+                summary["knn_acc_random_init"] = r.knn_at_start  # a budgeted run measured it at step 0
+            elif compare_random_init:
                 summary["knn_acc_random_init"] = knn_eval(random_init_encoder(config, train), config, train, r.eval_set)
             logging.info(
                 "kNN top-1 (k=200): %.4f learned, %s at random init",
@@ -272,11 +279,15 @@ def run_pretraining(
         The summary dict that is also written to `summary.json`; its
         `status` is "finished", "stopped_nan" or "stopped_collapse".
     """
+    started = time.time()
     r = _validate(
         config, train, eval_set, out_dir, strategy, overwrite, backup_every_steps, on_collapse, collapse_patience
     )
+    r.started = started
     model = _build(r, sync_bn, backbone, jit_compile, deterministic)
     _resume(r, model)
+    if config.time_budget:
+        budget.resumed_plan(r, model)
     tracker, position_fn = run_fit.stream_tracker(r)
     state = guards.GuardState()
     # Looked up on the module, so that a test can add a callback after all of them.

@@ -36,7 +36,14 @@ flags.DEFINE_string(
 flags.DEFINE_string("out", None, "Run folder: logs, metrics.csv, checkpoints, encoder.keras.")
 flags.DEFINE_string("backbone", None, "Backbone name (see byol_tf.backbones).")
 flags.DEFINE_integer("image_size", None, "Training resolution.")
-flags.DEFINE_integer("epochs", None, "Epochs.")
+flags.DEFINE_integer("epochs", None, "Epochs (the preset's time budget, if it has one, no longer applies).")
+flags.DEFINE_string(
+    "time_budget",
+    None,
+    "Wall time for the whole run, e.g. 90s, 20m, 8h, 1h30m: after a measured warm-up the run plans its epochs "
+    "(and lays the learning rate and tau over them) to end inside it; the plan is in RUN/plan.json. "
+    "Not with --epochs.",
+)
 flags.DEFINE_integer("batch_size", None, "Global batch size.")
 flags.DEFINE_enum("optimizer", None, list(OPTIMIZERS), "Optimizer.")
 flags.DEFINE_float("lr", None, "Base learning rate for a batch of 256 (peak = lr * batch / 256).")
@@ -137,7 +144,16 @@ EXIT_STOPPED = 3
 
 def _config():
     overrides = {field: getattr(FLAGS, flag) for flag, field in _OVERRIDES.items() if getattr(FLAGS, flag) is not None}
-    with flag_errors(**{field: flag for flag, field in _OVERRIDES.items()}):
+    with flag_errors("time_budget", **{field: flag for flag, field in _OVERRIDES.items()}):
+        if FLAGS.time_budget is not None:
+            from byol_tf.budget import parse_duration
+
+            if FLAGS.epochs is not None:
+                raise app.UsageError(
+                    "Train for --epochs or to a --time_budget, not both. "
+                    f"Received: --epochs={FLAGS.epochs}, --time_budget={FLAGS.time_budget}"
+                )
+            overrides["time_budget"] = parse_duration(FLAGS.time_budget)
         return get_preset(FLAGS.preset, **overrides)
 
 
