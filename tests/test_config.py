@@ -3,12 +3,15 @@ import dataclasses
 import pytest
 
 from byol_tf import config, presets
+from byol_tf.config import AUGMENT_CONFIGS
 
 
 def test_presets_are_valid_and_named():
     for name, preset in presets.PRESETS.items():
         assert preset.preset == name
-        assert preset.augment.image_size == preset.image_size
+        assert isinstance(preset.augment, AUGMENT_CONFIGS[preset.modality])
+        if preset.modality == "image":
+            assert preset.augment.image_size == preset.image_size
 
 
 def test_paper_recipe_defaults():

@@ -52,6 +52,7 @@ def test_mirrored_with_sync_bn_matches_one_device(runs):
         np.testing.assert_allclose(mirrored[key], single[key], rtol=1e-4, atol=2e-5, err_msg=key)
 
 
+@pytest.mark.slow  # 70-90 s on 2 cores; the full ResNet-18; test_mirrored_with_sync_bn_matches_one_device checks the same on a small net
 def test_resnet18_has_every_batch_norm_synchronised_and_one_step_matches_one_replica(tmp_path):
     args = ["--backbone=resnet18", "--image_size=32", "--steps=1"]
     single = _run(str(tmp_path / "single.npz"), *args)
@@ -61,11 +62,13 @@ def test_resnet18_has_every_batch_norm_synchronised_and_one_step_matches_one_rep
     assert list(mirrored["names"]) == list(single["names"])
     weights = sorted(k for k in single if k.startswith("v"))
     # One step is the same maths in another reduction order: measured max 3.3e-6
-    # (AMD EPYC Zen 4, 2026-12-01). After 3 steps it is 2e-2, as between two
-    # float32 BatchNorm implementations on one device (BENCHMARKS.md).
+    # (AMD EPYC Zen 4, 2026-12-01) and 3.6e-4 (Zen 3, AVX2 only, 2026-12-03, the
+    # same before and after the redesign). After 3 steps it is 2e-2, as between two
+    # float32 BatchNorm implementations on one device (BENCHMARKS.md); the control
+    # below is off by 0.28.
     for key in weights:
         np.testing.assert_allclose(
-            mirrored[key], single[key], rtol=0, atol=1e-5, err_msg=str(single["names"][int(key[1:])])
+            mirrored[key], single[key], rtol=0, atol=1e-3, err_msg=str(single["names"][int(key[1:])])
         )
     # The control: per-replica BatchNorm on the same batches is off by 0.28.
     unsynced = _run(str(tmp_path / "unsynced.npz"), *args, "--strategy=mirrored", "--cpu_replicas=2", "--nosync_bn")
@@ -73,6 +76,7 @@ def test_resnet18_has_every_batch_norm_synchronised_and_one_step_matches_one_rep
     assert max(float(np.abs(unsynced[k] - single[k]).max()) for k in weights) > 1e-2
 
 
+@pytest.mark.slow  # 70-90 s on 2 cores; tests/test_device_views.py checks device views against host views on one device
 def test_device_augmentation_on_two_replicas_trains_as_host_augmentation_on_one(runs):
     _, _, folder = runs
     init = f"--init={folder / 'init_resnet_tiny.weights.h5'}"
@@ -206,6 +210,7 @@ def _tiny_pretrain_args(tmp_path):
     ]
 
 
+@pytest.mark.slow  # 70-90 s on 2 cores; test_multi_worker_on_localhost covers two workers in the default suite
 def test_pretrain_script_on_two_workers_writes_one_run_folder(tmp_path):
     args = _tiny_pretrain_args(tmp_path)
     single = subprocess.run(
