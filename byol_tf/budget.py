@@ -7,7 +7,7 @@ short warm-up fit), then plans the number of epochs so that training, the
 kNN checks and the final evaluation end inside the budget. The learning-rate
 cosine and the tau schedule are then laid over the planned steps. The plan is
 logged, written to `RUN/plan.json`, re-planned at most once if the measured
-step time drifts by more than 15%, and kept as it is on resume.
+epoch time drifts by more than 15%, and kept as it is on resume.
 """
 
 import dataclasses
@@ -27,7 +27,7 @@ _DURATION = re.compile(r"^(?:(?P<h>\d+(?:\.\d+)?)h)?(?:(?P<m>\d+(?:\.\d+)?)m)?(?
 # Steps the warm-up times, after the first ones that trace and compile.
 WARMUP_TIMED_STEPS = 20
 WARMUP_UNTIMED_STEPS = 3
-# A step time this far from the plan's (as a fraction) triggers the one re-plan.
+# An epoch time this far from the plan's (as a fraction) triggers the one re-plan.
 REPLAN_DRIFT = 0.15
 
 
@@ -84,9 +84,9 @@ class Plan:
         return self.epochs * self.steps_per_epoch
 
     def write(self, path):
-        with open(f"{path}.tmp", "w") as f:
-            json.dump({**dataclasses.asdict(self), "total_steps": self.total_steps}, f, indent=2)
-        os.replace(f"{path}.tmp", path)
+        from byol_tf.backup import atomic_json
+
+        atomic_json(path, {**dataclasses.asdict(self), "total_steps": self.total_steps})
 
     @classmethod
     def read(cls, path) -> Optional["Plan"]:
@@ -204,7 +204,7 @@ def _reserve(budget_s, knn_seconds):
 def warm_up_and_plan(r, model, fit, callbacks, knn_every) -> None:
     """Measures a kNN check and the step time, plans the epochs, and applies and writes the plan.
 
-    Runs the first steps of epoch 1 (`fit(first_step, epoch, end_epoch, steps, callbacks)`)
+    Runs the first steps of epoch 1 (`fit(first_step, epoch, end_epoch, steps, warm_up_callbacks)`)
     with the EMA and the NaN guard only; the run continues from there (`r.start_step`).
     """
     from byol_tf import guards

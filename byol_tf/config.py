@@ -14,14 +14,10 @@ from byol_tf.ema import BN_STATS_MODES
 from byol_tf.losses import LOSSES
 from byol_tf.optim import OPTIMIZERS
 from byol_tf.text.augment import TextAugmentConfig
+from byol_tf.checks import check as _check
 
 AUGMENT_ON = ("host", "device")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
-
-
-def _check(ok: bool, name: str, value, requirement: str) -> None:
-    if not ok:
-        raise ValueError(f"`{name}` {requirement}. Received: {name}={value!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,14 +11,10 @@ from typing import TYPE_CHECKING, Optional
 import keras
 import tensorflow as tf
 from keras import ops
+from byol_tf.checks import check as _check
 
 if TYPE_CHECKING:
     from byol_tf.config import PretrainConfig
-
-
-def _check(ok, name, value, requirement):
-    if not ok:
-        raise ValueError(f"`{name}` {requirement}. Received: {name}={value!r}")
 
 
 @keras.saving.register_keras_serializable(package="byol_tf")

@@ -108,12 +108,14 @@ def fit_run(r, model, callbacks, state, tracker, streamed, knn_every, verbose, a
     """`model.fit` from the start step: the rest of an interrupted epoch, then whole epochs.
 
     With a time budget and no plan yet, a measured warm-up plans the epochs
-    first (`byol_tf.budget`); a step time that drifts from the plan stops a
+    first (`byol_tf.budget`); an epoch time that drifts from the plan stops a
     fit at an epoch's end for the one re-plan, and the run fits on.
     """
     steps = r.steps
 
-    def fit(first_step, epoch, end_epoch, steps_per_epoch, callback_list=callbacks):
+    def fit(first_step, epoch, end_epoch, steps_per_epoch, warm_up_callbacks=None):
+        # A time budget's warm-up fits with its own few callbacks and no validation.
+        callback_list = callbacks if warm_up_callbacks is None else warm_up_callbacks
         config = r.config  # a budget's plan sets its epochs
         # The stream is a pure function of the position: resume where step `first_step` starts.
         position = tracker.after(first_step) if streamed else None  # arrays: the batch index
@@ -134,7 +136,7 @@ def fit_run(r, model, callbacks, state, tracker, streamed, knn_every, verbose, a
             )
 
         validation = {}
-        if config.probe and r.eval_set is not None and callback_list is callbacks:
+        if config.probe and r.eval_set is not None and warm_up_callbacks is None:
             # The probe is validated on the kNN monitor's epochs (`val_probe_acc`).
             epochs = [e for e in range(1, config.epochs + 1) if is_monitor_epoch(e, knn_every, config.epochs)]
             validation = dict(validation_data=eval_data(r.eval_set, config), validation_freq=epochs)

@@ -1,19 +1,14 @@
 """`AudioAugmentConfig`: the two BYOL views of a waveform, as a frozen dataclass.
 
-It imports nothing from `byol_tf.config`, so that the core config can import it.
+It imports nothing from `byol_tf.config` (only `byol_tf.checks`), so that the core config can import it.
 """
 
 import dataclasses
 import math
 from typing import Tuple
+from byol_tf.checks import check as _check
 
 SHIFT_MODES = ("zeros", "roll")
-
-
-def _check(ok: bool, name: str, value, requirement: str) -> None:
-    # The same message shape as `byol_tf.config._check` (not imported: see the module docstring).
-    if not ok:
-        raise ValueError(f"`{name}` {requirement}. Received: {name}={value!r}")
 
 
 def _is_int(value) -> bool:

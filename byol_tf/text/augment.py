@@ -14,17 +14,13 @@ import dataclasses
 from typing import Tuple
 
 import tensorflow as tf
+from byol_tf.checks import check as _check
 
 # Lower-case letters only, so that it survives the encoder's standardisation
 # (a "[MASK]" would become "mask", a real word); fastai's "xx" prefix marks it.
 MASK_TOKEN = "xxmask"
 # The punctuation Keras's TextVectorization strips ("lower_and_strip_punctuation").
 STRIP_REGEX = r'[!"#$%&()\*\+,-\./:;<=>?@\[\\\]^_`{|}~\']'
-
-
-def _check(ok: bool, name: str, value, requirement: str) -> None:
-    if not ok:
-        raise ValueError(f"`{name}` {requirement}. Received: {name}={value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
