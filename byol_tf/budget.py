@@ -1,34 +1,23 @@
-"""Training to a wall-clock budget: a measured warm-up, then the run's length planned to fit.
+"""Training to a wall-clock budget: the plan's arithmetic.
 
-With `PretrainConfig.time_budget` set, a run (`byol_tf.training`) first
-measures what a kNN check costs (the kNN of the step-0 encoder, which is the
-random-init baseline the summary reports) and what a training step costs (a
-short warm-up fit), then plans the number of epochs so that training, the
-kNN checks and the final evaluation end inside the budget. The learning-rate
-cosine and the tau schedule are then laid over the planned steps. The plan is
-logged, written to `RUN/plan.json`, re-planned at most once if the measured
-epoch time drifts by more than 15%, and kept as it is on resume.
+A budgeted run (`byol_tf.budget_run`) measures a kNN check and a training
+step, then plans the number of steps (the last epoch may be partial) whose
+training, kNN checks and final evaluation end inside the budget; the plan is
+`Plan`, written to `RUN/plan.json`. Everything here is arithmetic on the
+measurements, testable without a model.
 """
 
 import dataclasses
 import json
-import math
 import os
 import re
-import time
 from typing import Optional
-
-import keras
-import numpy as np
-from absl import logging
 
 # "1h30m", "20m", "90s", "8h" or a plain number of seconds.
 _DURATION = re.compile(r"^(?:(?P<h>\d+(?:\.\d+)?)h)?(?:(?P<m>\d+(?:\.\d+)?)m)?(?:(?P<s>\d+(?:\.\d+)?)s)?$")
-# Steps the warm-up times, after the first ones that trace and compile.
-WARMUP_TIMED_STEPS = 20
-WARMUP_UNTIMED_STEPS = 3
-# An epoch time this far from the plan's (as a fraction) triggers the one re-plan.
-REPLAN_DRIFT = 0.15
+# Without a `knn_every`, the plan spaces the kNN checks (the last included) to cost at most
+# this share of the budget.
+KNN_SHARE = 0.05
 
 
 def parse_duration(text) -> float:
@@ -50,15 +39,36 @@ def parse_duration(text) -> float:
     return seconds
 
 
-def plan_epochs(remaining_s, seconds_per_step, steps_per_epoch, knn_seconds, knn_every, reserve_s) -> int:
-    """The most whole epochs whose training and kNN checks fit in `remaining_s - reserve_s`.
+def check_count(first_step, last_step, steps_per_epoch, knn_every) -> int:
+    """kNN checks at the ends of the epochs after `first_step` up to the one holding `last_step`.
 
-    An epoch costs `seconds_per_step * steps_per_epoch` plus `knn_seconds / knn_every`
-    (one check every `knn_every` epochs); the last epoch always has a check, hence
-    one more `knn_seconds`. At least one epoch.
+    A check follows every `knn_every`-th epoch and the last (`is_monitor_epoch`);
+    the epoch that ends at `first_step` has had its own.
     """
-    per_epoch = seconds_per_step * steps_per_epoch + knn_seconds / knn_every
-    return max(1, int(math.floor((remaining_s - reserve_s - knn_seconds) / per_epoch)))
+    from byol_tf.evaluation import is_monitor_epoch
+
+    last_epoch = -(-last_step // steps_per_epoch)
+    first_epoch = first_step // steps_per_epoch + 1
+    return sum(1 for e in range(first_epoch, last_epoch + 1) if is_monitor_epoch(e, knn_every, last_epoch))
+
+
+def plan_steps(available_s, first_step, steps_per_epoch, seconds_per_step, knn_seconds, knn_every) -> int:
+    """The last step of the longest run from `first_step` whose steps and kNN checks fit in `available_s`.
+
+    Steps, not epochs: the last epoch may be partial, so the budget is not
+    rounded down to a whole epoch. At least one step. The cost grows with the
+    last step, so a bisection finds it.
+    """
+
+    def cost(last_step):
+        checks = check_count(first_step, last_step, steps_per_epoch, knn_every)
+        return (last_step - first_step) * seconds_per_step + checks * knn_seconds
+
+    low, high = first_step + 1, first_step + 1 + max(0, int(available_s / max(seconds_per_step, 1e-9)))
+    while low < high:  # the largest last step with cost <= available (or first_step + 1)
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if cost(middle) <= available_s else (low, middle - 1)
+    return low
 
 
 @dataclasses.dataclass
@@ -66,27 +76,31 @@ class Plan:
     """The plan of a budgeted run, as written to `plan.json`.
 
     `seconds_per_step` is the warm-up's median step; after a re-plan, the
-    measured seconds per epoch (kNN checks and checkpoints included) / steps.
+    measured mean (checkpoints and backups included, kNN checks not).
     """
 
     time_budget_s: float
-    epochs: int
+    total_steps: int
     steps_per_epoch: int
     seconds_per_step: float
     knn_seconds: float
     planned_at_s: float
     images_per_sec: float
-    replanned: bool = False
-    replanned_at_epoch: Optional[int] = None
+    replans: int = 0
+    replanned_at_epoch: Optional[int] = None  # the last re-plan's
+    knn_every: int = 1
+    first_total_steps: Optional[int] = None  # the warm-up's plan, kept through a re-plan
+    warm_up_seconds_per_step: Optional[float] = None
 
     @property
-    def total_steps(self) -> int:
-        return self.epochs * self.steps_per_epoch
+    def epochs(self) -> int:
+        """Epochs to run, the last one partial when the steps are not a whole number of epochs."""
+        return -(-self.total_steps // self.steps_per_epoch)
 
     def write(self, path):
         from byol_tf.backup import atomic_json
 
-        atomic_json(path, {**dataclasses.asdict(self), "total_steps": self.total_steps})
+        atomic_json(path, {**dataclasses.asdict(self), "epochs": self.epochs})
 
     @classmethod
     def read(cls, path) -> Optional["Plan"]:
@@ -94,178 +108,38 @@ class Plan:
             return None
         with open(path) as f:
             values = json.load(f)
-        values.pop("total_steps", None)
+        values.pop("epochs", None)
         return cls(**values)
 
     def describe(self) -> str:
+        last = self.total_steps - (self.epochs - 1) * self.steps_per_epoch
         return (
-            f"planned {self.total_steps} steps ({self.epochs} epochs x {self.steps_per_epoch}) from "
-            f"{self.images_per_sec:.1f} img/s and {self.knn_seconds:.1f} s per kNN check, "
-            f"in a budget of {self.time_budget_s:.0f} s"
+            f"planned {self.total_steps} steps ({self.epochs} epochs of {self.steps_per_epoch}, the last "
+            f"{last}) from {self.images_per_sec:.1f} img/s, a kNN check every {self.knn_every} epochs "
+            f"({self.knn_seconds:.1f} s each), in a budget of {self.time_budget_s:.0f} s"
         )
 
 
-class StepTimer(keras.callbacks.Callback):
-    """The wall time of each optimizer step (batch callbacks fire once per `steps_per_execution`)."""
-
-    def __init__(self):
-        super().__init__()
-        self.times = []
-        self._last = None
-
-    def on_train_begin(self, logs=None):
-        self._last = None  # the gap between two fits is not a step
-
-    def on_train_batch_end(self, batch, logs=None):
-        now = time.perf_counter()
-        if self._last is not None:
-            self.times.append((now - self._last) / max(1, int(getattr(self.model, "steps_per_execution", 1))))
-        self._last = now
-
-    def seconds_per_step(self, skip=0) -> Optional[float]:
-        """The median step time, leaving out the first `skip` (tracing, compiling)."""
-        times = self.times[skip:]
-        return float(np.median(times)) if times else None
+def plan_cost(plan, step, seconds_per_step) -> float:
+    """Seconds from `step` to the plan's last step at `seconds_per_step`, its kNN checks included."""
+    checks = check_count(step, plan.total_steps, plan.steps_per_epoch, plan.knn_every)
+    return (plan.total_steps - step) * seconds_per_step + checks * plan.knn_seconds
 
 
-class BudgetWatch(keras.callbacks.Callback):
-    """Stops `fit` at the end of an epoch once the run's epochs drift past `REPLAN_DRIFT` from the plan.
+def reserve(budget_s, knn_seconds):
+    # What follows the last check: the summary, the plots (an embedding map of 2,000 examples,
+    # a fifth of a check at most), the process's exit; and 0.5% of slack.
+    return 0.005 * budget_s + 0.2 * knn_seconds + 5.0
 
-    An epoch's wall time counts everything the plan pays for: steps, kNN checks,
-    checkpoints. It is averaged over at least `min(knn_every, 5)` epochs (so a
-    kNN check is in the average) before it is compared. The run then re-plans
-    (`replan`) and fits on; only once per run.
+
+def spaced_checks(available_s, seconds_per_epoch, knn_seconds, budget_s) -> int:
+    """Epochs between kNN checks for the checks (the last included) to cost at most `KNN_SHARE` of the budget.
+
+    More than `epochs // checks`, and the last planned epoch kept off the
+    periodic ones: a re-plan that adds a partial epoch then moves the last
+    check rather than adding one.
     """
-
-    def __init__(self, plan: Plan, knn_every: int):
-        super().__init__()
-        self.plan, self.knn_every = plan, knn_every
-        self.epoch_times = []
-        self.drifted = None  # the measured seconds per epoch that ask for a re-plan
-
-    def on_train_begin(self, logs=None):
-        self._last = time.time()  # the gap between two fits is not an epoch
-
-    def on_epoch_end(self, epoch, logs=None):
-        now = time.time()
-        self.epoch_times.append(now - self._last)
-        self._last = now
-        if self.plan.replanned or self.drifted is not None:
-            return
-        if len(self.epoch_times) < max(2, min(self.knn_every, 5)):
-            return
-        measured = float(np.mean(self.epoch_times))
-        planned = self.plan.seconds_per_step * self.plan.steps_per_epoch + self.plan.knn_seconds / self.knn_every
-        if abs(measured / planned - 1.0) > REPLAN_DRIFT:
-            self.drifted = measured
-            self.model.stop_training = True
-
-
-def log(message):
-    print(message, flush=True)
-    logging.info(message)
-
-
-def _schedule(optimizer):
-    """The optimizer's learning-rate schedule (inside a `LossScaleOptimizer` too), or None."""
-    optimizer = getattr(optimizer, "inner_optimizer", optimizer)
-    schedule = getattr(optimizer, "_learning_rate", None)
-    return schedule if hasattr(schedule, "set_total_steps") else None
-
-
-def apply_plan(r, model, callbacks, plan: Plan) -> None:
-    """Lays the learning rate and tau over the plan's steps; `r.config.epochs` becomes the plan's."""
-    from byol_tf.ema import EMAUpdate
-
-    r.plan = plan
-    r.config = dataclasses.replace(r.config, epochs=plan.epochs, warmup_epochs=min(r.config.warmup_epochs, plan.epochs))
-    schedule = _schedule(model.optimizer)
-    if schedule is not None:
-        schedule.set_total_steps(max(plan.total_steps, schedule.warmup_steps))
-    for callback in callbacks or []:
-        if isinstance(callback, EMAUpdate):
-            callback.total_steps = plan.total_steps  # read again when the next `fit` begins
-
-
-def resumed_plan(r, model) -> None:
-    """On resume, the plan the interrupted run made, exactly (no new warm-up, no re-plan)."""
-    plan = Plan.read(r.out.plan_file) if r.backup else None
-    if plan is not None:
-        plan.replanned = True  # the interrupted run's elapsed time is unknown: keep the plan as it is
-        apply_plan(r, model, [], plan)
-        log(f"Time budget: resuming the plan in {r.out.plan_file}: {plan.describe()}")
-
-
-def _reserve(budget_s, knn_seconds):
-    # The summary (encoder file, plots, an embedding map about half a kNN check) and 1% slack.
-    return 0.01 * budget_s + 0.5 * knn_seconds + 5.0
-
-
-def warm_up_and_plan(r, model, fit, callbacks, knn_every) -> None:
-    """Measures a kNN check and the step time, plans the epochs, and applies and writes the plan.
-
-    Runs the first steps of epoch 1 (`fit(first_step, epoch, end_epoch, steps, warm_up_callbacks)`)
-    with the EMA and the NaN guard only; the run continues from there (`r.start_step`).
-    """
-    from byol_tf import guards
-    from byol_tf.ema import EMAUpdate
-    from byol_tf.run_eval import knn_eval
-
-    budget_s = float(r.config.time_budget)
-    if r.steps < 3:
-        raise ValueError(
-            f"A time budget times a warm-up of at least 3 steps in the first epoch. "
-            f"Received: time_budget={budget_s}, {r.steps} steps per epoch"
-        )
-    knn_seconds = 0.0
-    if r.eval_set is not None:
-        start = time.time()
-        # The step-0 encoder is the random init: the summary's baseline, measured here once.
-        r.knn_at_start = knn_eval(model.encoder, r.config, r.train, r.eval_set)
-        knn_seconds = time.time() - start
-        log(f"kNN top-1 at step 0 (random init): {100 * r.knn_at_start:.2f}% in {knn_seconds:.1f} s")
-    timer = StepTimer()
-    warm = min(r.steps - 1, WARMUP_UNTIMED_STEPS + WARMUP_TIMED_STEPS)
-    minimal = [c for c in callbacks if isinstance(c, (EMAUpdate, guards.NaNGuard))] + [timer]
-    fit(0, 0, 1, warm, minimal)
-    r.start_step = warm
-    seconds_per_step = timer.seconds_per_step(skip=min(WARMUP_UNTIMED_STEPS - 1, len(timer.times) - 1))
-    elapsed = time.time() - r.started
-    epochs = plan_epochs(
-        budget_s - elapsed, seconds_per_step, r.steps, knn_seconds, knn_every, _reserve(budget_s, knn_seconds)
-    )
-    plan = Plan(
-        budget_s,
-        epochs,
-        r.steps,
-        seconds_per_step,
-        knn_seconds,
-        round(elapsed, 1),
-        r.config.batch_size / seconds_per_step,
-    )
-    apply_plan(r, model, callbacks, plan)
-    plan.write(r.run.plan_file)
-    log(f"Time budget: {plan.describe()}")
-
-
-def replan(r, model, callbacks, seconds_per_epoch) -> None:
-    """The one re-plan: the epochs left in the budget at the measured seconds per epoch."""
-    plan = r.plan
-    done = int(model.optimizer.iterations.numpy()) // r.steps
-    left = plan.time_budget_s - (time.time() - r.started) - _reserve(plan.time_budget_s, plan.knn_seconds)
-    more = max(1, int(math.floor((left - plan.knn_seconds) / seconds_per_epoch)))
-    planned = plan.seconds_per_step * r.steps
-    log(
-        f"Time budget: epochs take {seconds_per_epoch:.1f} s, not the {planned:.1f} s planned (kNN checks "
-        f"included); re-planned after epoch {done}: {more} more epochs"
-    )
-    plan = dataclasses.replace(
-        plan,
-        epochs=done + more,
-        seconds_per_step=seconds_per_epoch / r.steps,
-        images_per_sec=r.config.batch_size * r.steps / seconds_per_epoch,
-        replanned=True,
-        replanned_at_epoch=done,
-    )
-    apply_plan(r, model, callbacks, plan)
-    plan.write(r.run.plan_file)
+    epochs = max(1, int(available_s / max(seconds_per_epoch, 1e-9)))
+    checks = max(1, int(KNN_SHARE * budget_s / max(knn_seconds, 1e-9)))
+    every = epochs // checks + 1
+    return every + 1 if epochs % every == 0 else every  # fewer checks still

@@ -110,9 +110,9 @@ class PretrainConfig:
         batch_size: global batch size, summed over replicas.
         epochs: passes over the training set (with `time_budget`, planned
             by the run instead).
-        time_budget: seconds of wall time for the whole run (`byol_tf.budget`):
-            after a measured warm-up the run plans its epochs to end inside
-            it; `None` trains for `epochs`.
+        time_budget: seconds of wall time for the whole run
+            (`byol_tf.budget_run`): after a measured warm-up the run plans
+            its steps to end inside it; `None` trains for `epochs`.
         optimizer: one of `OPTIMIZERS`.
         base_lr: learning rate for a batch of 256; the peak is
             `base_lr * batch_size / 256`.

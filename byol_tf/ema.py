@@ -157,6 +157,13 @@ class EMAUpdate(keras.callbacks.Callback):
 
         self._update_fn = tf.function(update)
 
+    def set_total_steps(self, total_steps):
+        """A new length for the run (a time budget's re-plan), taken from the next step on."""
+        self.total_steps = int(total_steps)
+        schedule = getattr(self.model, "ema_schedule", None) if self.model is not None else None
+        if isinstance(schedule, TauSchedule):
+            schedule.set_total_steps(self.total_steps)
+
     def on_train_batch_end(self, batch, logs=None):
         if not self.in_step:
             self._iterations = self._update_fn(self._iterations)

@@ -58,7 +58,7 @@ class WarmupCosine(keras.optimizers.schedules.CosineDecay):
             name=name,
         )
         # A variable, read by the compiled step: a run planned to a time budget
-        # (`byol_tf.budget`) sets its length after the warm-up, without retracing.
+        # (`byol_tf.budget_run`) sets its length after the warm-up, without retracing.
         self._decay_steps = tf.Variable(float(self.decay_steps), trainable=False, name="decay_steps")
 
     def set_total_steps(self, total_steps: int) -> None:

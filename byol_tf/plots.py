@@ -7,6 +7,8 @@
 - `embedding_map.png`: the encoder's features of labelled images projected
   to 2-D with PCA (computed with numpy's SVD of the centred features, no
   scikit-learn) and coloured by label.
+- `budget_curve.png` (`plot_budget_curve`): the kNN accuracy of several
+  time-budgeted runs against their budgets, with their random-init baselines.
 
 Figures are drawn with matplotlib's Agg canvas on `matplotlib.figure.Figure`
 objects, never through `pyplot`: no window, and the caller's global backend
@@ -14,6 +16,7 @@ is left alone.
 """
 
 import csv
+import json
 import os
 
 import numpy as np
@@ -213,3 +216,45 @@ def plot_run(run_dir, eval_set=None, encoder=None, max_points=2000, crop_fractio
             encoder, eval_set, run.embedding_plot, max_points, crop_fraction=crop_fraction, batches=batches
         )
     return written
+
+
+def budget_rows(run_dirs):
+    """One row per finished, time-budgeted run folder: its budget, wall time and kNN accuracies, by budget."""
+    rows = []
+    for run_dir in run_dirs:
+        path = RunDir(run_dir).summary_file
+        summary = json.load(open(path)) if os.path.isfile(path) else {}
+        if summary.get("status") != "finished" or not summary.get("time_budget") or "knn_acc" not in summary:
+            raise ValueError(
+                f"Expected a finished, time-budgeted run with a kNN accuracy. Received: run_dir={run_dir!r}"
+            )
+        rows.append(
+            {
+                "run_dir": run_dir,
+                "time_budget_s": summary["time_budget"],
+                "run_seconds": summary.get("run_seconds"),
+                "steps": summary["steps"],
+                "knn_acc": summary["knn_acc"],
+                "knn_acc_random_init": summary.get("knn_acc_random_init"),
+            }
+        )
+    return sorted(rows, key=lambda row: row["time_budget_s"])
+
+
+def plot_budget_curve(rows, out_path):
+    """Plots `budget_rows` as kNN top-1 (%) against the budget (minutes); returns `out_path`."""
+    if not rows:
+        raise ValueError("Expected at least one budgeted run. Received: rows=[]")
+    minutes = [row["time_budget_s"] / 60 for row in rows]
+    figure = _new_figure(5.0, 3.5)
+    axes = figure.add_subplot(1, 1, 1)
+    axes.plot(minutes, [100 * row["knn_acc"] for row in rows], marker="o", label="learned")
+    if all(row["knn_acc_random_init"] is not None for row in rows):
+        axes.plot(minutes, [100 * row["knn_acc_random_init"] for row in rows], marker="x", label="random init")
+    axes.set_xlabel("time budget (minutes)")
+    axes.set_ylabel("kNN top-1 (%)")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(out_path)
+    return out_path

@@ -60,9 +60,10 @@ PRESETS = {
     # The best 2 CPU cores reach in 20 minutes of wall time, planned to the
     # budget on whatever CPU runs it (`epochs` is the fallback without one;
     # `--epochs` trains that many instead). Reached (BENCHMARKS.md): 52.2% kNN
-    # as 22 fixed epochs on 2 Zen 4 cores; 40.4% with --time_budget=10m on 2
-    # Zen 3 cores (byol-pretrain --preset=cifar10_cpu20 --time_budget=10m
-    # --data=train.npz --eval_data=test.npz --knn_every=5). Each choice won a
+    # as 22 fixed epochs on 2 Zen 4 cores; on 2 Zen 3 cores (AVX2 only),
+    # `byol-pretrain --preset=cifar10_cpu20 --data=train.npz
+    # --eval_data=test.npz`: 49.7% kNN in 19:55 (13.5 epochs); 42.8% in 9:45
+    # with --time_budget=10m, 52.2% in 39:34 with 40m. Each choice won a
     # 4-minute probe (BENCHMARKS.md, "What each choice bought"): the tiny
     # ResNet learns as much per minute as larger ones and gets more epochs;
     # batch 128 gives more steps; tau 0.96 lets the target keep up in a short

@@ -12,7 +12,7 @@ from absl import logging
 
 from byol_tf import backup as backups
 from byol_tf import data as data_lib
-from byol_tf import budget, distribute, guards
+from byol_tf import budget_run, distribute, guards
 from byol_tf.ema import EMAUpdate
 from byol_tf.evaluation import KNNMonitor, is_monitor_epoch
 from byol_tf.run_eval import eval_data
@@ -63,16 +63,14 @@ def stream_tracker(r):
     return tracker, lambda step: distribute.gather_from_workers(r.strategy, tracker.after(step))
 
 
-def run_callbacks(
-    r, state, position_fn, knn_every, backup_every_steps, collapse_threshold, collapse_patience, on_collapse, extra
-):
+def run_callbacks(r, state, position_fn, backup_every_steps, collapse_threshold, collapse_patience, on_collapse, extra):
     """The run's callbacks, in the order they must run."""
     config, steps = r.config, r.steps
     if collapse_threshold is None:
         collapse_threshold = 0.1 / math.sqrt(config.projection_dim)
     # The EMA update first (a backup must include it), then the guards (they flag a
     # bad state), then everything that saves or logs.
-    callbacks = [EMAUpdate(steps * config.epochs, config.base_tau, config.bn_stats), guards.NaNGuard(state)]
+    callbacks = [EMAUpdate(r.total_steps, config.base_tau, config.bn_stats), guards.NaNGuard(state)]
     if collapse_threshold > 0:
         callbacks.append(guards.CollapseGuard(state, collapse_threshold, collapse_patience, on_collapse))
     callbacks += list(extra or [])
@@ -85,7 +83,7 @@ def run_callbacks(
                 eval_data(r.eval_set, config),
                 None,
                 config.image_size,
-                every_n_epochs=knn_every,
+                every_n_epochs=r.knn_every,  # a time budget's plan may change it
                 last_epoch=lambda: r.config.epochs,  # a time budget's plan sets it
             )
         )
@@ -104,12 +102,24 @@ def run_callbacks(
     return callbacks
 
 
-def fit_run(r, model, callbacks, state, tracker, streamed, knn_every, verbose, autotune):
-    """`model.fit` from the start step: the rest of an interrupted epoch, then whole epochs.
+class _MonitorEpochs(list):
+    """Keras's `validation_freq` (a list, for Keras): the kNN monitor's epochs, as a budget's re-plans move the last."""
 
-    With a time budget and no plan yet, a measured warm-up plans the epochs
-    first (`byol_tf.budget`); an epoch time that drifts from the plan stops a
-    fit at an epoch's end for the one re-plan, and the run fits on.
+    def __init__(self, r):
+        super().__init__()
+        self.r = r
+
+    def __contains__(self, epoch):
+        return is_monitor_epoch(epoch, self.r.knn_every, self.r.config.epochs)
+
+
+def fit_run(r, model, callbacks, state, tracker, streamed, verbose, autotune):
+    """`model.fit` from the start step: the rest of an interrupted epoch, then one fit of the other epochs.
+
+    With a time budget and no plan yet, a measured warm-up plans the steps
+    first (`byol_tf.budget_run`). Its `BudgetWatch` ends the fit at the plan's
+    last step (the last epoch may be partial) and re-plans inside the fit,
+    whose `epochs` leaves room for a re-plan to add up to as many again.
     """
     steps = r.steps
 
@@ -138,8 +148,7 @@ def fit_run(r, model, callbacks, state, tracker, streamed, knn_every, verbose, a
         validation = {}
         if config.probe and r.eval_set is not None and warm_up_callbacks is None:
             # The probe is validated on the kNN monitor's epochs (`val_probe_acc`).
-            epochs = [e for e in range(1, config.epochs + 1) if is_monitor_epoch(e, knn_every, config.epochs)]
-            validation = dict(validation_data=eval_data(r.eval_set, config), validation_freq=epochs)
+            validation = dict(validation_data=eval_data(r.eval_set, config), validation_freq=_MonitorEpochs(r))
         # Several workers: each builds its own share (its files), in per-replica batches.
         dataset = r.strategy.distribute_datasets_from_function(make) if r.workers[0] > 1 else make()
         return model.fit(
@@ -152,33 +161,41 @@ def fit_run(r, model, callbacks, state, tracker, streamed, knn_every, verbose, a
             **validation,
         ).history
 
-    watch = None
+    fit_epochs = r.config.epochs
     if r.config.time_budget:
-        if r.plan is None:
-            budget.warm_up_and_plan(r, model, fit, callbacks, knn_every)
-        watch = budget.BudgetWatch(r.plan, knn_every)
-        callbacks.append(watch)
+        resumed = r.plan is not None  # a resumed run keeps its plan: its clock is unknown
+        if not resumed:
+            budget_run.warm_up_and_plan(r, model, fit, callbacks)
+        fit_epochs = 2 * r.config.epochs + 1
+        callbacks.append(
+            budget_run.BudgetWatch(
+                r.plan,
+                r.started,
+                replan=lambda seconds_per_step: budget_run.replan(
+                    r, model, callbacks, seconds_per_step, fit_epochs * steps
+                ),
+                agree=budget_run.worker_agreement(r),
+                frozen=resumed,
+            )
+        )
     config = r.config
     logging.info(
-        "Pretraining %s on %d examples: %d epochs x %d steps, global batch %d, peak lr %.4g",
+        "Pretraining %s on %d examples: %d steps (%d epochs x %d), global batch %d, peak lr %.4g",
         config.backbone,
         r.train.num_examples,
+        r.total_steps,
         config.epochs,
         steps,
         config.batch_size,
         config.peak_lr,
     )
     history = {}
-    epoch, offset = divmod(r.start_step, steps)
-    if offset and epoch < config.epochs:
-        history = fit(r.start_step, epoch, epoch + 1, steps - offset)
-        epoch += 1
-    while epoch < r.config.epochs and not state.stopped:
-        if watch is not None and watch.drifted is not None:
-            budget.replan(r, model, callbacks, watch.drifted)
-            watch.plan, watch.drifted = r.plan, None
-            if epoch >= r.config.epochs:
-                break
-        history = fit(epoch * steps, epoch, r.config.epochs, steps)
-        epoch = guards.optimizer_step(model) // steps
+    step = r.start_step
+    epoch, offset = divmod(step, steps)
+    if offset and step < r.total_steps:
+        # The rest of an interrupted epoch (a resume, a budget's warm-up): a fit of its own.
+        history = fit(step, epoch, epoch + 1, min(steps, r.total_steps - epoch * steps) - offset)
+        step = guards.optimizer_step(model)
+    if step < r.total_steps and not state.stopped:
+        history = fit(step, step // steps, fit_epochs, steps)
     return history

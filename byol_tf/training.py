@@ -12,7 +12,7 @@ from absl import logging
 from byol_tf import __version__
 from byol_tf import data as data_lib
 from byol_tf import backup as backups
-from byol_tf import budget, distribute, guards, run_fit
+from byol_tf import budget_run, distribute, guards, run_fit
 from byol_tf.config import PretrainConfig
 from byol_tf.build import build_byol
 from byol_tf.optim import build_optimizer
@@ -50,6 +50,13 @@ class _Run:
     started: float = 0.0  # time.time() at the start of the run (a time budget counts from it)
     plan: object = None  # a `budget.Plan` when the run has a time budget
     knn_at_start: float = None  # kNN of the step-0 (random-init) encoder, measured by a budgeted run
+    knn_every: int = 1  # epochs between kNN checks (a time budget's plan may choose it)
+    knn_every_given: bool = True
+
+    @property
+    def total_steps(self) -> int:
+        """The run's steps: the epochs', or a time budget's plan (whose last epoch may be partial)."""
+        return self.steps * self.config.epochs if self.plan is None else self.plan.total_steps
 
     @property
     def workers(self):
@@ -166,7 +173,7 @@ def _summarise(r, model, history, state, train_seconds, compare_random_init):
         "backbone": config.backbone,
         "image_size": config.image_size,
         "steps": steps_done,
-        "total_steps": r.steps * config.epochs,
+        "total_steps": r.total_steps,
         "resumed_from_step": r.start_step if r.backup else None,
         "train_seconds": round(train_seconds, 1),
         "time_budget": config.time_budget,
@@ -201,6 +208,12 @@ def _summarise(r, model, history, state, train_seconds, compare_random_init):
                 summary["knn_acc"],
                 summary.get("knn_acc_random_init", "n/a"),
             )
+    summary["run_seconds"] = round(time.time() - r.started, 1)  # what a time budget holds (plots follow)
+    if r.plan is not None:
+        budget_run.log(
+            f"Time budget: the run took {summary['run_seconds']:.0f} s of its {r.plan.time_budget_s:.0f} s "
+            f"({100 * summary['run_seconds'] / r.plan.time_budget_s:.1f}%) before the plots"
+        )
     backups.atomic_json(r.run.summary_file, summary)
     if distribute.is_chief():
         try:
@@ -226,7 +239,7 @@ def run_pretraining(
     train,
     out_dir: str,
     eval_set=None,
-    knn_every: int = 1,
+    knn_every: Optional[int] = None,
     backup_every_steps: Optional[int] = None,
     compare_random_init: bool = True,
     verbose: int = 2,
@@ -241,6 +254,7 @@ def run_pretraining(
     on_collapse: str = "stop",
     backbone: Optional[keras.Model] = None,
     callbacks: Optional[list] = None,
+    started: Optional[float] = None,
 ) -> dict:
     """Pretrains BYOL on `train` and writes the run folder, resuming from its backup if there is one.
 
@@ -252,7 +266,9 @@ def run_pretraining(
         out_dir: the run folder (`RunDir`).
         eval_set: optional labelled source for kNN; the memory is `train`,
             which must then be labelled.
-        knn_every: run the kNN monitor every this many epochs.
+        knn_every: run the kNN monitor every this many epochs (and after
+            the last). Default: every epoch; with a time budget, as often as
+            `byol_tf.budget.KNN_SHARE` of the budget allows (the plan chooses).
         backup_every_steps: back up for resume every this many steps
             (default: every epoch). A rerun with the same configuration
             resumes from the newest backup, mid-epoch included, exactly.
@@ -274,20 +290,26 @@ def run_pretraining(
         on_collapse: "stop" or "warn".
         backbone: optional `keras.Model` to use instead of `config.backbone`.
         callbacks: extra Keras callbacks, run after the guards.
+        started: the `time.time()` a time budget counts from (default: now;
+            `byol-pretrain` passes its process's start, so that the budget
+            holds the whole command).
 
     Returns:
         The summary dict that is also written to `summary.json`; its
         `status` is "finished", "stopped_nan" or "stopped_collapse".
     """
-    started = time.time()
+    started = time.time() if started is None else started
+    if knn_every is not None and (not isinstance(knn_every, int) or knn_every < 1):
+        raise ValueError(f"`knn_every` must be an integer >= 1. Received: knn_every={knn_every!r}")
     r = _validate(
         config, train, eval_set, out_dir, strategy, overwrite, backup_every_steps, on_collapse, collapse_patience
     )
     r.started = started
+    r.knn_every, r.knn_every_given = knn_every or 1, knn_every is not None
     model = _build(r, sync_bn, backbone, jit_compile, deterministic)
     _resume(r, model)
     if config.time_budget:
-        budget.resumed_plan(r, model)
+        budget_run.resumed_plan(r, model)
     tracker, position_fn = run_fit.stream_tracker(r)
     state = guards.GuardState()
     # Looked up on the module, so that a test can add a callback after all of them.
@@ -295,7 +317,6 @@ def run_pretraining(
         r,
         state,
         position_fn,
-        knn_every,
         backup_every_steps,
         collapse_threshold,
         collapse_patience,
@@ -303,7 +324,5 @@ def run_pretraining(
         callbacks,
     )
     start = time.time()
-    history = run_fit.fit_run(
-        r, model, callback_list, state, tracker, position_fn is not None, knn_every, verbose, autotune
-    )
+    history = run_fit.fit_run(r, model, callback_list, state, tracker, position_fn is not None, verbose, autotune)
     return _summarise(r, model, history, state, time.time() - start, compare_random_init)

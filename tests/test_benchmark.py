@@ -3,8 +3,7 @@ checked against the float32 reference path."""
 
 import os
 import re
-import subprocess
-import sys
+import types
 
 import keras
 import numpy as np
@@ -14,6 +13,7 @@ import tensorflow as tf
 from byol_tf import losses
 from byol_tf.presets import get_preset
 from byol_tf.build import build_byol
+from test_scripts import run_script_cases
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
@@ -26,29 +26,23 @@ TINY = [
 ]
 
 
-def run_benchmark(*args, timeout=300):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
-    return subprocess.run(
-        [sys.executable, os.path.join(ROOT, "scripts", "benchmark.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        cwd=ROOT,
-    )
+RUNS = [
+    ["--what=augment", *TINY],
+    ["--what=step", *TINY, "--nofast_kernels"],
+    ["--what=fit", *TINY[:-2], "--steps=4", "--warmup=2", "--steps_per_execution=2", "--projector_hidden=32"],
+]
 
 
-@pytest.mark.parametrize(
-    "args",
-    [
-        ["--what=augment", *TINY],
-        ["--what=step", *TINY, "--nofast_kernels"],
-        ["--what=fit", *TINY[:-2], "--steps=4", "--warmup=2", "--steps_per_execution=2", "--projector_hidden=32"],
-    ],
-    ids=["augment", "step", "fit"],
-)
-def test_benchmark_prints_images_per_sec(args):
-    result = run_benchmark(*args)
+@pytest.fixture(scope="module")
+def benchmark_runs(tmp_path_factory):
+    return run_script_cases("benchmark.py", RUNS, tmp_path_factory.mktemp("benchmark"))
+
+
+@pytest.mark.parametrize("index", range(len(RUNS)), ids=["augment", "step", "fit"])
+def test_benchmark_prints_images_per_sec(benchmark_runs, index):
+    args = RUNS[index]
+    returncode, stdout, stderr = benchmark_runs[index]
+    result = types.SimpleNamespace(returncode=returncode, stdout=stdout, stderr=stderr)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
     match = re.fullmatch(r"images_per_sec=(\S+)", lines[-1])
@@ -69,21 +63,27 @@ def test_benchmark_prints_images_per_sec(args):
     assert f"fast_kernels={'--nofast_kernels' not in args}" in result.stdout
 
 
-@pytest.mark.parametrize(
-    "flag, expected",
-    [
-        ("--what=nope", "--what"),
-        ("--batch_size=0", "--batch_size=0"),
-        ("--steps=0", "--steps=0"),
-        ("--precision=float8", "--precision"),
-        ("--backbone=resnet7", "--backbone='resnet7'"),
-    ],
-)
-def test_bad_flags_fail_naming_the_flag(flag, expected):
-    result = run_benchmark("--what=step", *TINY, flag, timeout=120)
-    assert result.returncode != 0
-    assert expected in result.stderr, result.stderr[-2000:]
-    assert "images_per_sec=" not in result.stdout
+BAD_FLAGS = [
+    ("--what=nope", "--what"),
+    ("--batch_size=0", "--batch_size=0"),
+    ("--steps=0", "--steps=0"),
+    ("--precision=float8", "--precision"),
+    ("--backbone=resnet7", "--backbone='resnet7'"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_flag_runs(tmp_path_factory):
+    cases = [["--what=step", *TINY, flag] for flag, _ in BAD_FLAGS]
+    return run_script_cases("benchmark.py", cases, tmp_path_factory.mktemp("bad_flags"))
+
+
+@pytest.mark.parametrize("index", range(len(BAD_FLAGS)), ids=[flag for flag, _ in BAD_FLAGS])
+def test_bad_flags_fail_naming_the_flag(bad_flag_runs, index):
+    returncode, stdout, stderr = bad_flag_runs[index]
+    assert returncode != 0
+    assert BAD_FLAGS[index][1] in stderr, stderr[-2000:]
+    assert "images_per_sec=" not in stdout
 
 
 def _forward_loss(model, view1, view2):

@@ -1,15 +1,17 @@
 """Training to a time budget: durations, the plan's arithmetic, the schedules laid over it, a budgeted run."""
 
 import csv
+import dataclasses
 import json
 import math
 import os
+import types
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from byol_tf import budget, data, get_preset, training
+from byol_tf import budget, budget_run, data, get_preset, training
 from byol_tf.optim import WarmupCosine
 
 
@@ -26,12 +28,40 @@ def test_parse_duration_rejects_and_names_the_value(text):
         budget.parse_duration(text)
 
 
-def test_plan_epochs_fills_the_budget():
-    # 1 s of steps per epoch plus a 2 s kNN check each epoch: (100 - 5 reserve - 2 last check) / 3 = 31.
-    assert budget.plan_epochs(100, 0.1, 10, 2.0, 1, 5.0) == 31
-    # A check every 4 epochs costs 0.5 s per epoch: 93 / 1.5 = 62.
-    assert budget.plan_epochs(100, 0.1, 10, 2.0, 4, 5.0) == 62
-    assert budget.plan_epochs(1, 1.0, 10, 0.0, 1, 0.0) == 1  # never less than one epoch
+def test_check_count_follows_the_monitor_epochs():
+    assert budget.check_count(0, 100, 10, 3) == 4  # epochs 3, 6, 9 and the last, 10
+    assert budget.check_count(30, 35, 10, 3) == 1  # a partial last epoch 4 has its check
+    assert budget.check_count(25, 60, 10, 4) == 2  # epochs 3 to 6: 4 and the last
+    assert budget.check_count(20, 20, 10, 1) == 0  # nothing left to run
+
+
+def test_plan_steps_fills_the_budget_to_the_step():
+    # 1 s of steps and a 2 s check an epoch: 33 epochs cost 99 s; one more step needs a 34th check.
+    assert budget.plan_steps(100, 0, 10, 0.1, 2.0, 1) == 330
+    # Checks at epochs 4, 8, ..., 64 and the last: 66 epochs cost 66 + 17 * 2 = 100 s.
+    assert budget.plan_steps(100, 0, 10, 0.1, 2.0, 4) == 660
+    # No checks: the last epoch is partial (105 steps, 10.5 s; 106 would be 10.6 s).
+    assert budget.plan_steps(10.55, 0, 10, 0.1, 0.0, 1) == 105
+    # From step 23: 340 steps (34 s) and the checks of epochs 5, 10, ..., 35 and 37 (8 x 2 s).
+    assert budget.plan_steps(50.05, 23, 10, 0.1, 2.0, 5) == 363
+    assert budget.plan_steps(1, 0, 10, 1.0, 5.0, 1) == 1  # never less than one step
+
+
+@pytest.mark.parametrize(
+    "available, knn_seconds, expected",
+    [
+        (1000, 10.0, 3),  # 10 epochs, 5 checks allowed (5% of 1000 s): every 3 -> 3, 6, 9 and 10
+        (2400, 16.7, 5),  # 24 epochs, 7 checks: every 4 would make epoch 24 periodic and last
+        (1000, 100.0, 11),  # no check fits in 5%: only the last of the 10 epochs
+    ],
+)
+def test_spaced_checks_cost_at_most_their_share(available, knn_seconds, expected):
+    every = budget.spaced_checks(available, 100.0, knn_seconds, budget_s=available)
+    assert every == expected
+    epochs = int(available / 100.0)
+    assert epochs % every != 0
+    # The last check is always run, even when it alone costs more than the share.
+    assert budget.check_count(0, 10 * epochs, 10, every) * knn_seconds <= max(budget.KNN_SHARE * available, knn_seconds)
 
 
 def _cosine(step, peak, warmup, total):
@@ -60,7 +90,7 @@ def test_presets_budget_and_epochs_exclude_each_other():
 
 
 def test_budgeted_run_plans_its_steps_and_keeps_the_plan(tmp_path):
-    budget_s = 45.0
+    budget_s = 30.0
     config = get_preset(
         "demo",
         time_budget=budget_s,
@@ -77,13 +107,25 @@ def test_budgeted_run_plans_its_steps_and_keeps_the_plan(tmp_path):
     with open(os.path.join(out, "plan.json")) as f:
         plan = json.load(f)
     assert summary["status"] == "finished"
-    # The plan, checked against its own measurements with the formula written out.
-    per_epoch = plan["seconds_per_step"] * 10 + plan["knn_seconds"] / 3
-    if not plan["replanned"]:
-        reserve = 0.01 * budget_s + 0.5 * plan["knn_seconds"] + 5.0
-        expected = max(1, math.floor((budget_s - plan["planned_at_s"] - reserve - plan["knn_seconds"]) / per_epoch))
-        assert plan["epochs"] == expected
-    assert summary["steps"] == plan["total_steps"] == plan["epochs"] * 10 == summary["total_steps"]
+    # The plan, checked against its own measurements with the cost written out: 10 steps an
+    # epoch, a check every third epoch and after the last, and the summary's reserve.
+    total = plan["total_steps"]
+    warm = min(10 - 1, budget_run.WARMUP_UNTIMED_STEPS + budget_run.WARMUP_TIMED_STEPS)  # the warm-up's steps
+
+    def cost(last_step, seconds_per_step):
+        epochs = math.ceil(last_step / 10)
+        checks = len({e for e in range(3, epochs + 1, 3)} | {epochs})
+        return (last_step - warm) * seconds_per_step + checks * plan["knn_seconds"]
+
+    # The warm-up's plan (`first_total_steps`), from its own measurements and its elapsed time.
+    available = budget_s - plan["planned_at_s"] - (0.005 * budget_s + 0.2 * plan["knn_seconds"] + 5.0)
+    seconds_per_step = plan["warm_up_seconds_per_step"]
+    assert cost(plan["first_total_steps"], seconds_per_step) <= available
+    assert available < cost(plan["first_total_steps"] + 1, seconds_per_step)
+    if plan["replans"] == 0:
+        assert total == plan["first_total_steps"]
+    assert plan["epochs"] == math.ceil(total / 10)
+    assert summary["steps"] == total == summary["total_steps"]
     np.testing.assert_allclose(plan["images_per_sec"], 32 / plan["seconds_per_step"], rtol=1e-6)
     # tau reaches 1 at the planned end (the cosine over the planned steps, not the preset's epochs).
     with open(os.path.join(out, "metrics.csv"), newline="") as f:
@@ -96,11 +138,67 @@ def test_budgeted_run_plans_its_steps_and_keeps_the_plan(tmp_path):
     assert knn_epochs == sorted({e for e in range(3, plan["epochs"] + 1, 3)} | {plan["epochs"]})
     # tau follows the cosine over the planned steps (not the preset's epochs) from the (re-)plan on:
     # each row holds the tau of its epoch's last step.
-    total = plan["total_steps"]
     for row in rows[plan["replanned_at_epoch"] or 0 :]:
-        step = 10 * (int(row["epoch"]) + 1) - 1
+        step = min(10 * (int(row["epoch"]) + 1), total) - 1
         expected_tau = 1 - (1 - 0.99) * (math.cos(math.pi * step / total) + 1) / 2
         np.testing.assert_allclose(float(row["tau"]), expected_tau, atol=2e-6)
     assert 0.0 <= summary["knn_acc_random_init"] <= 1.0  # measured at step 0, before the warm-up
-    # A loose check that the run ended near its budget (the benchmark measures it exactly).
-    assert summary["train_seconds"] < 2 * budget_s
+    assert summary["run_seconds"] > 0
+
+
+@pytest.mark.parametrize("seconds_per_step, replans", [(1.0, False), (1.5, True)])
+def test_watch_replans_when_the_predicted_end_misses_and_stops_at_the_last_step(monkeypatch, seconds_per_step, replans):
+    clock = [1000.0]
+    monkeypatch.setattr(budget_run.time, "time", lambda: clock[0])
+    # Planned 10 s into a 100 s run, from step 10: 1 s steps, a 2 s check after each 10-step
+    # epoch, a reserve of 0.5 + 0.4 + 5 s: 84.1 s hold 7 epochs (70 steps, 7 checks: 84 s).
+    assert budget.plan_steps(84.1, 10, 10, 1.0, 2.0, 1) == 80
+    plan = budget.Plan(100.0, 80, 10, 1.0, 2.0, 10.0, 32.0)
+    asked = []  # the seconds per step of each re-plan; each one here ends the run at step 45
+
+    def replan(seconds):
+        asked.append(seconds)
+        return dataclasses.replace(plan, total_steps=45, replans=len(asked))
+
+    model = types.SimpleNamespace(optimizer=types.SimpleNamespace(iterations=tf.Variable(3)), stop_training=False)
+    watch = budget_run.BudgetWatch(plan, started=990.0, replan=replan)
+    watch.set_model(model)
+    clock[0] = 995.0
+    watch.on_train_begin()
+    # The rest of epoch 1 pays one-time costs: left out of the measurement, even when slow.
+    clock[0], model.optimizer.iterations = 1000.0, tf.Variable(10)
+    watch.on_epoch_end(0, {"loss": 1.0})
+    assert watch.epochs == [] and asked == []
+    # Epoch 2: 10 steps and its check.
+    clock[0] += 10 * seconds_per_step + 2.0
+    model.optimizer.iterations.assign(20)
+    watch.on_epoch_end(1, {"loss": 1.0, "knn_acc": 0.5})
+    # Predicted end: elapsed + 60 steps + 6 checks + the reserve; on pace, 99.9 s.
+    predicted = (10 + 10 * seconds_per_step + 2) + 60 * seconds_per_step + 6 * 2.0 + 5.9
+    assert replans == (abs(predicted / 100 - 1) > budget_run.REPLAN_DRIFT)
+    assert asked == ([pytest.approx(seconds_per_step)] if replans else [])
+    # The speed is the last 3 epochs': three more at 0.5 s a step, without checks, far ahead
+    # of the plan: at most one re-plan an epoch.
+    for epoch in range(2, 5):
+        clock[0] += 5.0
+        model.optimizer.iterations.assign_add(10)
+        watch.on_epoch_end(epoch, {"loss": 1.0})
+    assert watch.seconds_per_step() == pytest.approx(0.5)
+    assert 1 <= len(asked) <= 4 and watch.plan.total_steps == 45
+    # The fit ends at the plan's last step, inside an epoch.
+    model.optimizer.iterations.assign(44)
+    watch.on_train_batch_end(3)
+    assert not model.stop_training
+    model.optimizer.iterations.assign(45)
+    watch.on_train_batch_end(4)
+    assert model.stop_training
+    # A resumed run's watch is frozen: it measures and never re-plans.
+    frozen = budget_run.BudgetWatch(plan, started=990.0, replan=replan, frozen=True)
+    frozen.set_model(model)
+    frozen.on_train_begin()
+    count = len(asked)
+    for epoch in range(3):
+        clock[0] += 50.0
+        model.optimizer.iterations.assign_add(10)
+        frozen.on_epoch_end(epoch, {"loss": 1.0})
+    assert len(asked) == count

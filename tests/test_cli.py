@@ -83,3 +83,11 @@ def test_library_errors_name_the_flags_the_user_typed():
     with pytest.raises(KeyError):  # only ValueErrors are the user's to fix
         with flag_errors("shard_size"):
             raise KeyError("shard_size=0")
+
+
+def test_process_started_counts_the_time_before_our_code_runs():
+    # A second of sleep before the import: the budget's clock must include it (and the import).
+    code = "import time; time.sleep(1); from byol_tf.cli import process_started; print(time.time() - process_started())"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 1.0 <= float(result.stdout.strip().splitlines()[-1]) < 60

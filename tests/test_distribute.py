@@ -170,6 +170,7 @@ def _cluster(command, tmp_path, timeout=300, env=None, kill_when=None):
     return results
 
 
+@pytest.mark.slow  # 35-50 s on 2 cores; test_each_worker_reads_its_own_files trains two workers in the default suite
 def test_multi_worker_on_localhost(tmp_path, runs):
     single, _, folder = runs
     results = _cluster(
@@ -210,7 +211,7 @@ def _tiny_pretrain_args(tmp_path):
     ]
 
 
-@pytest.mark.slow  # 70-90 s on 2 cores; test_multi_worker_on_localhost covers two workers in the default suite
+@pytest.mark.slow  # 70-90 s on 2 cores; test_each_worker_reads_its_own_files runs two workers in the default suite
 def test_pretrain_script_on_two_workers_writes_one_run_folder(tmp_path):
     args = _tiny_pretrain_args(tmp_path)
     single = subprocess.run(
@@ -243,6 +244,20 @@ def test_pretrain_script_on_two_workers_writes_one_run_folder(tmp_path):
     # to 1e-5, and the loss checks that both saw the same batches.
     for a, b in zip(multi_encoder.weights, single_encoder.weights):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=0, atol=1e-2, err_msg=a.path)
+
+
+@pytest.mark.slow  # 60-90 s on 2 cores
+def test_two_workers_plan_one_time_budget(tmp_path):
+    # Each worker times its own warm-up and clock; unless they agree on the plan (and on the
+    # re-plans), one worker would run steps the other never joins, and both would hang.
+    args = [a for a in _tiny_pretrain_args(tmp_path) if a != "--epochs=2"]
+    results = _cluster([*args, "--time_budget=40s", "--strategy=multi_worker", f"--out={tmp_path / 'run'}"], tmp_path)
+    for rc, out, err in results:
+        assert rc == 0, err[-3000:]
+        assert "Time budget: planned" in out
+    plan = json.load(open(tmp_path / "run" / "plan.json"))
+    summary = json.load(open(tmp_path / "run" / "summary.json"))
+    assert summary["status"] == "finished" and summary["steps"] == plan["total_steps"] > 3
 
 
 @pytest.mark.slow

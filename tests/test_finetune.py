@@ -2,6 +2,7 @@
 
 import json
 import os
+import types
 
 import keras
 import keras_cv
@@ -12,7 +13,7 @@ import tensorflow as tf
 from byol_tf import data, export, finetune
 from byol_tf.backbones import build_encoder
 from test_linear import RESULT_RE, colour_set, tiny_run_dir
-from test_scripts import colour_npz, run_script
+from test_scripts import colour_npz, run_script_cases
 
 SIZE = 16
 
@@ -203,8 +204,7 @@ def test_finetune_script(tmp_path_factory):
     run_dir = tiny_run_dir(tmp_path_factory)
     out = str(tmp_path_factory.mktemp("ft"))
     train, test = colour_npz(f"{out}/train.npz", 128, 0), colour_npz(f"{out}/test.npz", 64, 1)
-    result = run_script(
-        "finetune.py",
+    finetune = [
         f"--run_dir={run_dir}",
         f"--out={out}",
         f"--data={train}",
@@ -216,7 +216,13 @@ def test_finetune_script(tmp_path_factory):
         "--batch_size=32",
         "--label_fraction=0.5",
         "--verbose=0",
+    ]
+    # --init=random rebuilds the run's backbone from config.json: fails fast without a run folder.
+    random_without_run = [f"--encoder={run_dir}/encoder.keras", "--init=random", f"--out={out}"]
+    (code, stdout, stderr), bad = run_script_cases(
+        "finetune.py", [finetune, random_without_run], tmp_path_factory.mktemp("cases")
     )
+    result = types.SimpleNamespace(returncode=code, stdout=stdout, stderr=stderr)
     assert result.returncode == 0, result.stderr[-3000:]
     top1, top5 = map(float, RESULT_RE.search(result.stdout).groups())
     # Colour classes, 2 epochs (1 frozen) of 2 steps: on 63 held-out images
@@ -230,6 +236,4 @@ def test_finetune_script(tmp_path_factory):
     assert sorted(os.listdir(os.path.join(out, "saved_model"))) == ["1"]
     assert os.path.exists(os.path.join(out, "saved_model", "1", "saved_model.pb"))
     assert os.path.join(out, "saved_model", "1") in result.stdout
-    # --init=random rebuilds the run's backbone from config.json: fails fast without a run folder.
-    bad = run_script("finetune.py", f"--encoder={run_dir}/encoder.keras", "--init=random", f"--out={out}", timeout=120)
-    assert bad.returncode != 0 and "--run_dir=None" in bad.stderr, bad.stderr[-2000:]
+    assert bad[0] != 0 and "--run_dir=None" in bad[2], bad[2][-2000:]

@@ -4,8 +4,6 @@ import csv
 import json
 import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,8 +16,8 @@ from byol_tf.config import AugmentConfig, PretrainConfig
 from byol_tf.export import EXTRA_DIR, METADATA_FILE, export_run
 from byol_tf.run_dir import RunDir
 from byol_tf.text.augment import TextAugmentConfig
+from test_scripts import run_script, run_script_cases
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RATE, SAMPLES = 8000, 2000
 WORDS = {0: ["good", "great", "lovely", "fine"], 1: ["bad", "awful", "dull", "poor"]}
 
@@ -263,33 +261,23 @@ def test_text_export_serves_the_encoder(text_run, tmp_path):
 
 
 def test_cli_pretrains_and_exports_text(text_csv, tmp_path):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
     run = str(tmp_path / "run")
-    common = ["--batch_size=32", "--epochs=1", "--verbose=0"]
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "scripts", "pretrain.py"), "--preset=sst2_text", f"--out={run}",
-         f"--data={text_csv}:train", f"--eval_data={text_csv}:dev", *common],
-        capture_output=True, text=True, env=env, timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "128 text examples" in result.stdout and "kNN top-1" in result.stdout
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "scripts", "export.py"), f"--run_dir={run}", f"--out={tmp_path / 'sm'}"],
-        capture_output=True, text=True, env=env, timeout=600,
-    )  # fmt: skip
+    common = [f"--data={text_csv}:train", "--batch_size=32", "--epochs=1", "--verbose=0"]
+    (code, stdout, stderr), (bad_code, _, bad_stderr) = run_script_cases(
+        "pretrain.py",
+        [
+            ["--preset=sst2_text", f"--out={run}", f"--eval_data={text_csv}:dev", *common],
+            ["--preset=sst2_text", f"--out={run}2", "--backbone=resnet18", *common],
+        ],
+        tmp_path,
+    )
+    assert code == 0, stderr[-3000:]
+    assert "128 text examples" in stdout and "kNN top-1" in stdout
+    assert bad_code != 0 and "Received: --backbone='resnet18'" in bad_stderr
+    result = run_script("export.py", f"--run_dir={run}", f"--out={tmp_path / 'sm'}", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "text: string [batch]" in result.stdout
-    for extra in ([], ["--random_init"]):
-        result = subprocess.run(
-            [sys.executable, os.path.join(ROOT, "scripts", "linear_eval.py"), f"--run_dir={run}", "--epochs=3",
-             f"--data={text_csv}:train", f"--eval_data={text_csv}:dev", *extra],
-            capture_output=True, text=True, env=env, timeout=600,
-        )  # fmt: skip
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert "128 train features, 32 test, 2 classes" in result.stdout and "top1=" in result.stdout
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "scripts", "pretrain.py"), "--preset=sst2_text", f"--out={run}2",
-         f"--data={text_csv}:train", "--backbone=resnet18", *common],
-        capture_output=True, text=True, env=env, timeout=600,
-    )  # fmt: skip
-    assert result.returncode != 0 and "Received: --backbone='resnet18'" in result.stderr
+    evaluate = [f"--run_dir={run}", "--epochs=3", f"--data={text_csv}:train", f"--eval_data={text_csv}:dev"]
+    for code, stdout, stderr in run_script_cases("linear_eval.py", [evaluate, [*evaluate, "--random_init"]], tmp_path):
+        assert code == 0, stderr[-3000:]
+        assert "128 train features, 32 test, 2 classes" in stdout and "top1=" in stdout

@@ -55,6 +55,21 @@ def test_plot_metrics_writes_a_png(tmp_path):
         plots.plot_metrics(str(tmp_path / "empty.csv"), str(tmp_path / "empty.png"))
 
 
+def test_budget_curve_reads_budgeted_runs_in_budget_order(tmp_path):
+    import json
+
+    for name, budget_s, knn in (("b20", 1200.0, 0.5), ("b10", 600.0, 0.4)):
+        os.makedirs(tmp_path / name)
+        summary = dict(status="finished", time_budget=budget_s, run_seconds=budget_s - 5, steps=10, knn_acc=knn)
+        (tmp_path / name / "summary.json").write_text(json.dumps({**summary, "knn_acc_random_init": 0.3}))
+    rows = plots.budget_rows([str(tmp_path / "b20"), str(tmp_path / "b10")])
+    assert [(row["time_budget_s"], row["knn_acc"]) for row in rows] == [(600.0, 0.4), (1200.0, 0.5)]
+    assert_png(plots.plot_budget_curve(rows, str(tmp_path / "curve.png")))
+    (tmp_path / "b10" / "summary.json").write_text(json.dumps({"status": "finished", "knn_acc": 0.4}))
+    with pytest.raises(ValueError, match="time-budgeted run.*Received: run_dir="):
+        plots.budget_rows([str(tmp_path / "b10")])
+
+
 def test_pca_finds_the_directions_of_largest_variance():
     rng = np.random.default_rng(0)
     basis, _ = np.linalg.qr(rng.normal(size=(6, 6)))

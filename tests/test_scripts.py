@@ -23,6 +23,48 @@ def run_script(name, *args, timeout=300):
     )
 
 
+# Runs a script once per case in one Python (TensorFlow imported once, not once a case):
+# each case parses its own flags from their defaults; exit status and output are kept.
+_CASES_DRIVER = """
+import contextlib, io, json, runpy, sys
+from absl import flags
+script, cases, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+results = []
+for args in cases:
+    flags.FLAGS.unparse_flags()
+    sys.argv = [script, *args]
+    stdout, stderr, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            runpy.run_path(script, run_name="__main__")
+        except SystemExit as error:
+            code = error.code if isinstance(error.code, int) else int(error.code is not None)
+    results.append([code, stdout.getvalue(), stderr.getvalue()])
+    with open(out, "w") as f:
+        json.dump(results, f)
+"""
+
+
+def run_script_cases(name, cases, tmp_path, timeout=300):
+    """`run_script(name, *args)` for each `args` of `cases`, in one process: [(returncode, stdout, stderr)]."""
+    out = str(tmp_path / f"{name}.cases.json")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
+    script = os.path.join(ROOT, "scripts", name)
+    result = subprocess.run(
+        [sys.executable, "-c", _CASES_DRIVER, script, json.dumps([list(c) for c in cases]), out],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
+    )
+    assert os.path.isfile(out), result.stderr[-3000:]
+    with open(out) as f:
+        results = json.load(f)
+    assert len(results) == len(cases), result.stderr[-3000:]  # a case that crashed the process
+    return results
+
+
 TINY = ["--preset=demo", "--epochs=2", "--limit=256", "--batch_size=64", "--verbose=0", "--warmup_epochs=0"]
 
 
@@ -96,36 +138,45 @@ def test_finished_run_is_not_overwritten(demo_run):
     assert open(os.path.join(out, "summary.json")).read() == before
 
 
-@pytest.mark.parametrize(
-    "flag, expected",
-    [
-        ("--epochs=-1", "--epochs=-1"),
-        ("--batch_size=0", "--batch_size=0"),
-        ("--backbone=resnet7", "backbone='resnet7'"),
-        ("--preset=nope", "--preset=nope"),
-        ("--data=/no/such/dir", "--data=/no/such/dir"),
-        ("--image_size=4", "--image_size=4"),
-        # Too small for the backbone (keras.applications ResNet50 needs 32 px).
-        ("--backbone=resnet50 --image_size=16", "--image_size=16"),
-        ("--backup_every_steps=0", "--backup_every_steps=0"),
-        ("--limit=0", "--limit=0"),
-        ("--cpu_replicas=0", "--cpu_replicas=0"),
-        ("--collapse_patience=0", "--collapse_patience=0"),
-        ("--collapse_threshold=-1", "--collapse_threshold=-1"),
-        ("--on_collapse=maybe", "--on_collapse=maybe"),
-        ("--strategy=nope", "--strategy=nope"),
-        ("--precision=fp8", "--precision=fp8"),
-        ("--probe_lr=0", "--probe_lr=0"),
-        # The global batch must split over the replicas.
-        ("--cpu_replicas=2 --batch_size=33", "--batch_size=33"),
-    ],
-)
-def test_bad_flags_fail_before_any_work(tmp_path, flag, expected):
-    out = str(tmp_path / "run")
-    result = run_script("pretrain.py", *TINY, *flag.split(), f"--out={out}", timeout=120)
-    assert result.returncode != 0
-    assert expected in result.stderr, result.stderr[-2000:]
-    assert not os.path.exists(out)
+# Each flag, then what its error must name; the case that configures two CPU replicas goes last.
+BAD_FLAGS = [
+    ("--epochs=-1", "--epochs=-1"),
+    ("--batch_size=0", "--batch_size=0"),
+    ("--backbone=resnet7", "backbone='resnet7'"),
+    ("--preset=nope", "--preset=nope"),
+    ("--data=/no/such/dir", "--data=/no/such/dir"),
+    ("--image_size=4", "--image_size=4"),
+    # Too small for the backbone (keras.applications ResNet50 needs 32 px).
+    ("--backbone=resnet50 --image_size=16", "--image_size=16"),
+    ("--backup_every_steps=0", "--backup_every_steps=0"),
+    ("--limit=0", "--limit=0"),
+    ("--cpu_replicas=0", "--cpu_replicas=0"),
+    ("--collapse_patience=0", "--collapse_patience=0"),
+    ("--collapse_threshold=-1", "--collapse_threshold=-1"),
+    ("--on_collapse=maybe", "--on_collapse=maybe"),
+    ("--strategy=nope", "--strategy=nope"),
+    ("--precision=fp8", "--precision=fp8"),
+    ("--probe_lr=0", "--probe_lr=0"),
+    ("--time_budget=1m", "--epochs=2, --time_budget=1m"),  # TINY sets --epochs
+    # The global batch must split over the replicas.
+    ("--cpu_replicas=2 --batch_size=33", "--batch_size=33"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_flag_runs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bad_flags")
+    cases = [[*TINY, *flag.split(), f"--out={folder / str(i)}"] for i, (flag, _) in enumerate(BAD_FLAGS)]
+    return folder, run_script_cases("pretrain.py", cases, folder)
+
+
+@pytest.mark.parametrize("index", range(len(BAD_FLAGS)), ids=[flag for flag, _ in BAD_FLAGS])
+def test_bad_flags_fail_before_any_work(bad_flag_runs, index):
+    folder, results = bad_flag_runs
+    returncode, _, stderr = results[index]
+    assert returncode != 0
+    assert BAD_FLAGS[index][1] in stderr, stderr[-2000:]
+    assert not os.path.exists(folder / str(index))
 
 
 def test_probe_on_unlabelled_data_fails_naming_it(tmp_path):

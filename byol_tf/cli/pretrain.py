@@ -15,7 +15,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging
 
-from byol_tf.cli import flag_errors, run_main
+from byol_tf.cli import flag_errors, process_started, run_main
 from byol_tf.config import AUGMENT_ON, LOSSES, OPTIMIZERS, PRECISIONS
 from byol_tf.presets import PRESETS, get_preset
 from byol_tf.distribute import STRATEGIES
@@ -40,8 +40,8 @@ flags.DEFINE_integer("epochs", None, "Epochs (the preset's time budget, if it ha
 flags.DEFINE_string(
     "time_budget",
     None,
-    "Wall time for the whole run, e.g. 90s, 20m, 8h, 1h30m: after a measured warm-up the run plans its epochs "
-    "(and lays the learning rate and tau over them) to end inside it; the plan is in RUN/plan.json. "
+    "Wall time for the whole command, e.g. 90s, 20m, 8h, 1h30m: after a measured warm-up the run plans its "
+    "steps (and lays the learning rate and tau over them) to end inside it; the plan is in RUN/plan.json. "
     "Not with --epochs.",
 )
 flags.DEFINE_integer("batch_size", None, "Global batch size.")
@@ -54,7 +54,12 @@ flags.DEFINE_enum("loss", None, list(LOSSES), "Loss.")
 flags.DEFINE_integer("seed", None, "Seed for data order, augmentation and init.")
 flags.DEFINE_integer("steps_per_execution", None, "Optimizer steps per compiled call.")
 flags.DEFINE_integer("limit", None, "Use at most this many training images.")
-flags.DEFINE_integer("knn_every", 1, "kNN monitor every N epochs (with --eval_data).")
+flags.DEFINE_integer(
+    "knn_every",
+    None,
+    "kNN monitor every N epochs and after the last (with --eval_data). Default: every epoch; with a "
+    "time budget, as often as 5 percent of the budget allows.",
+)
 flags.DEFINE_integer("backup_every_steps", None, "Back up for resume every N steps (default: each epoch).")
 flags.DEFINE_boolean(
     "overwrite", False, "Replace a finished run in --out (or start over a run folder with another config)."
@@ -245,6 +250,7 @@ def main(argv):
         collapse_threshold=FLAGS.collapse_threshold,
         collapse_patience=FLAGS.collapse_patience,
         on_collapse=FLAGS.on_collapse,
+        started=process_started(),
     )
     print(f"Run folder: {FLAGS.out}")
     if summary["status"] != "finished":
