@@ -52,6 +52,12 @@ def check_count(first_step, last_step, steps_per_epoch, knn_every) -> int:
     return sum(1 for e in range(first_epoch, last_epoch + 1) if is_monitor_epoch(e, knn_every, last_epoch))
 
 
+def run_cost(first_step, last_step, steps_per_epoch, seconds_per_step, knn_seconds, knn_every) -> float:
+    """Seconds from `first_step` to `last_step`: the steps and the kNN checks between them."""
+    checks = check_count(first_step, last_step, steps_per_epoch, knn_every)
+    return (last_step - first_step) * seconds_per_step + checks * knn_seconds
+
+
 def plan_steps(available_s, first_step, steps_per_epoch, seconds_per_step, knn_seconds, knn_every) -> int:
     """The last step of the longest run from `first_step` whose steps and kNN checks fit in `available_s`.
 
@@ -61,8 +67,7 @@ def plan_steps(available_s, first_step, steps_per_epoch, seconds_per_step, knn_s
     """
 
     def cost(last_step):
-        checks = check_count(first_step, last_step, steps_per_epoch, knn_every)
-        return (last_step - first_step) * seconds_per_step + checks * knn_seconds
+        return run_cost(first_step, last_step, steps_per_epoch, seconds_per_step, knn_seconds, knn_every)
 
     low, high = first_step + 1, first_step + 1 + max(0, int(available_s / max(seconds_per_step, 1e-9)))
     while low < high:  # the largest last step with cost <= available (or first_step + 1)
@@ -122,8 +127,7 @@ class Plan:
 
 def plan_cost(plan, step, seconds_per_step) -> float:
     """Seconds from `step` to the plan's last step at `seconds_per_step`, its kNN checks included."""
-    checks = check_count(step, plan.total_steps, plan.steps_per_epoch, plan.knn_every)
-    return (plan.total_steps - step) * seconds_per_step + checks * plan.knn_seconds
+    return run_cost(step, plan.total_steps, plan.steps_per_epoch, seconds_per_step, plan.knn_seconds, plan.knn_every)
 
 
 def reserve(budget_s, knn_seconds):

@@ -82,8 +82,13 @@ class BudgetWatch(keras.callbacks.Callback):
         # The gap between two fits is neither a step nor a check.
         self._since, self._step = time.time(), int(self.model.optimizer.iterations.numpy())
 
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_first = self._step
+
     def on_train_batch_end(self, batch, logs=None):
-        if int(self.model.optimizer.iterations.numpy()) >= self.plan.total_steps:
+        # Keras's `batch` is the epoch's last step run (0-based): the step count without
+        # reading the optimizer's variable, which would wait on the device every step.
+        if self._epoch_first + batch + 1 >= self.plan.total_steps:
             self.model.stop_training = True  # the plan's last step, mid-epoch or not
 
     def seconds_per_step(self) -> Optional[float]:

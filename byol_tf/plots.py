@@ -16,7 +16,6 @@ is left alone.
 """
 
 import csv
-import json
 import os
 
 import numpy as np
@@ -222,8 +221,7 @@ def budget_rows(run_dirs):
     """One row per finished, time-budgeted run folder: its budget, wall time and kNN accuracies, by budget."""
     rows = []
     for run_dir in run_dirs:
-        path = RunDir(run_dir).summary_file
-        summary = json.load(open(path)) if os.path.isfile(path) else {}
+        summary = RunDir(run_dir).read_summary()
         if summary.get("status") != "finished" or not summary.get("time_budget") or "knn_acc" not in summary:
             raise ValueError(
                 f"Expected a finished, time-budgeted run with a kNN accuracy. Received: run_dir={run_dir!r}"

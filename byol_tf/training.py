@@ -13,6 +13,7 @@ from byol_tf import __version__
 from byol_tf import data as data_lib
 from byol_tf import backup as backups
 from byol_tf import budget_run, distribute, guards, run_fit
+from byol_tf.checks import check
 from byol_tf.config import PretrainConfig
 from byol_tf.build import build_byol
 from byol_tf.optim import build_optimizer
@@ -299,8 +300,8 @@ def run_pretraining(
         `status` is "finished", "stopped_nan" or "stopped_collapse".
     """
     started = time.time() if started is None else started
-    if knn_every is not None and (not isinstance(knn_every, int) or knn_every < 1):
-        raise ValueError(f"`knn_every` must be an integer >= 1. Received: knn_every={knn_every!r}")
+    if knn_every is not None:
+        check(isinstance(knn_every, int) and knn_every >= 1, "knn_every", knn_every, "must be an integer >= 1")
     r = _validate(
         config, train, eval_set, out_dir, strategy, overwrite, backup_every_steps, on_collapse, collapse_patience
     )

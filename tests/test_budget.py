@@ -185,12 +185,15 @@ def test_watch_replans_when_the_predicted_end_misses_and_stops_at_the_last_step(
         watch.on_epoch_end(epoch, {"loss": 1.0})
     assert watch.seconds_per_step() == pytest.approx(0.5)
     assert 1 <= len(asked) <= 4 and watch.plan.total_steps == 45
-    # The fit ends at the plan's last step, inside an epoch.
-    model.optimizer.iterations.assign(44)
-    watch.on_train_batch_end(3)
+    # The fit ends at the plan's last step, inside an epoch (Keras passes the epoch's step index).
+    ending = budget_run.BudgetWatch(watch.plan, started=990.0)
+    ending.set_model(model)
+    model.optimizer.iterations.assign(40)
+    ending.on_train_begin()
+    ending.on_epoch_begin(4)
+    ending.on_train_batch_end(3)  # step 44
     assert not model.stop_training
-    model.optimizer.iterations.assign(45)
-    watch.on_train_batch_end(4)
+    ending.on_train_batch_end(4)  # step 45
     assert model.stop_training
     # A resumed run's watch is frozen: it measures and never re-plans.
     frozen = budget_run.BudgetWatch(plan, started=990.0, replan=replan, frozen=True)
