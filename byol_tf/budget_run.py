@@ -5,9 +5,9 @@ measures what a kNN check costs (the kNN of the step-0 encoder, which is the
 random-init baseline the summary reports) and what a training step costs (a
 short warm-up fit), then plans its steps (`byol_tf.budget`). The
 learning-rate cosine and the tau schedule are laid over the planned steps.
-The plan is logged, written to `RUN/plan.json`, checked against the clock at
-every epoch's end and re-planned inside the running fit (at most once an
-epoch) when the predicted end misses the budget by more than `REPLAN_DRIFT`,
+The plan is logged, written to `RUN/plan.json`, checked against the clock
+every 1/20 of the run (at most an epoch) and re-planned inside the running
+fit when the predicted end misses the budget by more than `REPLAN_DRIFT`,
 and kept as it is on resume.
 """
 
@@ -24,9 +24,12 @@ from byol_tf.budget import Plan, plan_cost, plan_steps, reserve, spaced_checks
 # Steps the warm-up times, after the first ones that trace and compile.
 WARMUP_TIMED_STEPS = 20
 WARMUP_UNTIMED_STEPS = 3
-# The watch's speed: the mean of this many of the last epochs (recent, not all: a shared
-# machine's speed moves within a run).
-WATCH_EPOCHS = 3
+# The watch measures a window of steps at a time: 1/20 of the planned run, at most an epoch
+# (an epoch of a large dataset can be longer than the whole budget).
+WATCH_WINDOWS = 20
+# Its speed: the mean over the last 3 windows (recent, not all: a shared machine's speed
+# moves within a run).
+WATCH_RECENT = 3
 # A predicted end this far from the budget (as a fraction of it) triggers a re-plan:
 # inside the +-3% a budgeted run is held to.
 REPLAN_DRIFT = 0.02
@@ -56,19 +59,20 @@ class StepTimer(keras.callbacks.Callback):
 
 
 class BudgetWatch(keras.callbacks.Callback):
-    """Ends `fit` at the plan's last step, and re-plans at an epoch's end when the predicted end misses.
+    """Ends `fit` at the plan's last step, and re-plans when the predicted end misses.
 
-    The prediction takes the mean seconds per step of the last `WATCH_EPOCHS`
-    epochs (checkpoints and backups included, the kNN checks' time taken out
-    and counted per check), the steps and checks left, and the summary's
-    reserve. The first epoch after the plan is left out: it pays one-time
-    costs (the first checkpoint and backup, TensorBoard's graph). When the
-    predicted end is more than `REPLAN_DRIFT` of the budget away from it,
-    `replan(seconds_per_step)` returns the new plan, inside the running fit (a
-    new fit would cost a new input pipeline). A machine whose speed moves
-    within a run (by 25% between epochs of one run on a shared 2-core VM)
-    needs more than one re-plan to end on time: at most one an epoch, none
-    when `frozen` (a resumed run keeps its plan).
+    The watch measures windows of steps: 1/`WATCH_WINDOWS` of the plan, at most
+    an epoch, and each epoch's end (checkpoints and the kNN check). The
+    prediction takes the mean seconds per step of the last `WATCH_RECENT`
+    windows (the kNN checks' time taken out and counted per check), the steps
+    and checks left, and the summary's reserve. The first window after the
+    plan is left out: it pays one-time costs (tracing, the first checkpoint
+    and backup). When the predicted end is more than `REPLAN_DRIFT` of the
+    budget away from it, `replan(seconds_per_step)` returns the new plan,
+    inside the running fit (a new fit would cost a new input pipeline). A
+    machine whose speed moves within a run (by 25% between epochs of one run
+    on a shared 2-core VM) needs more than one re-plan: at most one a window,
+    none when `frozen` (a resumed run keeps its plan).
     """
 
     def __init__(self, plan: Plan, started: float, replan=None, agree=None, frozen=False):
@@ -76,36 +80,50 @@ class BudgetWatch(keras.callbacks.Callback):
         self.plan, self.started, self.replan = plan, started, replan
         # `agree(miss)`: the same miss on every worker of a cluster (all re-plan, or none).
         self.agree = agree or (lambda miss: miss)
-        self.frozen, self.epochs, self._first_dropped = frozen, [], False  # epochs: (seconds, steps, checks)
+        self.frozen, self.windows, self._first_dropped = frozen, [], False  # windows: (seconds, steps, checks)
+        planned = plan.first_total_steps or plan.total_steps
+        self.window = max(1, min(plan.steps_per_epoch, planned // WATCH_WINDOWS))
 
     def on_train_begin(self, logs=None):
         # The gap between two fits is neither a step nor a check.
         self._since, self._step = time.time(), int(self.model.optimizer.iterations.numpy())
+        self._at = self._step
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._epoch_first = self._step
+        self._epoch_first = self._at
 
     def on_train_batch_end(self, batch, logs=None):
         # Keras's `batch` is the epoch's last step run (0-based): the step count without
         # reading the optimizer's variable, which would wait on the device every step.
-        if self._epoch_first + batch + 1 >= self.plan.total_steps:
+        self._at = self._epoch_first + batch + 1
+        if self._at >= self.plan.total_steps:
             self.model.stop_training = True  # the plan's last step, mid-epoch or not
+        elif self._at - self._step >= self.window:
+            self._measure(checks=0)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._at = int(self.model.optimizer.iterations.numpy())
+        self._measure(checks=int("knn_acc" in (logs or {})))
 
     def seconds_per_step(self) -> Optional[float]:
-        """The mean of the last `WATCH_EPOCHS` measured epochs, or None before half an epoch."""
-        recent = self.epochs[-WATCH_EPOCHS:]
-        seconds, steps, checks = (sum(column) for column in zip(*recent)) if recent else (0.0, 0, 0)
-        if steps < self.plan.steps_per_epoch / 2:
+        """The mean over the last `WATCH_RECENT` windows' steps, or None before half a window."""
+        seconds = steps = checks = 0
+        for window_seconds, window_steps, window_checks in reversed(self.windows):
+            if steps >= WATCH_RECENT * self.window:
+                break
+            seconds, steps, checks = seconds + window_seconds, steps + window_steps, checks + window_checks
+        if steps < self.window / 2:
             return None
         return max(1e-9, seconds - checks * self.plan.knn_seconds) / steps
 
-    def on_epoch_end(self, epoch, logs=None):
-        now, step = time.time(), int(self.model.optimizer.iterations.numpy())
-        measured = (now - self._since, step - self._step, int("knn_acc" in (logs or {})))
+    def _measure(self, checks):
+        """Closes a window at step `self._at`; re-plans when the predicted end misses the budget."""
+        now, step = time.time(), self._at
+        measured = (now - self._since, step - self._step, checks)
         self._since, self._step = now, step
         if self._first_dropped:
-            self.epochs.append(measured)
-        self._first_dropped = True  # the first epoch after the plan: one-time costs
+            self.windows.append(measured)
+        self._first_dropped = True  # the first window after the plan: one-time costs
         seconds_per_step = self.seconds_per_step()
         if self.frozen or self.replan is None or seconds_per_step is None or step >= self.plan.total_steps:
             return

@@ -58,7 +58,23 @@ def build_byol(
         base_tau=config.base_tau,
         name="byol",
     )
+    if config.modality == "image" and config.train_size != config.image_size:
+        for network in (model.encoder, model.target_encoder):
+            accept_any_image_size(network)
     if config.fast_kernels and config.modality == "image":
         # CPU speed paths (the same maths): the training entry point's choice, not the model's.
         kernels.install_fast_kernels(model)
     return model
+
+
+def accept_any_image_size(encoder: keras.Model) -> None:
+    """Lets a convolutional encoder built at one image size train on views of another.
+
+    Keras checks a functional model's input against the shape it was built
+    with; the layers themselves (convolutions, pooling) take any size. The
+    check is relaxed on this object only: a saved and reloaded encoder keeps
+    its `image_size` input.
+    """
+    for layer in [encoder, *encoder._flatten_layers(include_self=False)]:
+        if isinstance(layer, keras.Model) and getattr(layer, "inputs", None):
+            layer.input_spec = keras.InputSpec(ndim=4, axes={-1: 3})

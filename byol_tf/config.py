@@ -106,7 +106,14 @@ class PretrainConfig:
             (`byol_tf.modalities`).
         backbone: a name from `byol_tf.backbones.available_backbones()`;
             audio takes "audio_conv", text "text_gru" or "text_lstm".
-        image_size: training resolution (images only).
+        image_size: the encoder's resolution (images only): evaluation,
+            export and serving resize to it, and the views are made at it
+            unless `view_size` says otherwise.
+        view_size: side of the training views, `None` for `image_size`. Smaller
+            views make a step cheaper; the encoder stays at `image_size`. A
+            random-resized crop magnifies the object, so a network trained on
+            crops is evaluated best at a higher resolution than it trained at
+            (Touvron et al. 2019, "FixRes").
         batch_size: global batch size, summed over replicas.
         epochs: passes over the training set (with `time_budget`, planned
             by the run instead).
@@ -156,6 +163,7 @@ class PretrainConfig:
     modality: str = "image"
     backbone: str = "resnet18"
     image_size: int = 224
+    view_size: Optional[int] = None
     batch_size: int = 256
     epochs: int = 100
     time_budget: Optional[float] = None
@@ -185,6 +193,7 @@ class PretrainConfig:
 
     def __post_init__(self):
         _check(self.image_size >= 8, "image_size", self.image_size, "must be >= 8")
+        _check(self.view_size is None or self.view_size >= 8, "view_size", self.view_size, "must be None or >= 8")
         _check(self.batch_size >= 2, "batch_size", self.batch_size, "must be >= 2")
         _check(self.epochs >= 1, "epochs", self.epochs, "must be >= 1")
         _check(self.time_budget is None or self.time_budget > 0, "time_budget", self.time_budget, "must be None or > 0")
@@ -233,9 +242,15 @@ class PretrainConfig:
         )
         if self.modality != "image":
             _check(self.augment_on == "host", "augment_on", self.augment_on, "must be 'host' for audio and text")
-        elif self.augment.image_size != self.image_size:
+            _check(self.view_size is None, "view_size", self.view_size, "must be None for audio and text")
+        elif self.augment.image_size != self.train_size:
             # The views are made at the training resolution; keep one source of truth.
-            object.__setattr__(self, "augment", dataclasses.replace(self.augment, image_size=self.image_size))
+            object.__setattr__(self, "augment", dataclasses.replace(self.augment, image_size=self.train_size))
+
+    @property
+    def train_size(self) -> int:
+        """The side of the training views: `view_size`, else `image_size`."""
+        return self.view_size or self.image_size
 
     @property
     def peak_lr(self) -> float:

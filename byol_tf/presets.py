@@ -191,6 +191,4 @@ def get_preset(name: str, **overrides) -> PretrainConfig:
         overrides["time_budget"] = None  # epochs asked for: the preset's budget no longer applies
     augment_overrides = overrides.pop("augment", None) or {}
     augment = dataclasses.replace(base.augment, **augment_overrides)
-    if "image_size" in overrides and base.modality == "image":
-        augment = dataclasses.replace(augment, image_size=overrides["image_size"])
     return dataclasses.replace(base, augment=augment, **overrides)

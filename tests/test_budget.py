@@ -168,7 +168,7 @@ def test_watch_replans_when_the_predicted_end_misses_and_stops_at_the_last_step(
     # The rest of epoch 1 pays one-time costs: left out of the measurement, even when slow.
     clock[0], model.optimizer.iterations = 1000.0, tf.Variable(10)
     watch.on_epoch_end(0, {"loss": 1.0})
-    assert watch.epochs == [] and asked == []
+    assert watch.windows == [] and asked == []
     # Epoch 2: 10 steps and its check.
     clock[0] += 10 * seconds_per_step + 2.0
     model.optimizer.iterations.assign(20)
@@ -205,3 +205,36 @@ def test_watch_replans_when_the_predicted_end_misses_and_stops_at_the_last_step(
         model.optimizer.iterations.assign_add(10)
         frozen.on_epoch_end(epoch, {"loss": 1.0})
     assert len(asked) == count
+
+
+def test_watch_measures_windows_inside_an_epoch_longer_than_the_run(monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(budget_run.time, "time", lambda: clock[0])
+    # A large dataset: one epoch (1,000 steps) is longer than the plan (80 steps at 1 s from step
+    # 10, no kNN checks). The watch measures windows of 80 / 20 = 4 steps inside the epoch.
+    plan = budget.Plan(100.0, 80, 1000, 1.0, 0.0, 10.0, 32.0, knn_every=1000)
+    # At 1.5 s a step, re-planned at step 18, 22 s into the run: 100 - 22 - (0.5 + 5) s left
+    # hold 48 steps.
+    assert budget.plan_steps(72.5, 18, 1000, 1.5, 0.0, 1000) == 66
+    asked = []
+
+    def replan(seconds):
+        asked.append((seconds, watch._at))
+        return dataclasses.replace(plan, total_steps=66, replans=1)
+
+    model = types.SimpleNamespace(optimizer=types.SimpleNamespace(iterations=tf.Variable(10)), stop_training=False)
+    watch = budget_run.BudgetWatch(plan, started=990.0, replan=replan)
+    watch.set_model(model)
+    watch.on_train_begin()
+    watch.on_epoch_begin(0)
+    assert watch.window == 4
+    for batch in range(55):  # steps 11 to 65, 1.5 s each
+        clock[0] += 1.5
+        watch.on_train_batch_end(batch)
+    # Steps 11-14 left out (one-time costs), 15-18 measured: one re-plan, at step 18, and
+    # none after it (on pace with the new plan).
+    assert asked == [(pytest.approx(1.5), 18)]
+    assert [steps for _, steps, _ in watch.windows][:3] == [4, 4, 4]
+    assert not model.stop_training
+    watch.on_train_batch_end(55)  # step 66
+    assert model.stop_training

@@ -34,6 +34,18 @@ def test_get_preset_overrides_and_image_size_follows():
         cfg.epochs = 4
 
 
+def test_view_size_sets_the_views_and_leaves_the_encoder_size():
+    cfg = presets.get_preset("cifar10_cpu20", view_size=24)
+    assert (cfg.image_size, cfg.augment.image_size, cfg.train_size) == (32, 24, 24)
+    assert config.PretrainConfig.from_dict(cfg.to_dict()) == cfg
+    plain = presets.get_preset("cifar10_cpu20")
+    assert (plain.view_size, plain.augment.image_size, plain.train_size) == (None, 32, 32)
+    with pytest.raises(ValueError, match="view_size=4"):
+        presets.get_preset("cifar10_cpu20", view_size=4)
+    with pytest.raises(ValueError, match="view_size=24"):
+        presets.get_preset("fsdd_audio", view_size=24)
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [

@@ -106,6 +106,23 @@ def test_config_round_trip_and_keras_save(tmp_path):
     assert all(not v.trainable for v in reloaded.target_ema_variables)
 
 
+def test_views_smaller_than_the_encoder_train_and_the_saved_encoder_keeps_its_size(tmp_path):
+    from byol_tf.backbones import build_encoder
+
+    small = dict(projector_hidden=32, projection_dim=16, predictor_hidden=32)
+    model = build_byol(get_preset("cifar10_cpu20", view_size=16, **small))
+    model.compile(optimizer=keras.optimizers.SGD(0.05))
+    model.fit(view_dataset(image_size=16), steps_per_epoch=2, epochs=1, verbose=0)
+    # The same network on 16 px images: a plain Keras encoder built at 16 px with its weights.
+    reference = build_encoder("resnet_tiny", 16)
+    reference.set_weights(model.encoder.get_weights())
+    x = np.random.default_rng(0).random((4, 16, 16, 3)).astype("float32")
+    np.testing.assert_allclose(model.encoder(x).numpy(), reference(x).numpy(), atol=1e-4)
+    path = os.path.join(tmp_path, "encoder.keras")
+    model.encoder.save(path)
+    assert keras.saving.load_model(path).input_shape == (None, 32, 32, 3)
+
+
 def test_collapse_signal():
     z = np.random.default_rng(0).normal(size=(512, 64)).astype("float32")
     assert float(collapse_std(z)) == pytest.approx(1 / np.sqrt(64), rel=0.1)

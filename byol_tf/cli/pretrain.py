@@ -35,7 +35,10 @@ flags.DEFINE_string(
 )
 flags.DEFINE_string("out", None, "Run folder: logs, metrics.csv, checkpoints, encoder.keras.")
 flags.DEFINE_string("backbone", None, "Backbone name (see byol_tf.backbones).")
-flags.DEFINE_integer("image_size", None, "Training resolution.")
+flags.DEFINE_integer("image_size", None, "The encoder's resolution: evaluation, export and serving resize to it.")
+flags.DEFINE_integer(
+    "view_size", None, "Side of the training views (default: image_size); smaller trains faster, the encoder stays at image_size."
+)
 flags.DEFINE_integer("epochs", None, "Epochs (the preset's time budget, if it has one, no longer applies).")
 flags.DEFINE_string(
     "time_budget",
@@ -123,6 +126,7 @@ flags.DEFINE_integer("verbose", 2, "fit verbosity: 0, 1 (progress bar) or 2 (a l
 _OVERRIDES = {
     "backbone": "backbone",
     "image_size": "image_size",
+    "view_size": "view_size",
     "epochs": "epochs",
     "batch_size": "batch_size",
     "optimizer": "optimizer",
@@ -163,21 +167,23 @@ def _config():
 
 
 def _check_image_size(config):
-    """Builds the encoder once, so a size the backbone cannot take fails before any work."""
+    """Builds the encoder at each size it will see, so one the backbone cannot take fails before any work."""
     import keras
 
     from byol_tf import backbones
 
-    try:
-        backbones.build_encoder(config.backbone, config.image_size)
-    except Exception as error:  # noqa: BLE001 - backbones fail in many ways on small inputs.
-        raise app.UsageError(
-            f"--image_size is too small (or otherwise unusable) for --backbone={config.backbone} "
-            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
-            f"Received: --image_size={config.image_size}"
-        )
-    finally:
-        keras.backend.clear_session()
+    sizes = {"image_size": config.image_size, **({"view_size": config.view_size} if config.view_size else {})}
+    for flag, size in sizes.items():
+        try:
+            backbones.build_encoder(config.backbone, size)
+        except Exception as error:  # noqa: BLE001 - backbones fail in many ways on small inputs.
+            raise app.UsageError(
+                f"--{flag} is too small (or otherwise unusable) for --backbone={config.backbone} "
+                f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
+                f"Received: --{flag}={size}"
+            )
+        finally:
+            keras.backend.clear_session()
 
 
 def main(argv):
