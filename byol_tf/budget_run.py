@@ -24,11 +24,13 @@ from byol_tf.budget import Plan, plan_cost, plan_steps, reserve, spaced_checks
 # Steps the warm-up times, after the first ones that trace and compile.
 WARMUP_TIMED_STEPS = 20
 WARMUP_UNTIMED_STEPS = 3
-# The watch measures a window of steps at a time: 1/20 of the planned run, at most an epoch
-# (an epoch of a large dataset can be longer than the whole budget).
+# The watch measures a window of steps at a time: 1/20 of the planned run (at least 5 steps),
+# at most an epoch (an epoch of a large dataset can be longer than the whole budget).
 WATCH_WINDOWS = 20
-# Its speed: the mean over the last 3 windows (recent, not all: a shared machine's speed
-# moves within a run).
+WATCH_MIN_WINDOW = 5
+# Its speed: the mean over the last 3 windows or the last epoch, whichever is longer (recent,
+# not all: a shared machine's speed moves within a run; a whole epoch: its end's checkpoint
+# and backup are counted once per epoch).
 WATCH_RECENT = 3
 # A predicted end this far from the budget (as a fraction of it) triggers a re-plan:
 # inside the +-3% a budgeted run is held to.
@@ -64,10 +66,10 @@ class BudgetWatch(keras.callbacks.Callback):
     The watch measures windows of steps: 1/`WATCH_WINDOWS` of the plan, at most
     an epoch, and each epoch's end (checkpoints and the kNN check). The
     prediction takes the mean seconds per step of the last `WATCH_RECENT`
-    windows (the kNN checks' time taken out and counted per check), the steps
-    and checks left, and the summary's reserve. The first window after the
-    plan is left out: it pays one-time costs (tracing, the first checkpoint
-    and backup). When the predicted end is more than `REPLAN_DRIFT` of the
+    windows or the last epoch, whichever is longer (the kNN checks' time
+    taken out and counted per check), the steps and checks left, and the
+    summary's reserve. The first window of each fit is left out: it pays
+    one-time costs (a new input pipeline, tracing). When the predicted end is more than `REPLAN_DRIFT` of the
     budget away from it, `replan(seconds_per_step)` returns the new plan,
     inside the running fit (a new fit would cost a new input pipeline). A
     machine whose speed moves within a run (by 25% between epochs of one run
@@ -82,12 +84,12 @@ class BudgetWatch(keras.callbacks.Callback):
         self.agree = agree or (lambda miss: miss)
         self.frozen, self.windows, self._first_dropped = frozen, [], False  # windows: (seconds, steps, checks)
         planned = plan.first_total_steps or plan.total_steps
-        self.window = max(1, min(plan.steps_per_epoch, planned // WATCH_WINDOWS))
+        self.window = max(1, min(plan.steps_per_epoch, max(WATCH_MIN_WINDOW, planned // WATCH_WINDOWS)))
 
     def on_train_begin(self, logs=None):
         # The gap between two fits is neither a step nor a check.
         self._since, self._step = time.time(), int(self.model.optimizer.iterations.numpy())
-        self._at = self._step
+        self._at, self._first_dropped = self._step, False
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch_first = self._at
@@ -106,10 +108,10 @@ class BudgetWatch(keras.callbacks.Callback):
         self._measure(checks=int("knn_acc" in (logs or {})))
 
     def seconds_per_step(self) -> Optional[float]:
-        """The mean over the last `WATCH_RECENT` windows' steps, or None before half a window."""
+        """The mean over the last `WATCH_RECENT` windows or epoch, or None before half a window."""
         seconds = steps = checks = 0
         for window_seconds, window_steps, window_checks in reversed(self.windows):
-            if steps >= WATCH_RECENT * self.window:
+            if steps >= max(WATCH_RECENT * self.window, self.plan.steps_per_epoch):
                 break
             seconds, steps, checks = seconds + window_seconds, steps + window_steps, checks + window_checks
         if steps < self.window / 2:
@@ -123,7 +125,7 @@ class BudgetWatch(keras.callbacks.Callback):
         self._since, self._step = now, step
         if self._first_dropped:
             self.windows.append(measured)
-        self._first_dropped = True  # the first window after the plan: one-time costs
+        self._first_dropped = True  # the fit's first window: one-time costs
         seconds_per_step = self.seconds_per_step()
         if self.frozen or self.replan is None or seconds_per_step is None or step >= self.plan.total_steps:
             return

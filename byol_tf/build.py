@@ -76,5 +76,6 @@ def accept_any_image_size(encoder: keras.Model) -> None:
     its `image_size` input.
     """
     for layer in [encoder, *encoder._flatten_layers(include_self=False)]:
-        if isinstance(layer, keras.Model) and getattr(layer, "inputs", None):
-            layer.input_spec = keras.InputSpec(ndim=4, axes={-1: 3})
+        inputs = getattr(layer, "inputs", None) if isinstance(layer, keras.Model) else None
+        if inputs and len(inputs) == 1 and len(inputs[0].shape) == 4:  # images or feature maps
+            layer.input_spec = keras.InputSpec(shape=(None, None, None, inputs[0].shape[-1]))

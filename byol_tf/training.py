@@ -173,6 +173,7 @@ def _summarise(r, model, history, state, train_seconds, compare_random_init):
         "modality": config.modality,
         "backbone": config.backbone,
         "image_size": config.image_size,
+        "view_size": config.train_size if config.modality == "image" else None,
         "steps": steps_done,
         "total_steps": r.total_steps,
         "resumed_from_step": r.start_step if r.backup else None,

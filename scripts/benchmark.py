@@ -203,7 +203,7 @@ def _time_fit(config, strategy):
             source, config.batch_size, config.augment, seed=config.seed, augment_on=config.augment_on
         )
     else:
-        shape = (config.batch_size, config.image_size, config.image_size, 3)
+        shape = (config.batch_size, config.train_size, config.train_size, 3)
         views = (tf.random.uniform(shape, seed=1), tf.random.uniform(shape, seed=2))
         dataset = tf.data.Dataset.from_tensors(views).repeat()
     jit = "auto" if FLAGS.jit_compile is None else FLAGS.jit_compile

@@ -177,8 +177,9 @@ def test_watch_replans_when_the_predicted_end_misses_and_stops_at_the_last_step(
     predicted = (10 + 10 * seconds_per_step + 2) + 60 * seconds_per_step + 6 * 2.0 + 5.9
     assert replans == (abs(predicted / 100 - 1) > budget_run.REPLAN_DRIFT)
     assert asked == ([pytest.approx(seconds_per_step)] if replans else [])
-    # The speed is the last 3 epochs': three more at 0.5 s a step, without checks, far ahead
-    # of the plan: at most one re-plan an epoch.
+    # The speed is the last epoch's or 3 windows' (5 steps each), whichever is longer: three
+    # more epochs at 0.5 s a step, without checks, far ahead of the plan: at most one re-plan
+    # an epoch.
     for epoch in range(2, 5):
         clock[0] += 5.0
         model.optimizer.iterations.assign_add(10)
@@ -211,11 +212,11 @@ def test_watch_measures_windows_inside_an_epoch_longer_than_the_run(monkeypatch)
     clock = [1000.0]
     monkeypatch.setattr(budget_run.time, "time", lambda: clock[0])
     # A large dataset: one epoch (1,000 steps) is longer than the plan (80 steps at 1 s from step
-    # 10, no kNN checks). The watch measures windows of 80 / 20 = 4 steps inside the epoch.
+    # 10, no kNN checks). The watch measures windows of 5 steps (80 / 20 = 4, at least 5).
     plan = budget.Plan(100.0, 80, 1000, 1.0, 0.0, 10.0, 32.0, knn_every=1000)
-    # At 1.5 s a step, re-planned at step 18, 22 s into the run: 100 - 22 - (0.5 + 5) s left
-    # hold 48 steps.
-    assert budget.plan_steps(72.5, 18, 1000, 1.5, 0.0, 1000) == 66
+    # At 1.5 s a step, re-planned at step 20, 25 s into the run: 100 - 25 - (0.5 + 5) s left
+    # hold 46 steps.
+    assert budget.plan_steps(69.5, 20, 1000, 1.5, 0.0, 1000) == 66
     asked = []
 
     def replan(seconds):
@@ -227,14 +228,25 @@ def test_watch_measures_windows_inside_an_epoch_longer_than_the_run(monkeypatch)
     watch.set_model(model)
     watch.on_train_begin()
     watch.on_epoch_begin(0)
-    assert watch.window == 4
+    assert watch.window == 5
     for batch in range(55):  # steps 11 to 65, 1.5 s each
         clock[0] += 1.5
         watch.on_train_batch_end(batch)
-    # Steps 11-14 left out (one-time costs), 15-18 measured: one re-plan, at step 18, and
+    # Steps 11-15 left out (one-time costs), 16-20 measured: one re-plan, at step 20, and
     # none after it (on pace with the new plan).
-    assert asked == [(pytest.approx(1.5), 18)]
-    assert [steps for _, steps, _ in watch.windows][:3] == [4, 4, 4]
+    assert asked == [(pytest.approx(1.5), 20)]
+    assert [steps for _, steps, _ in watch.windows][:3] == [5, 5, 5]
     assert not model.stop_training
     watch.on_train_batch_end(55)  # step 66
     assert model.stop_training
+    # Each fit's first window is left out: the second fit's slow start (a new input pipeline).
+    fresh = budget_run.BudgetWatch(plan, started=990.0)
+    fresh.set_model(model)
+    for first_step, step_seconds in ((10, [1.0] * 5), (15, [10.0] * 5 + [1.0] * 5)):
+        model.optimizer.iterations.assign(first_step)
+        fresh.on_train_begin()
+        fresh.on_epoch_begin(0)
+        for batch, seconds in enumerate(step_seconds):
+            clock[0] += seconds
+            fresh.on_train_batch_end(batch)
+    assert fresh.windows == [(pytest.approx(5.0), 5, 0)]

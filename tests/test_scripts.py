@@ -1,6 +1,7 @@
 """The command lines, run as a user would, in subprocesses."""
 
 import json
+import zipfile
 import os
 import subprocess
 import sys
@@ -82,11 +83,11 @@ def colour_npz(path, num, seed, size=32):
 def demo_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("runs")
     out = str(folder / "demo")
-    # Labelled data whose answer is known, with the online linear probe.
+    # Labelled data whose answer is known, with the online linear probe; the views are smaller
+    # than the encoder's 32 px.
     train, test = colour_npz(folder / "train.npz", 256, 0), colour_npz(folder / "test.npz", 120, 1)
-    result = run_script(
-        "pretrain.py", *TINY, f"--data={train}", f"--eval_data={test}", "--probe", "--probe_lr=0.05", f"--out={out}"
-    )
+    flags = ["--probe", "--probe_lr=0.05", "--view_size=24"]
+    result = run_script("pretrain.py", *TINY, f"--data={train}", f"--eval_data={test}", *flags, f"--out={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result
 
@@ -107,6 +108,10 @@ def test_pretrain_writes_the_run_folder(demo_run):
     summary = json.load(open(os.path.join(out, "summary.json")))
     # 256 images / 64 per batch = 4 steps per epoch, 2 epochs: tau ends just below 1.
     assert summary["steps"] == summary["total_steps"] == 8
+    # Trained on 24 px views; evaluated, saved and served at 32 px.
+    assert (summary["view_size"], summary["image_size"]) == (24, 32)
+    encoder_config = zipfile.ZipFile(os.path.join(out, "encoder.keras")).read("config.json").decode()
+    assert '"batch_shape": [null, 32, 32, 3]' in encoder_config
     assert 0.99 < summary["final"]["tau"] < 1.0
     # The classes are the dominant colour: the kNN monitor separates them
     # from any encoder's features, trained or at its random init (chance: 1/3).
@@ -146,6 +151,7 @@ BAD_FLAGS = [
     ("--preset=nope", "--preset=nope"),
     ("--data=/no/such/dir", "--data=/no/such/dir"),
     ("--image_size=4", "--image_size=4"),
+    ("--view_size=4", "--view_size=4"),
     # Too small for the backbone (keras.applications ResNet50 needs 32 px).
     ("--backbone=resnet50 --image_size=16", "--image_size=16"),
     ("--backup_every_steps=0", "--backup_every_steps=0"),

@@ -37,7 +37,9 @@ flags.DEFINE_string("out", None, "Run folder: logs, metrics.csv, checkpoints, en
 flags.DEFINE_string("backbone", None, "Backbone name (see byol_tf.backbones).")
 flags.DEFINE_integer("image_size", None, "The encoder's resolution: evaluation, export and serving resize to it.")
 flags.DEFINE_integer(
-    "view_size", None, "Side of the training views (default: image_size); smaller trains faster, the encoder stays at image_size."
+    "view_size",
+    None,
+    "Side of the training views (default: image_size); smaller trains faster, the encoder stays at image_size.",
 )
 flags.DEFINE_integer("epochs", None, "Epochs (the preset's time budget, if it has one, no longer applies).")
 flags.DEFINE_string(
@@ -167,23 +169,28 @@ def _config():
 
 
 def _check_image_size(config):
-    """Builds the encoder at each size it will see, so one the backbone cannot take fails before any work."""
+    """Builds the encoder and runs it on one view, so a size the backbone cannot take fails before any work."""
     import keras
+    import numpy as np
 
     from byol_tf import backbones
+    from byol_tf.build import accept_any_image_size
 
-    sizes = {"image_size": config.image_size, **({"view_size": config.view_size} if config.view_size else {})}
-    for flag, size in sizes.items():
-        try:
-            backbones.build_encoder(config.backbone, size)
-        except Exception as error:  # noqa: BLE001 - backbones fail in many ways on small inputs.
-            raise app.UsageError(
-                f"--{flag} is too small (or otherwise unusable) for --backbone={config.backbone} "
-                f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
-                f"Received: --{flag}={size}"
-            )
-        finally:
-            keras.backend.clear_session()
+    flag = "image_size"
+    try:
+        encoder = backbones.build_encoder(config.backbone, config.image_size)
+        if config.view_size:
+            flag = "view_size"
+            accept_any_image_size(encoder)
+            encoder(np.zeros((1, config.view_size, config.view_size, 3), np.float32))
+    except Exception as error:  # noqa: BLE001 - backbones fail in many ways on small inputs.
+        raise app.UsageError(
+            f"--{flag} is too small (or otherwise unusable) for --backbone={config.backbone} "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
+            f"Received: --{flag}={getattr(config, flag)}"
+        )
+    finally:
+        keras.backend.clear_session()
 
 
 def main(argv):
