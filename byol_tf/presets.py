@@ -62,8 +62,10 @@ PRESETS = {
     # `--epochs` trains that many instead). Reached (BENCHMARKS.md): 52.2% kNN
     # as 22 fixed epochs on 2 Zen 4 cores; on 2 Zen 3 cores (AVX2 only),
     # `byol-pretrain --preset=cifar10_cpu20 --data=train.npz
-    # --eval_data=test.npz`: 49.7% kNN in 19:55 (13.5 epochs); 42.8% in 9:45
-    # with --time_budget=10m, 52.2% in 39:34 with 40m. Each choice won a
+    # --eval_data=test.npz`: 49.7% kNN in 19:55 (13.5 epochs), 45.5% in 19:20
+    # (9.6 epochs) in a slower hour; 42.8% in 9:45 with --time_budget=10m,
+    # 52.2% in 39:34 with 40m. 32 px views: 16 and 20 px views (--view_size)
+    # did no better in 20 minutes. Each choice won a
     # 4-minute probe (BENCHMARKS.md, "What each choice bought"): the tiny
     # ResNet learns as much per minute as larger ones and gets more epochs;
     # batch 128 gives more steps; tau 0.96 lets the target keep up in a short
