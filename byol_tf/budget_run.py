@@ -69,12 +69,13 @@ class BudgetWatch(keras.callbacks.Callback):
     windows or the last epoch, whichever is longer (the kNN checks' time
     taken out and counted per check), the steps and checks left, and the
     summary's reserve. The first window of each fit is left out: it pays
-    one-time costs (a new input pipeline, tracing). When the predicted end is more than `REPLAN_DRIFT` of the
-    budget away from it, `replan(seconds_per_step)` returns the new plan,
-    inside the running fit (a new fit would cost a new input pipeline). A
-    machine whose speed moves within a run (by 25% between epochs of one run
-    on a shared 2-core VM) needs more than one re-plan: at most one a window,
-    none when `frozen` (a resumed run keeps its plan).
+    one-time costs (a new input pipeline, tracing). When the predicted end is
+    more than `REPLAN_DRIFT` of the budget away from it,
+    `replan(seconds_per_step)` returns the new plan, inside the running fit (a
+    new fit would cost a new input pipeline). A machine whose speed moves
+    within a run (by 25% between epochs of one run on a shared 2-core VM)
+    needs more than one re-plan: at most one a window, none when `frozen` (a
+    resumed run keeps its plan).
     """
 
     def __init__(self, plan: Plan, started: float, replan=None, agree=None, frozen=False):
