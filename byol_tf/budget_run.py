@@ -71,7 +71,7 @@ class BudgetWatch(keras.callbacks.Callback):
     summary's reserve. The first window of each fit is left out: it pays
     one-time costs (a new input pipeline, tracing). When the predicted end is
     more than `REPLAN_DRIFT` of the budget away from it,
-    `replan(seconds_per_step)` returns the new plan, inside the running fit (a
+    `replan(seconds_per_step, step)` returns the new plan, inside the running fit (a
     new fit would cost a new input pipeline). A machine whose speed moves
     within a run (by 25% between epochs of one run on a shared 2-core VM)
     needs more than one re-plan: at most one a window, none when `frozen` (a
@@ -133,7 +133,7 @@ class BudgetWatch(keras.callbacks.Callback):
         left = plan_cost(self.plan, step, seconds_per_step)
         predicted = now - self.started + left + reserve(self.plan.time_budget_s, self.plan.knn_seconds)
         if self.agree(abs(predicted / self.plan.time_budget_s - 1.0)) > REPLAN_DRIFT:
-            self.plan = self.replan(seconds_per_step)
+            self.plan = self.replan(seconds_per_step, step)
             self._since = time.time()  # the re-plan's own time is not a step
 
 
@@ -238,10 +238,9 @@ def warm_up_and_plan(r, model, fit, callbacks) -> None:
     log(f"Time budget: {plan.describe()}")
 
 
-def replan(r, model, callbacks, seconds_per_step, max_steps) -> Plan:
-    """A re-plan: the steps left in the budget at the measured seconds per step (at most `max_steps`)."""
+def replan(r, model, callbacks, seconds_per_step, step, max_steps) -> Plan:
+    """A re-plan at `step`: the steps left in the budget at the measured seconds per step (at most `max_steps`)."""
     plan = r.plan
-    step = int(model.optimizer.iterations.numpy())
     available = plan.time_budget_s - (time.time() - r.started) - reserve(plan.time_budget_s, plan.knn_seconds)
     total = plan_steps(available, step, r.steps, seconds_per_step, plan.knn_seconds, plan.knn_every)
     total = min(agreed(r, total, min), max_steps)

@@ -171,8 +171,8 @@ def fit_run(r, model, callbacks, state, tracker, streamed, verbose, autotune):
             budget_run.BudgetWatch(
                 r.plan,
                 r.started,
-                replan=lambda seconds_per_step: budget_run.replan(
-                    r, model, callbacks, seconds_per_step, fit_epochs * steps
+                replan=lambda seconds_per_step, step: budget_run.replan(
+                    r, model, callbacks, seconds_per_step, step, fit_epochs * steps
                 ),
                 agree=budget_run.worker_agreement(r),
                 frozen=resumed,

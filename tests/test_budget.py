@@ -156,7 +156,7 @@ def test_watch_replans_when_the_predicted_end_misses_and_stops_at_the_last_step(
     plan = budget.Plan(100.0, 80, 10, 1.0, 2.0, 10.0, 32.0)
     asked = []  # the seconds per step of each re-plan; each one here ends the run at step 45
 
-    def replan(seconds):
+    def replan(seconds, step):
         asked.append(seconds)
         return dataclasses.replace(plan, total_steps=45, replans=len(asked))
 
@@ -219,8 +219,8 @@ def test_watch_measures_windows_inside_an_epoch_longer_than_the_run(monkeypatch)
     assert budget.plan_steps(69.5, 20, 1000, 1.5, 0.0, 1000) == 66
     asked = []
 
-    def replan(seconds):
-        asked.append((seconds, watch._at))
+    def replan(seconds, step):
+        asked.append((seconds, step))
         return dataclasses.replace(plan, total_steps=66, replans=1)
 
     model = types.SimpleNamespace(optimizer=types.SimpleNamespace(iterations=tf.Variable(10)), stop_training=False)
