@@ -41,6 +41,7 @@ def main(argv):
     delta = tf.constant(rng.uniform(-config.hue, config.hue, batch), tf.float32)
     no_hue = dataclasses.replace(config, hue=0.0)
     ops, amounts = colour._jitter_params(batch, key, config)
+    no_hue_params = colour._jitter_params(batch, key, no_hue)
     weights = colour._blur_weights(sigma, config)
     threshold = tf.where(tf.constant(rng.random(batch) < 0.2), 0.5, 2.0)
     boxes = tf.tile([[0.1, 0.1, 0.9, 0.9]], [batch, 1])
@@ -51,8 +52,8 @@ def main(argv):
         ("view 2 (blur p=0.1, solarize)", lambda: augment.augment_view(images, seed, config, 1)),
         ("uint8 to float32", lambda: augment._unit_float(images)),
         ("crop and resize (float32)", lambda: tf.image.crop_and_resize(unit, boxes, tf.range(batch), [size, size])),
-        ("colour jitter", lambda: colour._color_jitter(x, apply, key, config)),
-        ("colour jitter without hue", lambda: colour._color_jitter(x, apply, key, no_hue)),
+        ("colour jitter", lambda: colour._color_jitter(x, apply, (ops, amounts), config)),
+        ("colour jitter without hue", lambda: colour._color_jitter(x, apply, no_hue_params, no_hue)),
         ("hue shift, all images", lambda: colour._adjust_hue(x, delta)),
         ("jitter chain, all images, XLA", lambda: colour._JITTER_CHAINS[1](x, ops, amounts)),
         ("grayscale", lambda: colour._gray(x)),

@@ -244,10 +244,12 @@ def replan(r, model, callbacks, seconds_per_step, step, max_steps) -> Plan:
     available = plan.time_budget_s - (time.time() - r.started) - reserve(plan.time_budget_s, plan.knn_seconds)
     total = plan_steps(available, step, r.steps, seconds_per_step, plan.knn_seconds, plan.knn_every)
     total = min(agreed(r, total, min), max_steps)
+    # The miss, not only the speed: checks and checkpoints can move the end at an unchanged step time.
+    ends = plan.time_budget_s - available + plan_cost(plan, step, seconds_per_step)
     log(
-        f"Time budget: steps take {1000 * seconds_per_step:.1f} ms (checkpoints included), not the "
-        f"{1000 * plan.seconds_per_step:.1f} ms planned; re-planned at step {step}: {total} steps "
-        f"(were {plan.total_steps})"
+        f"Time budget: at step {step} the run would end at {ends:.0f} s of its {plan.time_budget_s:.0f} s "
+        f"(steps take {1000 * seconds_per_step:.1f} ms with checkpoints, {1000 * plan.seconds_per_step:.1f} ms "
+        f"planned); re-planned: {total} steps (were {plan.total_steps})"
     )
     plan = dataclasses.replace(
         plan,

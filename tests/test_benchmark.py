@@ -1,8 +1,10 @@
-"""scripts/benchmark.py in tiny configurations, and the mixed-precision fast path
-checked against the float32 reference path."""
+"""scripts/benchmark.py in tiny configurations, benchmarks/augment_stages.py, and the
+mixed-precision fast path checked against the float32 reference path."""
 
 import os
 import re
+import subprocess
+import sys
 import types
 
 import keras
@@ -133,3 +135,13 @@ def test_mixed_bfloat16_loss_matches_float32():
     # stays within its unit roundoff, 2**-9 relative (about 5e-4 here), as
     # the rounding errors of the 8 pairs average rather than add up.
     np.testing.assert_allclose(float(loss_fast), float(loss_ref), rtol=2**-9)
+
+
+def test_augment_stages_script_times_every_stage():
+    # The stage timer calls the library's private functions, so it breaks silently when they change.
+    script = os.path.join(ROOT, "benchmarks", "augment_stages.py")
+    args = [sys.executable, script, "--image_size=16", "--batch_size=8", "--repeats=1"]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    timed = [line for line in result.stdout.splitlines() if re.search(r" [\d.]+ ms/batch +\d+ img/s$", line)]
+    assert len(timed) == 13, result.stdout

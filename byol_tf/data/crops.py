@@ -58,9 +58,12 @@ def two_crops(data, key, config: AugmentConfig, max_pixels=files.MAX_IMAGE_PIXEL
         short = tf.reduce_min(tf.minimum(h, w))
         return tf.stack([y1, tf.where(flips, x2, x1), y2, tf.where(flips, x1, x2)], axis=1), short
 
+    def resized(image, box):
+        return tf.image.crop_and_resize(image[None], box, tf.zeros([2], tf.int32), [size, size])
+
     def decoded(image):
         image = files.to_rgb_float(image)
-        return image, boxes(tf.shape(image))[0]
+        return resized(image, boxes(tf.shape(image))[0]) * 255.0
 
     def jpeg():
         shape = tf.image.extract_jpeg_shape(data)
@@ -69,14 +72,14 @@ def two_crops(data, key, config: AugmentConfig, max_pixels=files.MAX_IMAGE_PIXEL
         # Normalised boxes select the same region of the scaled image, to a fraction of its pixel.
         index = tf.reduce_sum(tf.cast(tf.constant(JPEG_RATIOS[1:], tf.float32) * size <= short, tf.int32))
         branches = [lambda r=r: tf.io.decode_jpeg(data, channels=3, ratio=r) for r in JPEG_RATIOS]
-        return tf.cast(tf.switch_case(index, branches), tf.float32) / 255.0, box
+        # Sampled from the uint8 image: no float copy of the whole photo.
+        return resized(tf.switch_case(index, branches), box)
 
     if data.dtype != tf.string:
-        image, box = decoded(tf.convert_to_tensor(data))
+        views = decoded(tf.convert_to_tensor(data))
     else:
-        image, box = tf.cond(files.is_jpeg(data), jpeg, lambda: decoded(_decode_other(data, max_pixels)))
-    views = tf.image.crop_and_resize(image[None], box, tf.zeros([2], tf.int32), [size, size])
-    return tf.cast(tf.round(tf.clip_by_value(views, 0.0, 1.0) * 255.0), tf.uint8)
+        views = tf.cond(files.is_jpeg(data), jpeg, lambda: decoded(_decode_other(data, max_pixels)))
+    return tf.cast(tf.round(tf.clip_by_value(views, 0.0, 255.0)), tf.uint8)
 
 
 def _decode_other(data, max_pixels):
