@@ -131,6 +131,9 @@ class PretrainConfig:
             "own" (updated by the target's own forward passes), "ema" or "copy".
         projector_hidden, projection_dim: the projector MLP.
         predictor_hidden: the predictor MLP (output is `projection_dim`).
+        predictor_lr_scale: the predictor's learning rate as a multiple of
+            the schedule's (LARS only). A faster predictor keeps up with the
+            moving target, which pays in short runs (BENCHMARKS.md).
         loss: "byol" (the paper's) or "infonce".
         temperature: for "infonce" only.
         augment: the two views: an `AugmentConfig`, `AudioAugmentConfig` or
@@ -177,6 +180,7 @@ class PretrainConfig:
     projector_hidden: int = 4096
     projection_dim: int = 256
     predictor_hidden: int = 4096
+    predictor_lr_scale: float = 1.0
     loss: str = "byol"
     temperature: float = 0.1
     augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
@@ -202,6 +206,13 @@ class PretrainConfig:
         _check(self.bn_stats in BN_STATS_MODES, "bn_stats", self.bn_stats, f"must be one of {BN_STATS_MODES}")
         _check(self.base_lr > 0, "base_lr", self.base_lr, "must be > 0")
         _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        _check(self.predictor_lr_scale > 0, "predictor_lr_scale", self.predictor_lr_scale, "must be > 0")
+        _check(
+            self.predictor_lr_scale == 1.0 or self.optimizer == "lars",
+            "predictor_lr_scale",
+            self.predictor_lr_scale,
+            f"must be 1.0 unless optimizer='lars' (optimizer={self.optimizer!r})",
+        )
         _check(
             0 <= self.warmup_epochs <= self.epochs,
             "warmup_epochs",

@@ -108,6 +108,9 @@ class LARS(keras.optimizers.Optimizer):
             `variable.path` and `variable.name`) also excluded from the trust
             ratio, on top of the rank <= 1 rule.
         exclude_from_weight_decay: likewise, for weight decay.
+        lr_multipliers: `{name substring: factor}`: variables whose path or
+            name contains the substring take `factor` times the learning rate
+            (the first match counts).
         name: the optimizer's name.
         **kwargs: base optimizer arguments (`clipnorm`, `global_clipnorm`, ...).
     """
@@ -121,6 +124,7 @@ class LARS(keras.optimizers.Optimizer):
         nesterov=False,
         exclude_from_adaptation=None,
         exclude_from_weight_decay=None,
+        lr_multipliers=None,
         name="lars",
         **kwargs,
     ):
@@ -134,12 +138,17 @@ class LARS(keras.optimizers.Optimizer):
         self.nesterov = bool(nesterov)
         self.exclude_from_adaptation = list(exclude_from_adaptation or [])
         self.exclude_from_weight_decay_names = list(exclude_from_weight_decay or [])
+        self.lr_multipliers = {str(k): float(v) for k, v in (lr_multipliers or {}).items()}
+        for key, factor in self.lr_multipliers.items():
+            _check(factor > 0, f"lr_multipliers[{key!r}]", factor, "must be > 0")
 
     def _excluded(self, variable, names):
-        if len(variable.shape) <= 1:
-            return True
+        return len(variable.shape) <= 1 or self._matches(variable, names)
+
+    @staticmethod
+    def _matches(variable, names):
         keys = (str(getattr(variable, "path", "")), str(variable.name))
-        return any(s in k for s in names for k in keys)
+        return next((s for s in names if any(s in k for k in keys)), None)
 
     def build(self, var_list):
         if self.built:
@@ -151,11 +160,13 @@ class LARS(keras.optimizers.Optimizer):
             not self._excluded(v, self.exclude_from_weight_decay_names) and self._use_weight_decay(v) for v in var_list
         ]
         self._adapt_mask = [not self._excluded(v, self.exclude_from_adaptation) for v in var_list]
+        matched = [self._matches(v, self.lr_multipliers) for v in var_list]
+        self._lr_factors = [1.0 if m is None else self.lr_multipliers[m] for m in matched]
 
     def update_step(self, gradient, variable, learning_rate):
         index = self._get_variable_index(variable)
         dtype = variable.dtype
-        lr = ops.cast(learning_rate, dtype)
+        lr = ops.cast(learning_rate * self._lr_factors[index], dtype)
         g = ops.cast(gradient, dtype)
         if self._decay_mask[index] and self.lars_weight_decay > 0:
             g = g + ops.cast(self.lars_weight_decay, dtype) * variable
@@ -182,6 +193,7 @@ class LARS(keras.optimizers.Optimizer):
                 "nesterov": self.nesterov,
                 "exclude_from_adaptation": self.exclude_from_adaptation,
                 "exclude_from_weight_decay": self.exclude_from_weight_decay_names,
+                "lr_multipliers": self.lr_multipliers,
             }
         )
         return config
@@ -213,7 +225,13 @@ class MaskedAdamW(_NoDecayForRankOne, keras.optimizers.AdamW):
 
 # Each optimizer from (schedule, config); the names are the config's choices.
 _BUILDERS = {
-    "lars": lambda schedule, c: LARS(schedule, momentum=c.momentum, weight_decay=c.weight_decay),
+    "lars": lambda schedule, c: LARS(
+        schedule,
+        momentum=c.momentum,
+        weight_decay=c.weight_decay,
+        # The predictor's variables live under its layer name, "predictor" (`byol_tf.build`).
+        lr_multipliers={"predictor/": c.predictor_lr_scale} if c.predictor_lr_scale != 1.0 else None,
+    ),
     "sgd": lambda schedule, c: MaskedSGD(
         schedule, momentum=float(c.momentum), nesterov=False, weight_decay=c.weight_decay or None
     ),

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from byol_tf.build import build_byol
 from byol_tf.config import PretrainConfig
 from byol_tf.optim import LARS, MaskedAdamW, MaskedSGD, WarmupCosine, build_optimizer
+from byol_tf.presets import get_preset
 
 
 # ---------------------------------------------------------------- WarmupCosine
@@ -134,6 +136,41 @@ def test_lars_zero_norm_weight_gets_trust_one_and_decay_by_name():
     np.testing.assert_allclose(nodecay.numpy(), 1.0 - 0.5 * (1e-3 * 2 / 4) * g, rtol=1e-6)
 
 
+def test_lars_lr_multipliers_scale_the_matched_variables_steps():
+    opt = LARS(learning_rate=0.5, momentum=0.9, weight_decay=0.1, eta=1e-2, lr_multipliers={"predictor_": 10.0})
+    w = np.array([[1.0, -2.0], [0.5, 3.0]], "float32")
+    g = np.array([[0.2, 0.1], [-0.4, 0.3]], "float32")
+    plain = keras.Variable(w, name="encoder_kernel")
+    fast = keras.Variable(w, name="predictor_kernel")
+    bias = keras.Variable(np.ones(2, "float32"), name="predictor_bias")
+    opt.apply_gradients([(tf.constant(g), plain), (tf.constant(g), fast), (tf.constant(g[0]), bias)])
+    # One LARS step from zero momentum, written out: decay, then the trust ratio eta ||w|| / ||g||.
+    decayed = g + 0.1 * w
+    step = 0.5 * (1e-2 * np.linalg.norm(w) / np.linalg.norm(decayed)) * decayed
+    np.testing.assert_allclose(plain.numpy(), w - step, rtol=1e-6)
+    np.testing.assert_allclose(fast.numpy(), w - 10.0 * step, rtol=1e-5)
+    np.testing.assert_allclose(bias.numpy(), 1.0 - 10.0 * 0.5 * g[0], rtol=1e-6)  # rank 1: no decay, no ratio
+    with pytest.raises(ValueError, match=r"lr_multipliers\['head'\].*Received: .*=0"):
+        LARS(lr_multipliers={"head": 0.0})
+
+
+def test_build_optimizer_scales_only_the_predictor():
+    config = _config(predictor_lr_scale=10.0)
+    assert build_optimizer(config, steps_per_epoch=10).lr_multipliers == {"predictor/": 10.0}
+    assert build_optimizer(_config(), steps_per_epoch=10).lr_multipliers == {}
+    # On a built model: exactly the predictor's variables, none of the encoder's or projector's.
+    config = get_preset("demo", predictor_lr_scale=10.0)
+    model = build_byol(config)
+    opt = build_optimizer(config, steps_per_epoch=10)
+    opt.build(model.online_trainable_variables)
+    scaled = {id(v) for v, f in zip(model.online_trainable_variables, opt._lr_factors) if f == 10.0}
+    assert scaled == {id(v) for v in model.predictor.trainable_variables} and len(scaled) == 5
+    with pytest.raises(ValueError, match=r"predictor_lr_scale.*optimizer='sgd'.*Received: predictor_lr_scale=10"):
+        _config(optimizer="sgd", base_lr=0.1, predictor_lr_scale=10.0)
+    with pytest.raises(ValueError, match="Received: predictor_lr_scale=0"):
+        _config(predictor_lr_scale=0.0)
+
+
 def test_lars_config_round_trip():
     schedule = WarmupCosine(peak_lr=3.2, warmup_steps=10, total_steps=100)
     opt = LARS(
@@ -144,6 +181,7 @@ def test_lars_config_round_trip():
         nesterov=True,
         exclude_from_adaptation=["head"],
         exclude_from_weight_decay=["emb"],
+        lr_multipliers={"predictor/": 10.0},
         global_clipnorm=1.0,
     )
     assert opt.weight_decay is None  # Keras' decoupled decay must stay off.
@@ -155,6 +193,7 @@ def test_lars_config_round_trip():
         nesterov=True,
         exclude_from_adaptation=["head"],
         exclude_from_weight_decay=["emb"],
+        lr_multipliers={"predictor/": 10.0},
         global_clipnorm=1.0,
         name="lars",
     ).items():

@@ -152,6 +152,7 @@ BAD_FLAGS = [
     ("--data=/no/such/dir", "--data=/no/such/dir"),
     ("--image_size=4", "--image_size=4"),
     ("--view_size=4", "--view_size=4"),
+    ("--predictor_lr_scale=0", "--predictor_lr_scale=0"),
     # Too small for the backbone (keras.applications ResNet50 needs 32 px).
     ("--backbone=resnet50 --image_size=16", "--image_size=16"),
     ("--backup_every_steps=0", "--backup_every_steps=0"),

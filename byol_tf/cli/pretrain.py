@@ -55,6 +55,7 @@ flags.DEFINE_float("lr", None, "Base learning rate for a batch of 256 (peak = lr
 flags.DEFINE_float("weight_decay", None, "Weight decay (not on biases and BatchNorm).")
 flags.DEFINE_float("warmup_epochs", None, "Linear warm-up epochs.")
 flags.DEFINE_float("base_tau", None, "EMA decay at step 0, cosine-annealed to 1.")
+flags.DEFINE_float("predictor_lr_scale", None, "The predictor's learning rate as a multiple of the schedule's (LARS).")
 flags.DEFINE_enum("loss", None, list(LOSSES), "Loss.")
 flags.DEFINE_integer("seed", None, "Seed for data order, augmentation and init.")
 flags.DEFINE_integer("steps_per_execution", None, "Optimizer steps per compiled call.")
@@ -136,6 +137,7 @@ _OVERRIDES = {
     "weight_decay": "weight_decay",
     "warmup_epochs": "warmup_epochs",
     "base_tau": "base_tau",
+    "predictor_lr_scale": "predictor_lr_scale",
     "loss": "loss",
     "seed": "seed",
     "steps_per_execution": "steps_per_execution",
