@@ -143,7 +143,7 @@ class LARS(keras.optimizers.Optimizer):
             _check(factor > 0, f"lr_multipliers[{key!r}]", factor, "must be > 0")
 
     def _excluded(self, variable, names):
-        return len(variable.shape) <= 1 or self._matches(variable, names)
+        return len(variable.shape) <= 1 or self._matches(variable, names) is not None
 
     @staticmethod
     def _matches(variable, names):
