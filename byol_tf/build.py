@@ -6,7 +6,7 @@ import keras
 
 from byol_tf import kernels
 from byol_tf.device_views import DeviceViews
-from byol_tf.heads import MLPHead
+from byol_tf.heads import PREDICTOR_NAME, MLPHead
 from byol_tf.model import BYOL
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ def build_byol(
         bn_epsilon=1e-5 if config.bn_epsilon is None else config.bn_epsilon,
     )
     projector = MLPHead(config.projector_hidden, config.projection_dim, name="projector", **heads_bn)
-    predictor = MLPHead(config.predictor_hidden, config.projection_dim, name="predictor", **heads_bn)
+    predictor = MLPHead(config.predictor_hidden, config.projection_dim, name=PREDICTOR_NAME, **heads_bn)
     device_views = DeviceViews(config.augment, name="device_views") if config.augment_on == "device" else None
     model = BYOL(
         encoder,

@@ -2,6 +2,9 @@
 
 import keras
 
+# The predictor's layer name: its variables' paths start with it (`byol_tf.optim` scales their rate).
+PREDICTOR_NAME = "predictor"
+
 
 @keras.saving.register_keras_serializable(package="byol_tf")
 class MLPHead(keras.layers.Layer):

@@ -9,7 +9,7 @@ from byol_tf import losses
 from byol_tf.backbones import batch_norm_layers, configure_batch_norm
 from byol_tf.device_views import DeviceViews
 from byol_tf.ema import EMAUpdate, ema_step
-from byol_tf.heads import MLPHead
+from byol_tf.heads import PREDICTOR_NAME, MLPHead
 
 if TYPE_CHECKING:
     pass
@@ -138,7 +138,7 @@ class BYOL(keras.Model):
         encoder = pooled_encoder(encoder, input_shape)
         # The paper's heads: 4096 hidden units, 256 outputs.
         projector = MLPHead(4096, 256, name="projector") if projector is None else projector
-        predictor = MLPHead(4096, 256, name="predictor") if predictor is None else predictor
+        predictor = MLPHead(4096, 256, name=PREDICTOR_NAME) if predictor is None else predictor
         self.base_tau = base_tau
         if loss not in losses.LOSSES:
             raise ValueError(f"Unknown loss; expected one of {sorted(losses.LOSSES)}. Received: loss={loss!r}")

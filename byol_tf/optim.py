@@ -12,6 +12,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 from byol_tf.checks import check as _check
+from byol_tf.heads import PREDICTOR_NAME
 
 if TYPE_CHECKING:
     from byol_tf.config import PretrainConfig
@@ -229,8 +230,7 @@ _BUILDERS = {
         schedule,
         momentum=c.momentum,
         weight_decay=c.weight_decay,
-        # The predictor's variables live under its layer name, "predictor" (`byol_tf.build`).
-        lr_multipliers={"predictor/": c.predictor_lr_scale} if c.predictor_lr_scale != 1.0 else None,
+        lr_multipliers={f"{PREDICTOR_NAME}/": c.predictor_lr_scale} if c.predictor_lr_scale != 1.0 else None,
     ),
     "sgd": lambda schedule, c: MaskedSGD(
         schedule, momentum=float(c.momentum), nesterov=False, weight_decay=c.weight_decay or None
