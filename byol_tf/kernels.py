@@ -10,6 +10,10 @@ Keras 3 on TensorFlow leaves speed on the table in BYOL's training step:
   (2x2 or 1x1, as in the last stages of an ImageNet-stem ResNet on 32 px
   images), in bfloat16 most. On GPUs cuDNN has no such weakness, so this path
   is for CPUs only.
+- oneDNN's input gradient (`Conv2DBackpropInput`) of a stride-1 convolution
+  runs 1.1-13x slower than a forward convolution of the output gradient with
+  the kernel flipped and transposed, which is the same sum
+  (benchmarks/conv_input_grad.py on AVX2 CPUs, worst on small maps).
 - A 3x3 "same" convolution of a 1x1 map only ever multiplies its centre tap
   by data: the other taps see padding. It is a matrix product with the
   centre tap, exactly.
@@ -38,7 +42,13 @@ def _padded_patches(x, kernel_size, strides, padding):
     return tf.image.extract_patches(x, [1, kh, kw, 1], [1, strides[0], strides[1], 1], [1, 1, 1, 1], padding)
 
 
-def conv2d(x, kernel, strides=(1, 1), padding="SAME", filter_grad_as_matmul=False):
+def _input_grad_as_conv(dy, kernel):
+    # The transpose of a stride-1 "same" convolution with an odd kernel is the
+    # "same" convolution with the kernel flipped in space and in/out swapped.
+    return tf.nn.conv2d(dy, tf.transpose(tf.reverse(kernel, [0, 1]), [0, 1, 3, 2]), [1, 1, 1, 1], "SAME")
+
+
+def conv2d(x, kernel, strides=(1, 1), padding="SAME", filter_grad_as_matmul=False, input_grad_as_conv=False):
     """A channels-last 2D convolution with the fast paths of this module.
 
     Args:
@@ -49,6 +59,9 @@ def conv2d(x, kernel, strides=(1, 1), padding="SAME", filter_grad_as_matmul=Fals
         filter_grad_as_matmul: compute the kernel's gradient as one matrix
             product over image patches when the output map has at most 4
             pixels (faster on CPUs).
+        input_grad_as_conv: compute the input's gradient of a stride-1
+            "same" convolution with an odd kernel as a forward convolution
+            (faster on CPUs).
     """
     kernel = tf.convert_to_tensor(kernel)
     kh, kw, cin, cout = kernel.shape
@@ -62,15 +75,25 @@ def conv2d(x, kernel, strides=(1, 1), padding="SAME", filter_grad_as_matmul=Fals
         out_h = -(-x.shape[1] // sh) if padding == "SAME" else (x.shape[1] - kh) // sh + 1
         out_w = -(-x.shape[2] // sw) if padding == "SAME" else (x.shape[2] - kw) // sw + 1
         out_pixels = out_h * out_w
-    if not filter_grad_as_matmul or out_pixels is None or out_pixels > _MATMUL_GRAD_MAX_PIXELS:
+    matmul_grad = filter_grad_as_matmul and out_pixels is not None and out_pixels <= _MATMUL_GRAD_MAX_PIXELS
+    conv_grad = input_grad_as_conv and (sh, sw, padding) == (1, 1, "SAME") and kh % 2 == 1 and kw % 2 == 1
+    if not (matmul_grad or conv_grad):
         return tf.nn.conv2d(x, kernel, strides4, padding)
 
     @tf.custom_gradient
     def conv(x, kernel):
         def grad(dy):
-            dx = tf.raw_ops.Conv2DBackpropInput(
-                input_sizes=tf.shape(x), filter=kernel, out_backprop=dy, strides=strides4, padding=padding
-            )
+            if conv_grad:
+                dx = _input_grad_as_conv(dy, kernel)
+            else:
+                dx = tf.raw_ops.Conv2DBackpropInput(
+                    input_sizes=tf.shape(x), filter=kernel, out_backprop=dy, strides=strides4, padding=padding
+                )
+            if not matmul_grad:
+                dkernel = tf.raw_ops.Conv2DBackpropFilter(
+                    input=x, filter_sizes=tf.shape(kernel), out_backprop=dy, strides=strides4, padding=padding
+                )
+                return dx, dkernel
             patches = tf.reshape(_padded_patches(x, (kh, kw), strides, padding), [-1, kh * kw * cin])
             dkernel = tf.matmul(patches, tf.reshape(dy, [-1, cout]), transpose_a=True)
             return dx, tf.reshape(dkernel, [kh, kw, cin, cout])
@@ -108,13 +131,13 @@ def fused_batch_norm(layer, inputs):
     return tf.cast(tf.reshape(y, shape), layer.compute_dtype)
 
 
-def _fast_conv_op(layer, filter_grad_as_matmul):
+def _fast_conv_op(layer, on_cpu):
     plain = keras.layers.Conv2D.convolution_op.__get__(layer)
 
     def convolution_op(inputs, kernel):
         if layer.data_format != "channels_last" or tuple(layer.dilation_rate) != (1, 1) or layer.groups != 1:
             return plain(inputs, kernel)
-        return conv2d(inputs, kernel, tuple(layer.strides), layer.padding.upper(), filter_grad_as_matmul)
+        return conv2d(inputs, kernel, tuple(layer.strides), layer.padding.upper(), on_cpu, on_cpu)
 
     return convolution_op
 
@@ -137,7 +160,7 @@ def _fast_bn_call(layer):
     return call
 
 
-def install_fast_kernels(model, filter_grad_as_matmul=None):
+def install_fast_kernels(model, cpu_gradients=None):
     """Switches `model`'s plain `Conv2D` and `BatchNormalization` layers to the fast paths.
 
     Subclasses that override `convolution_op` or `call` keep their own code.
@@ -146,18 +169,19 @@ def install_fast_kernels(model, filter_grad_as_matmul=None):
 
     Args:
         model: a `keras.Model` or layer; nested layers are included.
-        filter_grad_as_matmul: the matrix-product filter gradient on tiny
-            maps. `None`: on when TensorFlow sees no GPU.
+        cpu_gradients: the gradients that are faster on CPUs (the filter's as
+            a matrix product on tiny maps, the input's as a forward
+            convolution). `None`: on when TensorFlow sees no GPU.
 
     Returns:
         The number of layers switched.
     """
-    if filter_grad_as_matmul is None:
-        filter_grad_as_matmul = not tf.config.list_physical_devices("GPU")
+    if cpu_gradients is None:
+        cpu_gradients = not tf.config.list_physical_devices("GPU")
     switched = 0
     for layer in model._flatten_layers(include_self=True, recursive=True):
         if isinstance(layer, keras.layers.Conv2D) and type(layer).convolution_op is keras.layers.Conv2D.convolution_op:
-            layer.convolution_op = _fast_conv_op(layer, filter_grad_as_matmul)
+            layer.convolution_op = _fast_conv_op(layer, cpu_gradients)
             switched += 1
         elif (
             isinstance(layer, keras.layers.BatchNormalization)

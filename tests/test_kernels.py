@@ -23,7 +23,8 @@ def _op_types(fn, *args):
 
 
 # (map size, in, out, kernel, stride, padding): 1x1 maps (the centre-tap
-# product), tiny outputs (the patch product), and larger maps (plain conv).
+# product), tiny outputs (the patch product), and larger maps (plain conv;
+# stride-1 "same" ones take their input gradient as a forward convolution).
 CONV_CASES = [
     (1, 6, 4, 3, 1, "SAME"),
     (2, 5, 7, 3, 1, "SAME"),
@@ -34,16 +35,17 @@ CONV_CASES = [
     (5, 3, 4, 3, 2, "VALID"),
     (3, 3, 8, 7, 2, "SAME"),
     (9, 3, 4, 3, 1, "SAME"),
+    (7, 3, 4, 5, 1, "SAME"),
 ]
 
 
 @pytest.mark.parametrize("size,cin,cout,k,stride,padding", CONV_CASES)
-@pytest.mark.parametrize("as_matmul", [True, False])
-def test_conv2d_matches_tf_conv_and_its_gradients(size, cin, cout, k, stride, padding, as_matmul):
+@pytest.mark.parametrize("as_matmul,as_conv", [(True, True), (True, False), (False, True), (False, False)])
+def test_conv2d_matches_tf_conv_and_its_gradients(size, cin, cout, k, stride, padding, as_matmul, as_conv):
     x = tf.random.normal((3, size, size, cin), seed=1)
     kernel = tf.random.normal((k, k, cin, cout), seed=2)
     expected = _grads(lambda a, w: tf.nn.conv2d(a, w, stride, padding), x, kernel)
-    got = _grads(lambda a, w: kernels.conv2d(a, w, (stride, stride), padding, as_matmul), x, kernel)
+    got = _grads(lambda a, w: kernels.conv2d(a, w, (stride, stride), padding, as_matmul, as_conv), x, kernel)
     for e, g in zip(expected, got):
         np.testing.assert_allclose(g.numpy(), e.numpy(), rtol=1e-4, atol=1e-4)
 
@@ -64,6 +66,27 @@ def test_filter_gradient_is_a_matmul_on_tiny_maps_only():
     assert "Conv2DBackpropFilter" not in grad_of(2, True)
     assert "Conv2DBackpropFilter" in grad_of(2, False)
     assert "Conv2DBackpropFilter" in grad_of(3, True)  # 9 output pixels: the plain kernel is faster
+
+
+def test_input_gradient_is_a_forward_convolution_for_stride_1_same_odd_kernels_only():
+    def grad_ops(size, k, stride, padding, as_conv):
+        x = tf.random.normal((2, size, size, 4))
+        kernel = tf.random.normal((k, k, 4, 5))
+
+        def fn(a, w):
+            with tf.GradientTape() as tape:
+                tape.watch(a)
+                y = kernels.conv2d(a, w, (stride, stride), padding, input_grad_as_conv=as_conv)
+            return tape.gradient(y, a)
+
+        return _op_types(fn, x, kernel)
+
+    assert "Conv2DBackpropInput" not in grad_ops(6, 3, 1, "SAME", True)
+    assert "Conv2DBackpropInput" not in grad_ops(6, 5, 1, "SAME", True)
+    assert "Conv2DBackpropInput" in grad_ops(6, 3, 1, "SAME", False)
+    assert "Conv2DBackpropInput" in grad_ops(6, 3, 2, "SAME", True)  # strided: the transpose is not a plain conv
+    assert "Conv2DBackpropInput" in grad_ops(6, 3, 1, "VALID", True)
+    assert "Conv2DBackpropInput" in grad_ops(6, 2, 1, "SAME", True)  # even kernels pad unevenly
 
 
 def test_a_1x1_map_convolves_with_the_centre_tap_only():
