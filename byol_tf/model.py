@@ -314,7 +314,10 @@ class BYOL(keras.Model):
         elif self.ema_schedule is not None:
             # The callback applies this tau right after the step.
             tau = self.ema_schedule.tau_at(self.optimizer.iterations - 1)
-        self.loss_tracker.update_state(loss)
+        # oneDNN's fused BatchNorm+ReLU maps NaN to 0, so a NaN weight can leave
+        # the loss finite: the logged loss turns NaN with the weights (NaNGuard).
+        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in variables])
+        self.loss_tracker.update_state(tf.where(finite, loss, tf.constant(float("nan"), loss.dtype)))
         self.collapse_tracker.update_state(collapse_std(z1))
         logs = {
             "loss": self.loss_tracker.result(),

@@ -262,3 +262,25 @@ def test_train_step_adds_weight_regularisers():
             expected = expected - lr * 2 * l2 * w0
         # Weights of order 0.1-1 after one float32 step: a few ulps.
         np.testing.assert_allclose(a.numpy(), expected, rtol=1e-6, atol=1e-7, err_msg=a.path)
+
+
+@keras.saving.register_keras_serializable(package="tests")
+class _NaNToZero(keras.layers.Layer):
+    def call(self, x):
+        return tf.where(tf.math.is_nan(x), tf.zeros_like(x), x)
+
+
+def test_logged_loss_is_nan_when_a_weight_is_nan_even_if_the_forward_hides_it():
+    # oneDNN's fused BatchNorm+ReLU maps NaN to 0 on some CPUs; this encoder
+    # does the same on every CPU, so its loss stays finite with a NaN kernel.
+    inputs = keras.Input((16, 16, 3))
+    x = _NaNToZero()(keras.layers.Conv2D(8, 3, name="conv")(inputs))
+    model = BYOL(keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x)), MLPHead(32, 16), MLPHead(32, 16))
+    model.compile(optimizer=keras.optimizers.SGD(0.0))
+    batch = next(iter(view_dataset(batch=8)))
+    assert np.isfinite(float(model.train_step(batch)["loss"]))
+    kernel = model.encoder.get_layer("conv").kernel
+    kernel.assign(np.full(kernel.shape, np.nan, "float32"))
+    model.loss_tracker.reset_state()
+    logs = model.train_step(batch)
+    assert np.isnan(float(logs["loss"]))
