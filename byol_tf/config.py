@@ -13,11 +13,12 @@ from byol_tf.audio.config import AudioAugmentConfig
 from byol_tf.ema import BN_STATS_MODES
 from byol_tf.losses import LOSSES
 from byol_tf.optim import OPTIMIZERS
+from byol_tf.precision import AUTO as AUTO_PRECISION
 from byol_tf.text.augment import TextAugmentConfig
 from byol_tf.checks import check as _check
 
 AUGMENT_ON = ("host", "device")
-PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16", AUTO_PRECISION)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +141,9 @@ class PretrainConfig:
             `TextAugmentConfig`, as `modality` says.
         seed: seeds data order, augmentation and initialisation.
         steps_per_execution: optimizer steps per compiled call.
-        precision: a Keras dtype policy name.
+        precision: a Keras dtype policy name, or "auto": mixed bfloat16 on
+            CPUs with bfloat16 instructions, float32 elsewhere
+            (`byol_tf.precision`; a resumed run resolves it again).
         probe: train an online linear probe on the labels alongside BYOL
             (logged as `probe_acc`; the data must be labelled). It never
             changes the encoder.

@@ -18,6 +18,7 @@ from byol_tf.config import PretrainConfig
 from byol_tf.build import build_byol
 from byol_tf.optim import build_optimizer
 from byol_tf.plots import plot_run
+from byol_tf.precision import global_policy, resolve_precision
 from byol_tf.resume import check_out_dir, check_resume, remove, resume_backup, truncate_metrics
 from byol_tf.run_dir import RunDir
 from byol_tf.run_eval import eval_data, knn_eval, load_source, probe_classes, random_init_encoder
@@ -124,7 +125,6 @@ def _build(r, sync_bn, backbone, jit_compile, deterministic):
     logging.info("strategy=%s replicas=%d", type(r.strategy).__name__, replicas)
     if deterministic:
         tf.config.experimental.enable_op_determinism()
-    keras.mixed_precision.set_global_policy(r.config.precision)
     keras.utils.set_random_seed(r.config.seed)
     with r.strategy.scope():
         model = build_byol(
@@ -308,23 +308,28 @@ def run_pretraining(
     )
     r.started = started
     r.knn_every, r.knn_every_given = knn_every or 1, knn_every is not None
-    model = _build(r, sync_bn, backbone, jit_compile, deterministic)
-    _resume(r, model)
-    if config.time_budget:
-        budget_run.resumed_plan(r, model)
-    tracker, position_fn = run_fit.stream_tracker(r)
-    state = guards.GuardState()
-    # Looked up on the module, so that a test can add a callback after all of them.
-    callback_list = run_fit.run_callbacks(
-        r,
-        state,
-        position_fn,
-        backup_every_steps,
-        collapse_threshold,
-        collapse_patience,
-        on_collapse,
-        callbacks,
-    )
-    start = time.time()
-    history = run_fit.fit_run(r, model, callback_list, state, tracker, position_fn is not None, verbose, autotune)
-    return _summarise(r, model, history, state, time.time() - start, compare_random_init)
+    policy = resolve_precision(config.precision)
+    print(f"precision={config.precision} dtype_policy={policy}", flush=True)
+    logging.info("precision=%s dtype_policy=%s", config.precision, policy)
+    # The caller gets its own global policy back.
+    with global_policy(policy):
+        model = _build(r, sync_bn, backbone, jit_compile, deterministic)
+        _resume(r, model)
+        if config.time_budget:
+            budget_run.resumed_plan(r, model)
+        tracker, position_fn = run_fit.stream_tracker(r)
+        state = guards.GuardState()
+        # Looked up on the module, so that a test can add a callback after all of them.
+        callback_list = run_fit.run_callbacks(
+            r,
+            state,
+            position_fn,
+            backup_every_steps,
+            collapse_threshold,
+            collapse_patience,
+            on_collapse,
+            callbacks,
+        )
+        start = time.time()
+        history = run_fit.fit_run(r, model, callback_list, state, tracker, position_fn is not None, verbose, autotune)
+        return _summarise(r, model, history, state, time.time() - start, compare_random_init)

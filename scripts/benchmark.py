@@ -31,6 +31,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags
 
 from byol_tf.config import AUGMENT_ON, PRECISIONS
+from byol_tf.precision import resolve_precision
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("what", "step", ["augment", "input", "step", "fit"], "What to time.")
@@ -51,7 +52,7 @@ flags.DEFINE_integer("image_size", 32, "Image (view) side in pixels.")
 flags.DEFINE_integer("batch_size", 128, "Global batch size, in source images.")
 flags.DEFINE_integer("steps", 20, "Timed steps (batches).")
 flags.DEFINE_integer("warmup", 5, "Untimed steps (batches) first; the first one compiles.")
-flags.DEFINE_enum("precision", "float32", list(PRECISIONS), "Keras global dtype policy.")
+flags.DEFINE_enum("precision", "float32", list(PRECISIONS), "Keras global dtype policy (auto: byol_tf.precision).")
 flags.DEFINE_boolean("jit_compile", None, "XLA: passed to compile. Unset: Keras' 'auto', as scripts/pretrain.py uses.")
 flags.DEFINE_string("strategy", "default", "A byol_tf.distribute strategy name.")
 flags.DEFINE_integer(
@@ -244,7 +245,7 @@ def main(argv):
         distribute.check_global_batch(config.batch_size, strategy)
     except ValueError as error:
         raise app.UsageError(str(error).replace("batch_size=", "--batch_size=").replace("strategy=", "--strategy="))
-    keras.mixed_precision.set_global_policy(config.precision)
+    keras.mixed_precision.set_global_policy(resolve_precision(config.precision))
     try:
         print(f"tensorflow={tf.__version__} keras={keras.__version__}")
         print(
@@ -252,7 +253,7 @@ def main(argv):
             f"batch_size={config.batch_size} steps={FLAGS.steps} warmup={FLAGS.warmup}"
         )
         print(
-            f"precision={config.precision} fast_kernels={config.fast_kernels} steps_per_execution={config.steps_per_execution} "
+            f"precision={config.precision} ({resolve_precision(config.precision)}) fast_kernels={config.fast_kernels} steps_per_execution={config.steps_per_execution} "
             f"projector_hidden={config.projector_hidden} predictor_hidden={config.predictor_hidden} "
             f"projection_dim={config.projection_dim}"
         )

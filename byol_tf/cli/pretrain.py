@@ -91,7 +91,12 @@ flags.DEFINE_enum(
 flags.DEFINE_integer(
     "cpu_replicas", None, "Split the CPU into this many logical devices (Mirrored on CPU, for testing)."
 )
-flags.DEFINE_enum("precision", None, list(PRECISIONS), "Keras dtype policy.")
+flags.DEFINE_enum(
+    "precision",
+    None,
+    list(PRECISIONS),
+    "Keras dtype policy; auto: mixed_bfloat16 on CPUs with bf16 instructions, else float32.",
+)
 flags.DEFINE_boolean("jit_compile", None, "XLA-compile the train step (default: Keras's 'auto').")
 flags.DEFINE_boolean(
     "sync_bn", True, "Synchronise BatchNorm across replicas when there are several (--nosync_bn: per replica)."
