@@ -18,7 +18,7 @@ from byol_tf.config import PretrainConfig
 from byol_tf.build import build_byol
 from byol_tf.optim import build_optimizer
 from byol_tf.plots import plot_run
-from byol_tf.precision import global_policy, resolve_precision
+from byol_tf.precision import float32_copy, global_policy, resolve_precision
 from byol_tf.resume import check_out_dir, check_resume, remove, resume_backup, truncate_metrics
 from byol_tf.run_dir import RunDir
 from byol_tf.run_eval import eval_data, knn_eval, load_source, probe_classes, random_init_encoder
@@ -194,7 +194,8 @@ def _summarise(r, model, history, state, train_seconds, compare_random_init):
         print(f"{state.message} {state.good_checkpoint_text()}", flush=True)
         logging.error("%s %s", state.message, state.good_checkpoint_text())
     else:
-        model.encoder.save(r.run.encoder_file)
+        # Saved in float32 whatever the run's precision (weights are float32 in every policy).
+        float32_copy(model.encoder).save(r.run.encoder_file)
         if r.eval_set is not None:
             # The monitor always evaluates the last epoch; reuse it rather than embed twice.
             knn_history = history.get("knn_acc", [])

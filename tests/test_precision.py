@@ -1,11 +1,13 @@
 """`precision="auto"` resolves from the CPU's flags and the GPUs TensorFlow sees."""
 
 import keras
+import numpy as np
 import pytest
 
 from byol_tf import data, training
+from byol_tf.backbones import build_encoder
 from byol_tf.config import PretrainConfig
-from byol_tf.precision import cpu_flags, global_policy, resolve_precision
+from byol_tf.precision import cpu_flags, float32_copy, global_policy, resolve_precision
 from byol_tf.presets import get_preset
 
 # The flags line of a Zen 4 EPYC (shortened) and of a Zen 3 one, as /proc/cpuinfo writes them.
@@ -69,3 +71,20 @@ def test_a_run_in_bfloat16_gives_the_caller_its_policy_back(tmp_path, capsys):
     assert summary["status"] == "finished"
     assert "precision=mixed_bfloat16 dtype_policy=mixed_bfloat16" in capsys.readouterr().out
     assert keras.mixed_precision.global_policy().name == "float32"
+    encoder = keras.saving.load_model(str(tmp_path / "run" / "encoder.keras"))
+    assert {layer.dtype_policy.name for layer in encoder._flatten_layers()} == {"float32"}
+
+
+def test_float32_copy_computes_in_float32_with_the_same_weights():
+    x = np.random.default_rng(0).random((4, 16, 16, 3)).astype("float32")
+    with global_policy("mixed_bfloat16"):
+        mixed = build_encoder("resnet_tiny", 16)
+    plain = build_encoder("resnet_tiny", 16)  # float32, a reference built independently
+    plain.set_weights(mixed.get_weights())
+    copy = float32_copy(mixed)
+    assert {layer.dtype_policy.name for layer in copy._flatten_layers()} == {"float32"}
+    assert "mixed_bfloat16" in {layer.dtype_policy.name for layer in mixed._flatten_layers()}
+    expected = plain(x, training=False).numpy()
+    np.testing.assert_allclose(copy(x, training=False).numpy(), expected, rtol=1e-5, atol=1e-6)
+    # bfloat16 has 8 bits of mantissa: the mixed encoder is visibly off the float32 one.
+    assert np.max(np.abs(mixed(x, training=False).numpy().astype("float32") - expected)) > 1e-3
