@@ -186,6 +186,7 @@ def _summarise(r, model, history, state, train_seconds, compare_random_init):
         # This worker's (every worker logs its own); `num_skipped` counts them all.
         "skipped_files": [list(item) for item in train.skips.items()[:100]],
         "strategy": type(r.strategy).__name__,
+        "dtype_policy": keras.mixed_precision.global_policy().name,  # what "auto" resolved to
         "replicas": r.strategy.num_replicas_in_sync,
         "final": {k: float(v[-1]) for k, v in history.items() if len(v)},
     }

@@ -68,7 +68,7 @@ def test_a_run_in_bfloat16_gives_the_caller_its_policy_back(tmp_path, capsys):
     config = get_preset("demo", image_size=16, batch_size=16, epochs=1, precision="mixed_bfloat16")
     images = data.make_shapes(32, image_size=16, seed=0)
     summary = training.run_pretraining(config, images, str(tmp_path / "run"), verbose=0, autotune=False)
-    assert summary["status"] == "finished"
+    assert summary["status"] == "finished" and summary["dtype_policy"] == "mixed_bfloat16"
     assert "precision=mixed_bfloat16 dtype_policy=mixed_bfloat16" in capsys.readouterr().out
     assert keras.mixed_precision.global_policy().name == "float32"
     encoder = keras.saving.load_model(str(tmp_path / "run" / "encoder.keras"))
