@@ -68,12 +68,16 @@ def _float32_policies(config):
 
 
 def float32_copy(model: keras.Model) -> keras.Model:
-    """`model` rebuilt from its config to compute in float32, with its weights.
+    """`model` rebuilt from its config to compute in float32, with its weights (`model` itself if it does).
 
     A mixed-precision run's variables are float32 already: only the compute
     dtype of each layer changes, so the saved encoder runs the same on any
     machine, whatever precision trained it.
     """
-    copy = keras.saving.deserialize_keras_object(_float32_policies(keras.saving.serialize_keras_object(model)))
+    config = keras.saving.serialize_keras_object(model)
+    float32_config = _float32_policies(config)
+    if float32_config == config:
+        return model  # already float32 throughout: nothing to rebuild
+    copy = keras.saving.deserialize_keras_object(float32_config)
     copy.set_weights(model.get_weights())
     return copy

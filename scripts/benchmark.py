@@ -31,7 +31,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags
 
 from byol_tf.config import AUGMENT_ON, PRECISIONS
-from byol_tf.precision import resolve_precision
+from byol_tf.precision import global_policy, resolve_precision
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("what", "step", ["augment", "input", "step", "fit"], "What to time.")
@@ -245,15 +245,15 @@ def main(argv):
         distribute.check_global_batch(config.batch_size, strategy)
     except ValueError as error:
         raise app.UsageError(str(error).replace("batch_size=", "--batch_size=").replace("strategy=", "--strategy="))
-    keras.mixed_precision.set_global_policy(resolve_precision(config.precision))
-    try:
+    policy = resolve_precision(config.precision)
+    with global_policy(policy):
         print(f"tensorflow={tf.__version__} keras={keras.__version__}")
         print(
             f"what={FLAGS.what} preset={config.preset} backbone={config.backbone} image_size={config.image_size} "
             f"batch_size={config.batch_size} steps={FLAGS.steps} warmup={FLAGS.warmup}"
         )
         print(
-            f"precision={config.precision} ({resolve_precision(config.precision)}) fast_kernels={config.fast_kernels} steps_per_execution={config.steps_per_execution} "
+            f"precision={config.precision} ({policy}) fast_kernels={config.fast_kernels} steps_per_execution={config.steps_per_execution} "
             f"projector_hidden={config.projector_hidden} predictor_hidden={config.predictor_hidden} "
             f"projection_dim={config.projection_dim}"
         )
@@ -264,8 +264,6 @@ def main(argv):
             images_per_sec = _time_augment(config)
         else:
             images_per_sec = _time_fit(config, strategy)
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
     print(f"images_per_sec={images_per_sec:.3f}")
 
 
