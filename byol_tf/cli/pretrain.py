@@ -41,6 +41,11 @@ flags.DEFINE_integer(
     None,
     "Side of the training views (default: image_size); smaller trains faster, the encoder stays at image_size.",
 )
+flags.DEFINE_list(
+    "crop_scale",
+    None,
+    "LO,HI: the range of a training crop's area, as a fraction of the image (images only; the paper's 0.08,1).",
+)
 flags.DEFINE_integer("epochs", None, "Epochs (the preset's time budget, if it has one, no longer applies).")
 flags.DEFINE_string(
     "time_budget",
@@ -160,9 +165,24 @@ _OVERRIDES = {
 EXIT_STOPPED = 3
 
 
+def _crop_scale(values):
+    """`--crop_scale=LO,HI` as two floats (the config checks their range)."""
+    try:
+        lo, hi = (float(value) for value in values)
+    except ValueError:
+        raise app.UsageError(f"--crop_scale must be two numbers, LO,HI. Received: --crop_scale={','.join(values)}")
+    if PRESETS[FLAGS.preset].modality != "image":
+        raise app.UsageError(
+            f"--crop_scale is for image presets. Received: --crop_scale={','.join(values)}, --preset={FLAGS.preset}"
+        )
+    return lo, hi
+
+
 def _config():
     overrides = {field: getattr(FLAGS, flag) for flag, field in _OVERRIDES.items() if getattr(FLAGS, flag) is not None}
-    with flag_errors("time_budget", **{field: flag for flag, field in _OVERRIDES.items()}):
+    if FLAGS.crop_scale is not None:
+        overrides["augment"] = {"crop_scale": _crop_scale(FLAGS.crop_scale)}
+    with flag_errors("time_budget", "crop_scale", **{field: flag for flag, field in _OVERRIDES.items()}):
         if FLAGS.time_budget is not None:
             from byol_tf.budget import parse_duration
 
