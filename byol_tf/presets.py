@@ -59,21 +59,20 @@ PRESETS = {
     ),
     # The best 2 CPU cores reach in 20 minutes of wall time, planned to the
     # budget on whatever CPU runs it (`epochs` is the fallback without one;
-    # `--epochs` trains that many instead). Reached (BENCHMARKS.md): on 2 Zen 4
-    # cores (AVX512_BF16), 56.2% kNN in 20:05 with bfloat16 ("auto": 13,810
-    # steps; 55.3% with 11,043 in float32); on 2 Zen 3 cores (AVX2 only, float32),
-    # `byol-pretrain --preset=cifar10_cpu20 --data=train.npz
-    # --eval_data=test.npz`: 49.7% kNN in 19:55 (13.5 epochs), 45.5% in 19:20
-    # (9.6 epochs) in a slower hour; 42.8% in 9:45 with --time_budget=10m,
-    # 52.2% in 39:34 with 40m. 32 px views: 16 and 20 px views (--view_size)
-    # did no better in 20 minutes. Each choice won a
-    # 4-minute probe (BENCHMARKS.md, "What each choice bought"): the tiny
-    # ResNet learns as much per minute as larger ones and gets more epochs;
-    # batch 128 gives more steps; tau 0.96 lets the target keep up in a short
-    # run; crops of at least 20% of a 32 px image keep the object; the
-    # predictor at 10x the learning rate (37.9-38.0% against 35.2% in 4 min;
-    # 47.9% in the 20-minute budget with 3,454 steps in a slow hour on Zen 3,
-    # 48.7% with 4,155 once the input gradient became a forward convolution).
+    # `--epochs` trains that many instead). `byol-pretrain --preset=cifar10_cpu20
+    # --data=train.npz --eval_data=test.npz` reached (BENCHMARKS.md) on 2 Zen 4
+    # cores (AVX512_BF16, bfloat16 by "auto"): 59.9% kNN in 19:46 (14,831 steps)
+    # with crops of 40-100%; 58.6% with 50-100% and with 30-100%, 56.2% with
+    # 20-100%, 53.9% with the paper's 8-100% (a short run learns more from
+    # easier views). On 2
+    # Zen 3 cores (AVX2 only, float32), with the 20-100% crops before: 48.7% in
+    # 20 minutes, 42.8% in 9:45 with --time_budget=10m, 52.2% in 39:34 with 40m.
+    # 32 px views: 16 and 20 px views (--view_size) did no better. Each other
+    # choice won a 4-minute probe (BENCHMARKS.md, "What each choice bought"):
+    # the tiny ResNet learns as much per minute as larger ones and gets more
+    # epochs; batch 128 gives more steps; tau 0.96 lets the target keep up in a
+    # short run; the predictor at 10x the learning rate (37.9-38.0% against
+    # 35.2% in 4 minutes).
     "cifar10_cpu20": PretrainConfig(
         preset="cifar10_cpu20",
         backbone="resnet_tiny",
@@ -92,7 +91,7 @@ PRESETS = {
         projection_dim=128,
         predictor_hidden=1024,
         eval_crop_fraction=1.0,
-        augment=dataclasses.replace(_CIFAR_AUGMENT, crop_scale=(0.2, 1.0)),
+        augment=dataclasses.replace(_CIFAR_AUGMENT, crop_scale=(0.4, 1.0)),
     ),
     # The paper's ImageNet recipe (Grill et al. 2020, Section 3.2).
     "imagenet": PretrainConfig(

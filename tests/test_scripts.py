@@ -86,7 +86,7 @@ def demo_run(tmp_path_factory):
     # Labelled data whose answer is known, with the online linear probe; the views are smaller
     # than the encoder's 32 px.
     train, test = colour_npz(folder / "train.npz", 256, 0), colour_npz(folder / "test.npz", 120, 1)
-    flags = ["--probe", "--probe_lr=0.05", "--view_size=24", "--crop_scale=0.3,0.9"]
+    flags = ["--probe", "--probe_lr=0.05", "--view_size=24", "--crop_scale=0.3,0.9", "--augment=blur_sigma=0.2,1.5"]
     result = run_script("pretrain.py", *TINY, f"--data={train}", f"--eval_data={test}", *flags, f"--out={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result
@@ -110,7 +110,8 @@ def test_pretrain_writes_the_run_folder(demo_run):
     assert summary["steps"] == summary["total_steps"] == 8
     # Trained on 24 px views; evaluated, saved and served at 32 px.
     assert (summary["view_size"], summary["image_size"]) == (24, 32)
-    assert json.load(open(os.path.join(out, "config.json")))["augment"]["crop_scale"] == [0.3, 0.9]
+    augment = json.load(open(os.path.join(out, "config.json")))["augment"]
+    assert augment["crop_scale"] == [0.3, 0.9] and augment["blur_sigma"] == [0.2, 1.5]
     encoder_config = zipfile.ZipFile(os.path.join(out, "encoder.keras")).read("config.json").decode()
     assert '"batch_shape": [null, 32, 32, 3]' in encoder_config
     assert 0.99 < summary["final"]["tau"] < 1.0
@@ -167,6 +168,10 @@ BAD_FLAGS = [
     ("--crop_scale=0,1", "--crop_scale=(0.0, 1.0)"),
     ("--crop_scale=0.2", "--crop_scale=0.2"),
     ("--crop_scale=0.2,1 --preset=fsdd_audio", "--crop_scale=0.2,1, --preset=fsdd_audio"),
+    ("--augment=nope=1", "--augment=nope=1"),
+    ("--augment=brightness=1.5", "--augment=brightness=1.5"),
+    ("--augment=blur_sigma=1", "--augment=blur_sigma=1"),
+    ("--augment=crop_scale=0.3,1 --crop_scale=0.2,1", "--crop_scale=0.2,1"),
     ("--probe_lr=0", "--probe_lr=0"),
     ("--time_budget=1m", "--epochs=2, --time_budget=1m"),  # TINY sets --epochs
     # The global batch must split over the replicas.

@@ -9,6 +9,7 @@
 Flags left unset keep the preset's value.
 """
 
+import dataclasses
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -45,6 +46,12 @@ flags.DEFINE_list(
     "crop_scale",
     None,
     "LO,HI: the range of a training crop's area, as a fraction of the image (images only; the paper's 0.08,1).",
+)
+flags.DEFINE_multi_string(
+    "augment",
+    None,
+    "KEY=VALUE, repeatable: one field of the preset's views (byol_tf.config.AugmentConfig, or the audio or text "
+    "one); two-value fields take LO,HI. E.g. --augment=hue=0.05 --augment=blur_sigma=0.05,1",
 )
 flags.DEFINE_integer("epochs", None, "Epochs (the preset's time budget, if it has one, no longer applies).")
 flags.DEFINE_string(
@@ -178,11 +185,52 @@ def _crop_scale(values):
     return lo, hi
 
 
+def _augment_field(item, augment):
+    """One `--augment=KEY=VALUE` as (KEY, value), the value parsed as the preset's own value's type."""
+    key, _, text = item.partition("=")
+    fields = sorted(f.name for f in dataclasses.fields(augment) if f.name != "image_size")
+    if key not in fields:
+        raise app.UsageError(
+            f"--augment takes KEY=VALUE with KEY one of {fields} (--preset={FLAGS.preset}; the views' side is "
+            f"--view_size). Received: --augment={item}"
+        )
+    default = getattr(augment, key)
+    try:
+        if isinstance(default, tuple):
+            value = tuple(type(d)(part) for d, part in zip(default, text.split(",", len(default) - 1), strict=True))
+        elif isinstance(default, bool):
+            value = {"true": True, "false": False}[text.lower()]
+        else:
+            value = type(default)(text)
+    except (ValueError, KeyError):
+        kind = f"{len(default)} comma-separated values" if isinstance(default, tuple) else type(default).__name__
+        raise app.UsageError(f"--augment={key}= takes {kind}. Received: --augment={item}")
+    return key, value
+
+
+def _augment_overrides():
+    """`--augment` and `--crop_scale` as the dict of view fields `get_preset` takes."""
+    augment = PRESETS[FLAGS.preset].augment
+    overrides = dict(_augment_field(item, augment) for item in FLAGS.augment or ())
+    if FLAGS.crop_scale is not None:
+        if "crop_scale" in overrides:
+            raise app.UsageError(
+                f"Set the crop scale once. Received: --crop_scale={','.join(FLAGS.crop_scale)}, "
+                f"--augment=crop_scale={','.join(map(str, overrides['crop_scale']))}"
+            )
+        overrides["crop_scale"] = _crop_scale(FLAGS.crop_scale)
+    return overrides
+
+
 def _config():
     overrides = {field: getattr(FLAGS, flag) for flag, field in _OVERRIDES.items() if getattr(FLAGS, flag) is not None}
-    if FLAGS.crop_scale is not None:
-        overrides["augment"] = {"crop_scale": _crop_scale(FLAGS.crop_scale)}
-    with flag_errors("time_budget", "crop_scale", **{field: flag for flag, field in _OVERRIDES.items()}):
+    augment = _augment_overrides()
+    if augment:
+        overrides["augment"] = augment
+    # A view field's error names its --augment flag (crop_scale keeps its own).
+    augment_flags = {key: f"augment={key}" for key in augment if key != "crop_scale" or FLAGS.crop_scale is None}
+    names = {**{field: flag for flag, field in _OVERRIDES.items()}, **augment_flags}
+    with flag_errors("time_budget", "crop_scale", **names):
         if FLAGS.time_budget is not None:
             from byol_tf.budget import parse_duration
 
