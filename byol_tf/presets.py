@@ -62,11 +62,11 @@ PRESETS = {
     # `--epochs` trains that many instead). `byol-pretrain --preset=cifar10_cpu20
     # --data=train.npz --eval_data=test.npz` reached (BENCHMARKS.md) on 2 Zen 4
     # cores (AVX512_BF16, bfloat16 by "auto"): 59.9% kNN in 19:46 (14,831 steps)
-    # with crops of 40-100%; 58.6% with 50-100% and with 30-100%, 56.2% with
-    # 20-100%, 53.9% with the paper's 8-100% (a short run learns more from
-    # easier views). On 2
-    # Zen 3 cores (AVX2 only, float32), with the 20-100% crops before: 48.7% in
-    # 20 minutes, 42.8% in 9:45 with --time_budget=10m, 52.2% in 39:34 with 40m.
+    # with crops of 40-100%, 54.9% with --time_budget=10m, 62.7% with 40m;
+    # 58.6% with 50-100% and with 30-100%, 56.2% with 20-100%, 53.9% with the
+    # paper's 8-100% (a short run learns more from easier views). On 2 Zen 3
+    # cores (AVX2 only, float32), with the 20-100% crops before: 48.7% in 20
+    # minutes, 42.8% in 9:45 with --time_budget=10m, 52.2% in 39:34 with 40m.
     # 32 px views: 16 and 20 px views (--view_size) did no better. Each other
     # choice won a 4-minute probe (BENCHMARKS.md, "What each choice bought"):
     # the tiny ResNet learns as much per minute as larger ones and gets more
