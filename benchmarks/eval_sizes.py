@@ -31,11 +31,12 @@ def main(argv):
 
     with open(os.path.join(FLAGS.run, "config.json")) as f:
         config = PretrainConfig.from_dict(json.load(f))
+    encoder = keras.saving.load_model(os.path.join(FLAGS.run, "encoder.keras"), compile=False)
+    accept_any_image_size(encoder)
     for size in map(int, FLAGS.sizes):
+        # The source and the random init are built at each size (in-memory sources are sized on load).
         sized = dataclasses.replace(config, image_size=size)
         memory, test = run_eval.load_source(FLAGS.data, sized), run_eval.load_source(FLAGS.eval_data, sized)
-        encoder = keras.saving.load_model(os.path.join(FLAGS.run, "encoder.keras"), compile=False)
-        accept_any_image_size(encoder)
         learned = run_eval.knn_eval(encoder, sized, memory, test)
         random_init = run_eval.knn_eval(run_eval.random_init_encoder(sized), sized, memory, test)
         print(

@@ -227,8 +227,8 @@ def _config():
     augment = _augment_overrides()
     if augment:
         overrides["augment"] = augment
-    # A view field's error names its --augment flag (crop_scale keeps its own).
-    augment_flags = {key: f"augment={key}" for key in augment if key != "crop_scale" or FLAGS.crop_scale is None}
+    # A view field set by --augment names that flag in its error (--crop_scale names its own).
+    augment_flags = {key: f"augment={key}" for key, _, _ in (item.partition("=") for item in FLAGS.augment or ())}
     names = {**{field: flag for flag, field in _OVERRIDES.items()}, **augment_flags}
     with flag_errors("time_budget", "crop_scale", **names):
         if FLAGS.time_budget is not None:
