@@ -16,6 +16,8 @@ from byol_tf.config import AugmentConfig
 
 # torchvision's RandomResizedCrop makes 10 attempts before its fallback.
 CROP_TRIES = 10
+# Folded into a batch seed for its small views (any constant the large views do not use).
+SMALL_VIEWS_TAG = 7919
 
 
 def augment_view(images, seed, config: AugmentConfig, view: int) -> tf.Tensor:
@@ -96,6 +98,30 @@ def crop_pair(images, seed, config: AugmentConfig):
     seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=2)
     images = _unit_float(images)
     return crop_view(images, seeds[0], config), crop_view(images, seeds[1], config)
+
+
+def small_seed(seed):
+    """The seed of a batch's small views: a branch of `seed` that the large views never draw from.
+
+    As for the large views, a small view's crop and its colour stages share one seed.
+    """
+    return tf.random.experimental.stateless_fold_in(tf.cast(seed, tf.int64), SMALL_VIEWS_TAG)
+
+
+def crop_small(images, seed, config: AugmentConfig):
+    """The crops and flips of `config.small_views` small views (a list); `finish_small` completes them."""
+    seeds = tf.random.experimental.stateless_split(small_seed(seed), num=config.small_views)
+    small = config.small_view_config()
+    return [crop_view(images, seeds[i], small) for i in range(config.small_views)]
+
+
+def finish_small(crops, seed, config: AugmentConfig):
+    """The small views from their crops (a list); view `i` takes the colour settings of large view `i % 2`."""
+    if not crops:
+        return []
+    seeds = tf.random.experimental.stateless_split(small_seed(seed), num=len(crops))
+    small = config.small_view_config()
+    return [finish_view(crop, seeds[i], small, i % 2) for i, crop in enumerate(crops)]
 
 
 def _check_view(view):

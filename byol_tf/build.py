@@ -58,7 +58,7 @@ def build_byol(
         base_tau=config.base_tau,
         name="byol",
     )
-    if config.modality == "image" and config.train_size != config.image_size:
+    if config.modality == "image" and (config.train_size != config.image_size or config.augment.small_views):
         for network in (model.encoder, model.target_encoder):
             accept_any_image_size(network)
     if config.fast_kernels and config.modality == "image":

@@ -43,6 +43,11 @@ class AugmentConfig:
         blur_kernel_fraction: kernel size as a fraction of `image_size`.
         solarize_prob: per view, probability of solarization.
         solarize_threshold: pixels above it (in [0, 1]) are inverted.
+        small_views: extra small views per image (multi-crop, Caron et al.
+            2020); each one's prediction regresses both large views' targets.
+        small_view_fraction: a small view's side, as a fraction of `image_size`.
+        small_crop_scale: range of a small view's crop area (DINO's local
+            crops; the large views keep `crop_scale`).
     """
 
     image_size: int = 224
@@ -60,9 +65,21 @@ class AugmentConfig:
     blur_kernel_fraction: float = 0.1
     solarize_prob: Tuple[float, float] = (0.0, 0.2)
     solarize_threshold: float = 0.5
+    small_views: int = 0
+    small_view_fraction: float = 0.5
+    small_crop_scale: Tuple[float, float] = (0.05, 0.4)
 
     def __post_init__(self):
         _check(self.image_size >= 8, "image_size", self.image_size, "must be >= 8")
+        _check(self.small_views >= 0, "small_views", self.small_views, "must be >= 0")
+        _check(
+            0.0 < self.small_view_fraction <= 1.0 and (self.small_views == 0 or self.small_view_size >= 8),
+            "small_view_fraction",
+            self.small_view_fraction,
+            f"must be in (0, 1] and give small views of at least 8 px (image_size={self.image_size})",
+        )
+        lo, hi = self.small_crop_scale
+        _check(0.0 < lo <= hi <= 1.0, "small_crop_scale", self.small_crop_scale, "must satisfy 0 < lo <= hi <= 1")
         for name in ("flip_prob", "jitter_prob", "grayscale_prob", "solarize_threshold"):
             value = getattr(self, name)
             _check(0.0 <= value <= 1.0, name, value, "must be in [0, 1]")
@@ -84,6 +101,21 @@ class AugmentConfig:
             value = getattr(self, name)
             _check(0.0 <= value < 1.0, name, value, "must be in [0, 1)")
         _check(0.0 <= self.hue <= 0.5, "hue", self.hue, "must be in [0, 0.5]")
+
+    @property
+    def small_view_size(self) -> int:
+        """The side of the small views, in pixels."""
+        return int(round(self.image_size * self.small_view_fraction))
+
+    def small_view_config(self) -> "AugmentConfig":
+        """The views' config for the small views: their size and crop scale, the rest unchanged."""
+        return dataclasses.replace(
+            self,
+            image_size=self.small_view_size,
+            crop_scale=self.small_crop_scale,
+            small_views=0,
+            small_view_fraction=1.0,
+        )
 
     @classmethod
     def from_dict(cls, values: dict) -> "AugmentConfig":
@@ -257,9 +289,17 @@ class PretrainConfig:
         if self.modality != "image":
             _check(self.augment_on == "host", "augment_on", self.augment_on, "must be 'host' for audio and text")
             _check(self.view_size is None, "view_size", self.view_size, "must be None for audio and text")
-        elif self.augment.image_size != self.train_size:
-            # The views are made at the training resolution; keep one source of truth.
-            object.__setattr__(self, "augment", dataclasses.replace(self.augment, image_size=self.train_size))
+        else:
+            # Multi-crop views are made on the host only (`DeviceViews` finishes pairs).
+            _check(
+                self.augment_on == "host" or not self.augment.small_views,
+                "augment_on",
+                self.augment_on,
+                f"must be 'host' with small views (small_views={self.augment.small_views})",
+            )
+            if self.augment.image_size != self.train_size:
+                # The views are made at the training resolution; keep one source of truth.
+                object.__setattr__(self, "augment", dataclasses.replace(self.augment, image_size=self.train_size))
 
     @property
     def train_size(self) -> int:

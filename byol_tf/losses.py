@@ -66,3 +66,25 @@ def symmetric_loss(p1, p2, z1, z2, loss="byol", temperature=0.1):
     if loss == "infonce":
         return infonce_loss(p1, z2, temperature) + infonce_loss(p2, z1, temperature)
     return LOSSES[loss](p1, z2) + LOSSES[loss](p2, z1)
+
+
+def multi_crop_loss(p1, p2, p_small, z1, z2, loss="byol", temperature=0.1):
+    """`symmetric_loss` plus, for each small view's prediction, its loss against both targets.
+
+    Only the two large views have targets (as in DINO and solo-learn's
+    multi-crop BYOL); the terms are summed, as the paper sums its two.
+
+    Args:
+        p1, p2: online predictions for the large views 1 and 2.
+        p_small: a list of online predictions, one per small view (may be empty).
+        z1, z2: target projections for the large views.
+        loss: "byol" or "infonce".
+        temperature: used by "infonce" only.
+
+    Returns:
+        `[batch]` float32: in [0, 8 + 8 * len(p_small)] for "byol".
+    """
+    total = symmetric_loss(p1, p2, z1, z2, loss, temperature)
+    for p in p_small:
+        total += symmetric_loss(p, p, z1, z2, loss, temperature)
+    return total

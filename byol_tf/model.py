@@ -73,6 +73,11 @@ class BYOL(keras.Model):
     Calling the model runs the **online** encoder: that is the network to
     evaluate and export.
 
+    A batch is `(view1, view2)`, or `(view1, view2, *small)` with multi-crop
+    small views (`AugmentConfig.small_views`): those run through the online
+    network only, and each regresses both large views' targets
+    (`losses.multi_crop_loss`).
+
     Weight regularisers of the online networks (`model.losses`) are added to
     the BYOL loss, as Keras's `compute_loss` adds them, and the logged `loss`
     includes them.
@@ -244,7 +249,7 @@ class BYOL(keras.Model):
         super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
     def _unpack(self, data):
-        """`(view1, view2)` or `((view1, view2), labels)` -> views, labels or None.
+        """`(view1, view2, *small)` or `((view1, view2, *small), labels)` -> views, labels or None.
 
         Host crops (a dict, with or without labels) are finished into views here.
         """
@@ -260,7 +265,7 @@ class BYOL(keras.Model):
                     "`device_views` to finish them. Received: device_views=None"
                 )
             views = self.device_views(views)
-        return views[0], views[1], labels
+        return tuple(views), labels
 
     def _train_probe(self, features, labels):
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
@@ -281,7 +286,7 @@ class BYOL(keras.Model):
         self.probe_accuracy.update_state(_replica_sum(tf.reduce_sum(correct)) / tf.maximum(total, 1.0), total)
 
     def train_step(self, data):
-        view1, view2, labels = self._unpack(data)
+        (view1, view2, *small), labels = self._unpack(data)
         if labels is not None and self.probe is None:
             raise ValueError("The batches carry labels, but this BYOL has no probe. Received: probe_classes=None")
         # Each view goes through the networks on its own, as in the paper: a
@@ -292,7 +297,11 @@ class BYOL(keras.Model):
         with tf.GradientTape() as tape:
             h1, z1, p1 = self._online(view1)
             _, _, p2 = self._online(view2)
-            loss = tf.reduce_mean(losses.symmetric_loss(p1, p2, z1_target, z2_target, self.loss_name, self.temperature))
+            # Multi-crop: the small views are online only, and predict both large views' targets.
+            p_small = [self._online(view)[2] for view in small]
+            loss = tf.reduce_mean(
+                losses.multi_crop_loss(p1, p2, p_small, z1_target, z2_target, self.loss_name, self.temperature)
+            )
             # Weight regularisers of the online networks (a user's or a
             # keras.applications backbone): added as Keras's `compute_loss`
             # does. The target's variables are non-trainable, so not counted.

@@ -55,11 +55,24 @@ def test_view_size_sets_the_views_and_leaves_the_encoder_size():
         ({"base_tau": 1.5}, "base_tau=1.5"),
         ({"augment": {"blur_prob": (1.2, 0.0)}}, "blur_prob=(1.2, 0.0)"),
         ({"nonsense": 1}, "nonsense=1"),
+        ({"augment": {"small_views": -1}}, "small_views=-1"),
+        ({"augment": {"small_views": 2, "small_view_fraction": 0.1}}, "small_view_fraction=0.1"),
+        ({"augment": {"small_crop_scale": (0.5, 0.2)}}, "small_crop_scale=(0.5, 0.2)"),
+        ({"augment": {"small_views": 2}, "augment_on": "device"}, "augment_on='device'"),
     ],
 )
 def test_bad_values_are_named(overrides, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         presets.get_preset("demo", **overrides)
+
+
+def test_small_views_follow_the_view_size():
+    cfg = presets.get_preset("cifar10_cpu20", view_size=24, augment={"small_views": 2, "small_view_fraction": 0.5})
+    assert (cfg.augment.small_views, cfg.augment.small_view_size) == (2, 12)
+    small = cfg.augment.small_view_config()
+    assert (small.image_size, small.crop_scale, small.small_views) == (12, (0.05, 0.4), 0)
+    assert small.blur_prob == cfg.augment.blur_prob and small.solarize_prob == cfg.augment.solarize_prob
+    assert config.PretrainConfig.from_dict(cfg.to_dict()) == cfg
 
 
 def test_unknown_preset():

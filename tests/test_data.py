@@ -1,3 +1,4 @@
+import dataclasses
 import os
 import re
 
@@ -338,6 +339,21 @@ def _id_images(num):
 
 def _ids(view):
     return np.round(view[:, 4, 4, 0].numpy() * 255 / 20).astype(int)
+
+
+def test_in_memory_small_views_are_of_the_same_images_and_leave_the_large_views_alone():
+    images = _id_images(11)
+    large = dataclasses.replace(IDENTITY_AUG, image_size=16)
+    multi = dataclasses.replace(large, small_views=2, small_view_fraction=0.5, small_crop_scale=(1.0, 1.0))
+    pairs = data.pretrain_dataset(images, 5, large, seed=0, autotune=False)
+    views = data.pretrain_dataset(images, 5, multi, seed=0, autotune=False)
+    assert [spec.shape.as_list() for spec in views.element_spec] == [[5, 16, 16, 3]] * 2 + [[5, 8, 8, 3]] * 2
+    for (v1, v2), (m1, m2, s1, s2) in zip(pairs.take(4), views.take(4)):
+        np.testing.assert_array_equal(m1.numpy(), v1.numpy())
+        np.testing.assert_array_equal(m2.numpy(), v2.numpy())
+        # A whole-image crop of a flat image: each small view shows its row's image.
+        np.testing.assert_array_equal(np.round(s1[:, 2, 2, 0].numpy() * 255 / 20), _ids(v1))
+        np.testing.assert_array_equal(np.round(s2[:, 2, 2, 0].numpy() * 255 / 20), _ids(v1))
 
 
 def test_pretrain_dataset_each_epoch_is_a_permutation():

@@ -218,9 +218,10 @@ def test_byol_step_in_bfloat16_stays_as_close_to_float32_as_keras():
     # Keras's own bfloat16 gap is rounding: below bfloat16's unit roundoff
     # (2**-9) of the loss, as the errors of 16 pairs average out.
     assert 0 < keras_gap < 2**-9 * abs(ref_loss)
-    # The fast kernels compute the same ops in the same precision, so they
-    # may differ from Keras's bfloat16 path by no more than that rounding.
-    assert abs(fast_loss - keras_loss) <= keras_gap
+    # The fast kernels compute the same ops in the same precision, in another
+    # order: they must meet the same rounding bound. (Against Keras's own gap
+    # it held on Zen 4, but AMX-BF16 on an Intel Xeon rounds them 1.4x apart.)
+    assert 0 < abs(fast_loss - ref_loss) < 2**-9 * abs(ref_loss)
 
 
 def test_fast_kernels_are_the_entry_points_choice_not_the_models():

@@ -33,6 +33,20 @@ def test_symmetric_sums_both_orders():
     np.testing.assert_allclose(losses.symmetric_loss(p1, p2, -p2, -p1).numpy(), 8.0, atol=1e-5)
 
 
+def test_multi_crop_adds_each_small_view_against_both_targets():
+    rng = np.random.default_rng(5)
+    p1, p2, z1, z2, s1, s2 = rng.normal(size=(6, 6, 8)).astype("float32")
+    total = losses.multi_crop_loss(p1, p2, [s1, s2], z1, z2).numpy()
+    expected = sum(_np_regression(p, z) for p, z in [(p1, z2), (p2, z1), (s1, z1), (s1, z2), (s2, z1), (s2, z2)])
+    np.testing.assert_allclose(total, expected, atol=1e-5)
+    # Without small views it is the paper's loss.
+    np.testing.assert_allclose(
+        losses.multi_crop_loss(p1, p2, [], z1, z2).numpy(), _np_regression(p1, z2) + _np_regression(p2, z1), atol=1e-5
+    )
+    # Summed, not averaged: predictions opposite to both targets give 4 per term, 6 terms.
+    np.testing.assert_allclose(losses.multi_crop_loss(-z1, -z1, [-z1, -z1], z1, z1).numpy(), 24.0, atol=1e-4)
+
+
 @pytest.mark.parametrize("kind", ["byol", "infonce"])
 def test_no_gradient_reaches_target(kind):
     rng = np.random.default_rng(3)

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from byol_tf import build_byol, get_preset
+from byol_tf import build_byol, data, get_preset
+from byol_tf.build import accept_any_image_size
 from byol_tf.ema import EMAUpdate
 from byol_tf.heads import MLPHead
 from byol_tf.model import BYOL, collapse_std
@@ -121,6 +122,49 @@ def test_views_smaller_than_the_encoder_train_and_the_saved_encoder_keeps_its_si
     path = os.path.join(tmp_path, "encoder.keras")
     model.encoder.save(path)
     assert keras.saving.load_model(path).input_shape == (None, 32, 32, 3)
+
+
+def test_small_views_train_online_only_and_add_their_loss_against_both_targets():
+    model = tiny_byol()
+    model.compile(optimizer=keras.optimizers.SGD(0.0))
+    rng = np.random.default_rng(4)
+    large = [rng.random((8, 16, 16, 3)).astype("float32") for _ in range(2)]
+    small = [rng.random((8, 8, 8, 3)).astype("float32") for _ in range(2)]
+    for network in (model.encoder, model.target_encoder):
+        accept_any_image_size(network)
+    logs = model.train_step(tuple(large + small))
+
+    # The same networks, run by hand in training mode (batch statistics), and the loss in NumPy.
+    def online(x):
+        return model.predictor(model.projector(model.encoder(x, training=True), training=True), training=True).numpy()
+
+    def target(x):
+        return model.target_projector(model.target_encoder(x, training=True), training=True).numpy()
+
+    def regression(p, z):
+        p, z = p / np.linalg.norm(p, axis=-1, keepdims=True), z / np.linalg.norm(z, axis=-1, keepdims=True)
+        return 2 - 2 * np.sum(p * z, axis=-1)
+
+    z1, z2 = target(large[0]), target(large[1])
+    p1, p2, s1, s2 = (online(x) for x in large + small)
+    terms = [(p1, z2), (p2, z1), (s1, z1), (s1, z2), (s2, z1), (s2, z2)]
+    expected = np.mean(sum(regression(p, z) for p, z in terms))
+    # Had the small views targets of their own, or the mean instead of the sum, this would differ.
+    assert float(logs["loss"]) == pytest.approx(expected, rel=1e-4)
+
+
+def test_a_preset_with_small_views_fits_from_its_own_pipeline():
+    small_heads = dict(projector_hidden=32, projection_dim=16, predictor_hidden=32)
+    cfg = get_preset("cifar10_cpu20", augment={"small_views": 2}, **small_heads)
+    model = build_byol(cfg)
+    model.compile(optimizer=keras.optimizers.SGD(0.05))
+    before = weights(model.online_trainable_variables)
+    images = np.random.default_rng(0).integers(0, 256, (32, 32, 32, 3), dtype=np.uint8)
+    views = data.pretrain_dataset(images, 8, cfg.augment, seed=0, autotune=False)
+    assert [spec.shape.as_list()[1] for spec in views.element_spec] == [32, 32, 16, 16]
+    history = model.fit(views, steps_per_epoch=2, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+    assert any(not np.allclose(b, v.numpy()) for b, v in zip(before, model.online_trainable_variables))
 
 
 def test_collapse_signal():

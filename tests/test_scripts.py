@@ -172,6 +172,9 @@ BAD_FLAGS = [
     ("--augment=brightness=1.5", "--augment=brightness=1.5"),
     ("--augment=blur_sigma=1", "--augment=blur_sigma=1"),
     ("--augment=crop_scale=0.3,1 --crop_scale=0.2,1", "--crop_scale=0.2,1"),
+    ("--augment=small_views=2 --augment=small_view_fraction=0.2", "--augment=small_view_fraction=0.2"),
+    ("--augment=small_views=-2", "--augment=small_views=-2"),
+    ("--augment=small_views=2 --augment_on=device", "--augment_on='device'"),
     ("--probe_lr=0", "--probe_lr=0"),
     ("--time_budget=1m", "--epochs=2, --time_budget=1m"),  # TINY sets --epochs
     # The global batch must split over the replicas.

@@ -1,5 +1,6 @@
 """Streaming sources: crops from the original image, hostile files, shards, exact resume."""
 
+import dataclasses
 import io
 import math
 import os
@@ -10,7 +11,7 @@ import tensorflow as tf
 from PIL import Image
 
 from byol_tf import data
-from byol_tf.augment import crop_window
+from byol_tf.augment import crop_window, small_seed
 from byol_tf.config import AugmentConfig
 from byol_tf.data import crops
 
@@ -110,6 +111,24 @@ def test_views_are_bilinear_crops_of_the_original_image():
             assert np.abs(view.astype(float) - ref).max() <= 1.01
 
 
+def test_small_views_are_bilinear_crops_at_their_own_scale_and_leave_the_large_views_alone():
+    image = _rgb(60, 90, 1)
+    png = io.BytesIO()
+    Image.fromarray(image).save(png, format="PNG")
+    config = dataclasses.replace(CROP_ONLY, small_views=2, small_view_fraction=0.5, small_crop_scale=(0.05, 0.4))
+    for position in range(4):
+        key = crops.view_key(3, position)
+        large, small = (v.numpy() for v in crops.view_crops(tf.constant(png.getvalue()), key, config))
+        np.testing.assert_array_equal(large, crops.two_crops(tf.constant(png.getvalue()), key, CROP_ONLY).numpy())
+        assert small.shape == (2, 8, 8, 3)
+        windows, flips = _drawn_windows(small_seed(key), 60, 90, (0.05, 0.4))
+        for view, (top, left, h, w), flip in zip(small, windows, flips):
+            assert h * w <= 0.4 * 60 * 90 * 1.1
+            ref = _bilinear(image, top, left, h, w, 8)
+            ref = ref[:, ::-1] if flip else ref
+            assert np.abs(view.astype(float) - ref).max() <= 1.01
+
+
 def test_large_jpeg_crops_decode_at_a_dct_scale_close_to_the_full_decode():
     # A smooth 800x600 image: a 1/2 or 1/4 DCT-scaled decode is an antialiased downscale of it.
     yy, xx = np.mgrid[0:600, 0:800]
@@ -123,17 +142,20 @@ def test_large_jpeg_crops_decode_at_a_dct_scale_close_to_the_full_decode():
         grayscale_prob=0.0,
         blur_prob=(0.0, 0.0),
         solarize_prob=(0.0, 0.0),
+        small_views=2,
+        small_crop_scale=(0.05, 0.4),
     )
     full = np.asarray(Image.open(io.BytesIO(jpeg.getvalue())).convert("RGB"))
     for position in range(4):
         key = crops.view_key(0, position)
-        views = crops.two_crops(tf.constant(jpeg.getvalue()), key, config).numpy().astype(float)
-        windows, flips = _drawn_windows(key, 600, 800, config.crop_scale)
-        for view, (top, left, h, w), flip in zip(views, windows, flips):
-            assert min(h, w) >= 2 * 32  # so the decode was scaled
-            ref = _bilinear(full, top, left, h, w, 32)
-            ref = ref[:, ::-1] if flip else ref
-            assert np.abs(view - ref).mean() < 3.0
+        large, small = (v.numpy().astype(float) for v in crops.view_crops(tf.constant(jpeg.getvalue()), key, config))
+        for views, view_key, scale, size in [(large, key, (0.5, 1.0), 32), (small, small_seed(key), (0.05, 0.4), 16)]:
+            windows, flips = _drawn_windows(view_key, 600, 800, scale)
+            for view, (top, left, h, w), flip in zip(views, windows, flips):
+                assert min(h, w) >= 2 * size  # so the decode was scaled
+                ref = _bilinear(full, top, left, h, w, size)
+                ref = ref[:, ::-1] if flip else ref
+                assert np.abs(view - ref).mean() < 3.0
 
 
 @pytest.fixture
@@ -177,6 +199,21 @@ def test_hostile_files_are_skipped_named_and_counted_while_streaming(hostile_fol
     # Every bad file once per epoch: two epochs of records consumed.
     assert tracker.after(steps) == 2 * len(good) + 2 * len(bad)
     assert source.num_skipped == len(bad)
+
+
+def test_small_views_stream_after_the_large_ones(hostile_folder):
+    root, good, bad = hostile_folder
+    config = dataclasses.replace(CROP_ONLY, small_views=3, small_view_fraction=0.75)
+    pairs = data.pretrain_dataset(data.open_source(root), 4, CROP_ONLY, seed=2, autotune=False)
+    multi = data.pretrain_dataset(data.open_source(root), 4, config, seed=2, autotune=False)
+    for (v1, v2), views in zip(pairs.take(5), multi.take(5)):
+        assert [tuple(v.shape) for v in views] == [(4, 16, 16, 3)] * 2 + [(4, 12, 12, 3)] * 3
+        np.testing.assert_array_equal(views[0].numpy(), v1.numpy())
+        np.testing.assert_array_equal(views[1].numpy(), v2.numpy())
+        for view in views[2:]:
+            assert 0.0 <= view.numpy().min() and view.numpy().max() <= 1.0
+        # Three different crops of each image, not one crop three times.
+        assert not np.allclose(views[2].numpy(), views[3].numpy())
 
 
 def test_resume_from_a_stream_position_gives_the_same_batches(hostile_folder):

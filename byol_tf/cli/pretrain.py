@@ -251,18 +251,23 @@ def _check_image_size(config):
     from byol_tf import backbones
     from byol_tf.build import accept_any_image_size
 
-    flag = "image_size"
+    flag, value = "image_size", config.image_size
+    small = config.augment.small_views if config.modality == "image" else 0
     try:
         encoder = backbones.build_encoder(config.backbone, config.image_size)
+        accept_any_image_size(encoder)
         if config.view_size:
-            flag = "view_size"
-            accept_any_image_size(encoder)
-            encoder(np.zeros((1, config.view_size, config.view_size, 3), np.float32))
+            flag, value = "view_size", config.view_size
+            encoder(np.zeros((1, value, value, 3), np.float32))
+        if small:
+            flag, value = "augment=small_view_fraction", config.augment.small_view_fraction
+            size = config.augment.small_view_size
+            encoder(np.zeros((1, size, size, 3), np.float32))
     except Exception as error:  # noqa: BLE001 - backbones fail in many ways on small inputs.
         raise app.UsageError(
             f"--{flag} is too small (or otherwise unusable) for --backbone={config.backbone} "
             f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
-            f"Received: --{flag}={getattr(config, flag)}"
+            f"Received: --{flag}={value}"
         )
     finally:
         keras.backend.clear_session()

@@ -2,15 +2,16 @@
 
 The paper, torchvision, DeepMind, lightly and solo-learn all crop from the
 original photo and then resize. Here each image draws its two crop windows
-from its own size (`byol_tf.augment.crop_window`), both are resized to the
-view size (and flipped) in one op, and the views are rounded to uint8, as
+(and those of any small views) from its own size
+(`byol_tf.augment.crop_window`), they are resized to the view size (and
+flipped), and the views are rounded to uint8, as
 torchvision's PIL pipeline is. The colour stages then run batched
 (`byol_tf.augment.finish_pair`).
 """
 
 import tensorflow as tf
 
-from byol_tf.augment import CROP_TRIES, window_boxes, crop_window, preprocess_eval
+from byol_tf.augment import CROP_TRIES, crop_window, preprocess_eval, small_seed, window_boxes
 from byol_tf.config import AugmentConfig
 from byol_tf.data import files
 
@@ -26,60 +27,81 @@ def view_key(seed, position):
 
 
 def two_crops(data, key, config: AugmentConfig, max_pixels=files.MAX_IMAGE_PIXELS):
-    """Two random resized, flipped crops of one image, uint8 `[2, S, S, 3]`.
+    """Two random resized, flipped crops of one image, uint8 `[2, S, S, 3]` (`view_crops` without small views)."""
+    return view_crops(data, key, config, max_pixels)[0]
+
+
+def view_crops(data, key, config: AugmentConfig, max_pixels=files.MAX_IMAGE_PIXELS):
+    """The two large and `config.small_views` small random resized, flipped crops of one image.
 
     The windows follow torchvision's RandomResizedCrop on the original size.
-    Both are sampled bilinearly in one `crop_and_resize` (a mirrored box
-    flips), as the in-memory path does. A JPEG is decoded at the smallest
-    DCT scale (1/2, 1/4, 1/8) that keeps both windows' short sides at least
-    the view size: libjpeg's scaled decode is an antialiased downscale, and
-    it is several times cheaper on large photos.
+    Each group of views is sampled bilinearly in one `crop_and_resize` (a
+    mirrored box flips), as the in-memory path does. A JPEG is decoded once,
+    at the smallest DCT scale (1/2, 1/4, 1/8) that keeps every window's short
+    side at least its view's size: libjpeg's scaled decode is an antialiased
+    downscale, and it is several times cheaper on large photos.
 
     Args:
         data: a scalar string of encoded image bytes, or a decoded
             `[H, W, C]` image (uint8 0..255 or float 0..1).
-        key: the example's RNG key (`view_key`).
-        config: crop scale, ratio, flip probability and the view size.
+        key: the example's RNG key (`view_key`); the small views draw from
+            a branch of it, so the large views do not depend on them.
+        config: crop scales, ratio, flip probability and the view sizes.
         max_pixels: larger images fail (the stream skips them).
 
     Returns:
-        uint8 `[2, image_size, image_size, 3]`, view 1 then view 2.
+        A tuple: uint8 `[2, S, S, 3]` (view 1 then view 2), then, with small
+        views, uint8 `[small_views, s, s, 3]` (`S = image_size`, `s = small_view_size`).
     """
-    # One draw per example (per-element ops dominate a tf.data map's cost).
-    u = tf.random.stateless_uniform([2, 2 * CROP_TRIES + 3], key)
-    tries = tf.reshape(u[:, : 2 * CROP_TRIES], [2, CROP_TRIES, 2])
-    offsets, flips = u[:, 2 * CROP_TRIES : 2 * CROP_TRIES + 2], u[:, -1] < config.flip_prob
-    size = config.image_size
-
-    def boxes(shape):
-        height, width = tf.fill([2], tf.cast(shape[0], tf.float32)), tf.fill([2], tf.cast(shape[1], tf.float32))
-        top, left, h, w = crop_window(height, width, tries, offsets, config)
-        y1, x1, y2, x2 = tf.unstack(window_boxes(top, left, h, w, height, width, size), axis=1)
-        short = tf.reduce_min(tf.minimum(h, w))
-        return tf.stack([y1, tf.where(flips, x2, x1), y2, tf.where(flips, x1, x2)], axis=1), short
-
-    def resized(image, box):
-        return tf.image.crop_and_resize(image[None], box, tf.zeros([2], tf.int32), [size, size])
+    groups = [_Group(key, config, 2)]
+    if config.small_views:
+        groups.append(_Group(small_seed(key), config.small_view_config(), config.small_views))
 
     def decoded(image):
         image = files.to_rgb_float(image)
-        return resized(image, boxes(tf.shape(image))[0]) * 255.0
+        return [group.resized(image, group.boxes(tf.shape(image))[0]) * 255.0 for group in groups]
 
     def jpeg():
         shape = tf.image.extract_jpeg_shape(data)
         with tf.control_dependencies([files.check_pixels(shape[0], shape[1], max_pixels)]):
-            box, short = boxes(shape)
-        # Normalised boxes select the same region of the scaled image, to a fraction of its pixel.
-        index = tf.reduce_sum(tf.cast(tf.constant(JPEG_RATIOS[1:], tf.float32) * size <= short, tf.int32))
+            boxes = [group.boxes(shape) for group in groups]
+        # The largest downscale that every window allows (relative to its own view size).
+        allowed = tf.reduce_min(tf.stack([short / group.size for group, (_, short) in zip(groups, boxes)]))
+        index = tf.reduce_sum(tf.cast(tf.constant(JPEG_RATIOS[1:], tf.float32) <= allowed, tf.int32))
         branches = [lambda r=r: tf.io.decode_jpeg(data, channels=3, ratio=r) for r in JPEG_RATIOS]
-        # Sampled from the uint8 image: no float copy of the whole photo.
-        return resized(tf.switch_case(index, branches), box)
+        # Normalised boxes select the same region of the scaled image, to a fraction of its pixel;
+        # sampled from the uint8 image: no float copy of the whole photo.
+        image = tf.switch_case(index, branches)
+        return [group.resized(image, box) for group, (box, _) in zip(groups, boxes)]
 
     if data.dtype != tf.string:
         views = decoded(tf.convert_to_tensor(data))
     else:
         views = tf.cond(files.is_jpeg(data), jpeg, lambda: decoded(_decode_other(data, max_pixels)))
-    return tf.cast(tf.round(tf.clip_by_value(views, 0.0, 255.0)), tf.uint8)
+    return tuple(tf.cast(tf.round(tf.clip_by_value(v, 0.0, 255.0)), tf.uint8) for v in views)
+
+
+class _Group:
+    """`count` views of one size and crop scale: their random draws, windows and resize."""
+
+    def __init__(self, key, config: AugmentConfig, count: int):
+        # One draw per group and example (per-element ops dominate a tf.data map's cost).
+        u = tf.random.stateless_uniform([count, 2 * CROP_TRIES + 3], key)
+        self.tries = tf.reshape(u[:, : 2 * CROP_TRIES], [count, CROP_TRIES, 2])
+        self.offsets, self.flips = u[:, 2 * CROP_TRIES : 2 * CROP_TRIES + 2], u[:, -1] < config.flip_prob
+        self.config, self.count, self.size = config, count, config.image_size
+
+    def boxes(self, shape):
+        """Normalised, flipped boxes `[count, 4]`, and the shortest window side in pixels."""
+        fill = lambda value: tf.fill([self.count], tf.cast(value, tf.float32))
+        height, width = fill(shape[0]), fill(shape[1])
+        top, left, h, w = crop_window(height, width, self.tries, self.offsets, self.config)
+        y1, x1, y2, x2 = tf.unstack(window_boxes(top, left, h, w, height, width, self.size), axis=1)
+        flips = self.flips
+        return tf.stack([y1, tf.where(flips, x2, x1), y2, tf.where(flips, x1, x2)], axis=1), tf.reduce_min(tf.minimum(h, w))
+
+    def resized(self, image, box):
+        return tf.image.crop_and_resize(image[None], box, tf.zeros([self.count], tf.int32), [self.size, self.size])
 
 
 def _decode_other(data, max_pixels):

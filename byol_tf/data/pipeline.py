@@ -16,7 +16,7 @@ import re
 import numpy as np
 import tensorflow as tf
 
-from byol_tf.augment import crop_pair, finish_pair
+from byol_tf.augment import crop_pair, crop_small, finish_pair, finish_small
 from byol_tf.config import AUGMENT_CONFIGS, AUGMENT_ON
 from byol_tf.data import crops, files
 from byol_tf.data.arrays import ArraySource, ExampleSet, ImageSet, load_npz
@@ -139,8 +139,9 @@ def pretrain_dataset(
     Returns:
         A `tf.data.Dataset` of `(view1, view2)`, each float32
         `[batch_size, image_size, image_size, 3]` in [0, 1] (per replica
-        with an `input_context`); with `augment_on="device"`, the dict of
-        crops that `DeviceViews` takes instead of the views.
+        with an `input_context`), followed by `small_views` float32 views of
+        `small_view_size`; with `augment_on="device"`, the dict of crops that
+        `DeviceViews` takes instead of the views.
     """
     _check_batch_size(batch_size)
     if augment_on not in AUGMENT_ON:
@@ -165,6 +166,11 @@ def pretrain_dataset(
         )
     if modality != "image" and augment_on != "host":
         raise ValueError(f"Audio and text views are made on the host. Received: augment_on={augment_on!r}")
+    if modality == "image" and augment_config.small_views and augment_on != "host":
+        raise ValueError(
+            f"Small views are made on the host. Received: augment_on={augment_on!r}, "
+            f"small_views={augment_config.small_views}"
+        )
     if with_labels and not source.labelled:
         raise ValueError(f"`with_labels` needs labelled data. Received: data={source.name!r} (unlabelled)")
     workers, worker = (input_context.num_input_pipelines, input_context.input_pipeline_id) if input_context else (1, 0)
@@ -175,8 +181,9 @@ def pretrain_dataset(
         def make_views(batch, batch_seed):
             if modality != "image":
                 return get_modality(modality).views(batch, batch_seed, augment_config)
+            small = crop_small(batch, batch_seed, augment_config) if augment_config.small_views else []
             return _views_or_crops(
-                *crop_pair(batch, batch_seed, augment_config), batch_seed, augment_config, augment_on
+                *crop_pair(batch, batch_seed, augment_config), batch_seed, augment_config, augment_on, small
             )
 
         ds = _array_views(source, batch_size, make_views, seed, start_step, with_labels)
@@ -208,10 +215,10 @@ def pretrain_dataset(
     return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
 
 
-def _views_or_crops(crops1, crops2, batch_seed, config, augment_on):
-    """The finished views, or (for the device) both crops with the seed and row of each image."""
+def _views_or_crops(crops1, crops2, batch_seed, config, augment_on, small=()):
+    """The finished views (the two large ones, then any `small` ones), or (for the device) both crops with the seed and row of each image."""
     if augment_on == "host":
-        return finish_pair(crops1, crops2, batch_seed, config)
+        return (*finish_pair(crops1, crops2, batch_seed, config), *finish_small(list(small), batch_seed, config))
     batch = tf.shape(crops1)[0]
     return {
         "crops": tf.stack([crops1, crops2], axis=1),
@@ -253,8 +260,9 @@ def _streamed_views(source, batch_size, config, seed, start_step, start, with_la
     tracker.restart(start_step, start)
 
     def load(record):
-        two = crops.two_crops(source.fetch(record), crops.view_key(seed, record["position"]), config, max_pixels)
-        return {"position": record["position"], "views": two, "label": record["label"]}
+        views = crops.view_crops(source.fetch(record), crops.view_key(seed, record["position"]), config, max_pixels)
+        example = {"position": record["position"], "views": views[0], "label": record["label"]}
+        return {**example, "small": views[1]} if config.small_views else example
 
     ds = source.train_records(seed, start, shard).map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     # A file that fails to decode is dropped here; `tracker` notices the gap and logs it.
@@ -267,7 +275,8 @@ def _streamed_views(source, batch_size, config, seed, start_step, start, with_la
     def finish(step, batch):
         # Each worker's batch of a step gets its own colour draws: batch seed `step * workers + worker`.
         batch_seed = tf.stack([tf.constant(int(seed), tf.int64), step * workers + worker])
-        views = _views_or_crops(batch["views"][:, 0], batch["views"][:, 1], batch_seed, config, augment_on)
+        small = tf.unstack(batch["small"], axis=1) if "small" in batch else []
+        views = _views_or_crops(batch["views"][:, 0], batch["views"][:, 1], batch_seed, config, augment_on, small)
         return (views, batch["label"]) if with_labels else views
 
     return ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
