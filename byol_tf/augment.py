@@ -57,10 +57,8 @@ def crop_view(images, seed, config: AugmentConfig) -> tf.Tensor:
     tries = tf.random.stateless_uniform(tf.stack([batch, CROP_TRIES, 2]), keys[0])
     offsets = tf.random.stateless_uniform(tf.stack([batch, 2]), keys[1])
     top, left, h, w = crop_window(height, width, tries, offsets, config)
-    # Flipping is free here: a box with x1 > x2 samples the crop mirrored.
-    y1, x1, y2, x2 = tf.unstack(window_boxes(top, left, h, w, height, width, config.image_size), axis=1)
     flip = tf.random.stateless_uniform(tf.stack([batch]), keys[2]) < config.flip_prob
-    boxes = tf.stack([y1, tf.where(flip, x2, x1), y2, tf.where(flip, x1, x2)], axis=1)
+    boxes = mirrored(window_boxes(top, left, h, w, height, width, config.image_size), flip)
     # Bilinear samples of 0..1 stay in 0..1 (to a rounding error that the
     # view's last op, a clip, removes), so the crop is not clipped here.
     return tf.image.crop_and_resize(images, boxes, tf.range(batch), [config.image_size] * 2)
@@ -242,6 +240,15 @@ def crop_window(height, width, tries, offsets, config: AugmentConfig):
     top = tf.where(found, tf.floor(offsets[:, 0] * (height - h + 1)), tf.floor((height - h) / 2))
     left = tf.where(found, tf.floor(offsets[:, 1] * (width - w + 1)), tf.floor((width - w) / 2))
     return top, left, h, w
+
+
+def mirrored(boxes, flip):
+    """`crop_and_resize` boxes `[n, 4]` with x1 and x2 swapped where `flip`.
+
+    Flipping is free this way: a box with x1 > x2 samples the crop mirrored.
+    """
+    y1, x1, y2, x2 = tf.unstack(boxes, axis=1)
+    return tf.stack([y1, tf.where(flip, x2, x1), y2, tf.where(flip, x1, x2)], axis=1)
 
 
 def window_boxes(top, left, h, w, height, width, image_size):

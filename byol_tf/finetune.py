@@ -38,7 +38,7 @@ import numpy as np
 import tensorflow as tf
 
 from byol_tf import data as data_lib
-from byol_tf.augment import augment_view, preprocess_eval
+from byol_tf.augment import augment_view, mirrored, preprocess_eval
 from byol_tf.config import AugmentConfig
 from byol_tf.linear import topk_accuracy
 
@@ -162,7 +162,7 @@ def _pad_crop_flip(images, seed, image_size):
     # exactly the pixels of the crop (no interpolation); x1 > x2 mirrors it.
     y2, x2 = y1 + (image_size - 1) / side, x1 + (image_size - 1) / side
     flip = tf.random.stateless_uniform([batch], keys[1]) < 0.5
-    boxes = tf.stack([y1, tf.where(flip, x2, x1), y2, tf.where(flip, x1, x2)], axis=1)
+    boxes = mirrored(tf.stack([y1, x1, y2, x2], axis=1), flip)
     return tf.image.crop_and_resize(x, boxes, tf.range(batch), [image_size, image_size])
 
 

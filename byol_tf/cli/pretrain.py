@@ -252,14 +252,13 @@ def _check_image_size(config):
     from byol_tf.build import accept_any_image_size
 
     flag, value = "image_size", config.image_size
-    small = config.augment.small_views if config.modality == "image" else 0
     try:
         encoder = backbones.build_encoder(config.backbone, config.image_size)
         accept_any_image_size(encoder)
         if config.view_size:
             flag, value = "view_size", config.view_size
             encoder(np.zeros((1, value, value, 3), np.float32))
-        if small:
+        if config.augment.small_views:
             flag, value = "augment=small_view_fraction", config.augment.small_view_fraction
             size = config.augment.small_view_size
             encoder(np.zeros((1, size, size, 3), np.float32))

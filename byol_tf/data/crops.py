@@ -11,7 +11,7 @@ torchvision's PIL pipeline is. The colour stages then run batched
 
 import tensorflow as tf
 
-from byol_tf.augment import CROP_TRIES, crop_window, preprocess_eval, small_seed, window_boxes
+from byol_tf.augment import CROP_TRIES, crop_window, mirrored, preprocess_eval, small_seed, window_boxes
 from byol_tf.config import AugmentConfig
 from byol_tf.data import files
 
@@ -96,9 +96,8 @@ class _Group:
         fill = lambda value: tf.fill([self.count], tf.cast(value, tf.float32))
         height, width = fill(shape[0]), fill(shape[1])
         top, left, h, w = crop_window(height, width, self.tries, self.offsets, self.config)
-        y1, x1, y2, x2 = tf.unstack(window_boxes(top, left, h, w, height, width, self.size), axis=1)
-        flips = self.flips
-        return tf.stack([y1, tf.where(flips, x2, x1), y2, tf.where(flips, x1, x2)], axis=1), tf.reduce_min(tf.minimum(h, w))
+        boxes = mirrored(window_boxes(top, left, h, w, height, width, self.size), self.flips)
+        return boxes, tf.reduce_min(tf.minimum(h, w))
 
     def resized(self, image, box):
         return tf.image.crop_and_resize(image[None], box, tf.zeros([self.count], tf.int32), [self.size, self.size])

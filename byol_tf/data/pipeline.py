@@ -218,7 +218,7 @@ def pretrain_dataset(
 def _views_or_crops(crops1, crops2, batch_seed, config, augment_on, small=()):
     """The finished views (the two large ones, then any `small` ones), or (for the device) both crops with the seed and row of each image."""
     if augment_on == "host":
-        return (*finish_pair(crops1, crops2, batch_seed, config), *finish_small(list(small), batch_seed, config))
+        return (*finish_pair(crops1, crops2, batch_seed, config), *finish_small(small, batch_seed, config))
     batch = tf.shape(crops1)[0]
     return {
         "crops": tf.stack([crops1, crops2], axis=1),
