@@ -56,6 +56,7 @@ def test_benchmark_prints_images_per_sec(benchmark_runs, index):
     # median step otherwise. Seconds print to 1e-6, the rate to 1e-3.
     if "--what=augment" in args:
         seconds, images = float(re.search(r"^elapsed_s=(\d+\.\d+)$", result.stdout, re.M).group(1)), 3 * 8
+        assert re.search(r"^warmup_s=\d+\.\d+$", result.stdout, re.M), result.stdout
     else:
         seconds, images = float(median.group(1)), 8
     assert seconds > 0
