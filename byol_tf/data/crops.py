@@ -9,6 +9,8 @@ torchvision's PIL pipeline is. The colour stages then run batched
 (`byol_tf.augment.finish_pair`).
 """
 
+import functools
+
 import tensorflow as tf
 
 from byol_tf.augment import CROP_TRIES, crop_window, mirrored, preprocess_eval, small_seed, window_boxes
@@ -66,7 +68,8 @@ def view_crops(data, key, config: AugmentConfig, max_pixels=files.MAX_IMAGE_PIXE
         with tf.control_dependencies([files.check_pixels(shape[0], shape[1], max_pixels)]):
             boxes = [group.boxes(shape) for group in groups]
         # The largest downscale that every window allows (relative to its own view size).
-        allowed = tf.reduce_min(tf.stack([short / group.size for group, (_, short) in zip(groups, boxes)]))
+        # (a chain of minimums: without small views that is no op at all in the per-image map)
+        allowed = functools.reduce(tf.minimum, [short / group.size for group, (_, short) in zip(groups, boxes)])
         index = tf.reduce_sum(tf.cast(tf.constant(JPEG_RATIOS[1:], tf.float32) <= allowed, tf.int32))
         branches = [lambda r=r: tf.io.decode_jpeg(data, channels=3, ratio=r) for r in JPEG_RATIOS]
         # Normalised boxes select the same region of the scaled image, to a fraction of its pixel;
