@@ -11,7 +11,7 @@ def test_presets_are_valid_and_named():
         assert preset.preset == name
         assert isinstance(preset.augment, AUGMENT_CONFIGS[preset.modality])
         if preset.modality == "image":
-            assert preset.augment.image_size == preset.image_size
+            assert preset.augment.image_size == preset.train_size  # the views are made at the training size
 
 
 def test_paper_recipe_defaults():
@@ -44,6 +44,20 @@ def test_view_size_sets_the_views_and_leaves_the_encoder_size():
         presets.get_preset("cifar10_cpu20", view_size=4)
     with pytest.raises(ValueError, match="view_size=24"):
         presets.get_preset("fsdd_audio", view_size=24)
+
+
+def test_a_new_image_size_scales_a_presets_smaller_views():
+    base = presets.PRESETS["photos96_cpu20"]
+    assert base.view_size < base.image_size  # the preset trains on smaller views
+    cfg = presets.get_preset("photos96_cpu20", image_size=2 * base.image_size)
+    assert (cfg.image_size, cfg.view_size, cfg.augment.image_size) == (
+        2 * base.image_size,
+        2 * base.view_size,
+        2 * base.view_size,
+    )
+    both = presets.get_preset("photos96_cpu20", image_size=160, view_size=100)
+    assert (both.image_size, both.view_size) == (160, 100)  # an explicit view size wins
+    assert presets.get_preset("cifar10_cpu20", image_size=48).view_size is None  # no views of its own
 
 
 @pytest.mark.parametrize(
