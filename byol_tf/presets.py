@@ -130,7 +130,7 @@ PRESETS["photos96_cpu20"] = dataclasses.replace(
     warmup_epochs=3,
     base_tau=0.97,
     eval_crop_fraction=0.875,
-    augment=AugmentConfig(image_size=80, crop_scale=(0.35, 1.0)),
+    augment=AugmentConfig(crop_scale=(0.35, 1.0)),  # made at view_size (PretrainConfig sets it)
 )
 
 
