@@ -174,7 +174,8 @@ class PretrainConfig:
         seed: seeds data order, augmentation and initialisation.
         steps_per_execution: optimizer steps per compiled call.
         precision: a Keras dtype policy name, or "auto": mixed bfloat16 on
-            CPUs with bfloat16 instructions, float32 elsewhere
+            CPUs with bfloat16 instructions and on NVIDIA GPUs of compute
+            capability 8.0 on, float32 elsewhere
             (`byol_tf.precision`; a resumed run resolves it again).
         probe: train an online linear probe on the labels alongside BYOL
             (logged as `probe_acc`; the data must be labelled). It never

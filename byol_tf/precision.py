@@ -3,8 +3,11 @@
 oneDNN runs bfloat16 convolutions and matrix products natively on x86 CPUs with
 AVX512_BF16 or AMX-BF16 instructions (on 2 Zen 4 cores the `cifar10_cpu20`
 step is 1.45x float32's, BENCHMARKS.md). Elsewhere it converts, so "auto" keeps
-float32; it also keeps float32 on GPUs, where the choice between float16 and
-bfloat16 depends on the card and is left to `--precision`.
+float32. NVIDIA GPUs of compute capability 8.0 on (Ampere, Hopper, Blackwell)
+multiply bfloat16 on their tensor cores, as TensorFlow's mixed-precision guide
+says, so "auto" picks it there too: unlike float16 it needs no loss scaling,
+whose optimizer state would not resume on another card. Older GPUs keep float32
+(`--precision=mixed_float16` is the fast choice on compute capability 7.x).
 """
 
 import contextlib
@@ -14,6 +17,7 @@ import tensorflow as tf
 
 AUTO = "auto"
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+BF16_GPU_CAPABILITY = (8, 0)
 
 
 def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset:
@@ -28,20 +32,31 @@ def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset:
     return frozenset()
 
 
-def resolve_precision(precision: str, has_gpu=None, flags=None) -> str:
+def gpu_capabilities() -> list:
+    """The compute capability `(major, minor)` of each GPU TensorFlow sees; None where a GPU gives none."""
+    return [
+        tf.config.experimental.get_device_details(gpu).get("compute_capability")
+        for gpu in tf.config.list_physical_devices("GPU")
+    ]
+
+
+def resolve_precision(precision: str, gpus=None, flags=None) -> str:
     """The Keras dtype policy name for `precision`; only "auto" is resolved.
 
     Args:
         precision: a Keras dtype policy name, or "auto".
-        has_gpu: whether TensorFlow sees a GPU (`None`: ask TensorFlow).
+        gpus: the compute capability of each GPU, as `gpu_capabilities`
+            gives them (`None`: ask TensorFlow; empty: no GPU).
         flags: the CPU's feature flags (`None`: read `/proc/cpuinfo`).
     """
     if precision != AUTO:
         return precision
-    if has_gpu is None:
-        has_gpu = bool(tf.config.list_physical_devices("GPU"))
-    if has_gpu:
-        return "float32"
+    gpus = gpu_capabilities() if gpus is None else list(gpus)
+    if gpus:
+        # Every replica runs one policy: bfloat16 only where every GPU has it (a card
+        # that reports no capability, not NVIDIA's, keeps float32).
+        bf16 = all(c is not None and tuple(c) >= BF16_GPU_CAPABILITY for c in gpus)
+        return "mixed_bfloat16" if bf16 else "float32"
     flags = cpu_flags() if flags is None else flags
     return "mixed_bfloat16" if any(flag in flags for flag in BF16_CPU_FLAGS) else "float32"
 

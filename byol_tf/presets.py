@@ -107,6 +107,7 @@ PRESETS = {
         weight_decay=1.5e-6,
         warmup_epochs=10,
         base_tau=0.996,
+        precision="auto",  # bfloat16 on A100/H100-class GPUs (the paper trained in bfloat16 on TPUs)
     ),
 }
 

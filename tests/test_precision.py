@@ -3,10 +3,14 @@
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from byol_tf import data, training
 from byol_tf.backbones import build_encoder
 from byol_tf.config import PretrainConfig
+from byol_tf.build import build_byol
+from byol_tf.kernels import install_fast_kernels
+from byol_tf.optim import build_optimizer
 from byol_tf.precision import cpu_flags, float32_copy, global_policy, resolve_precision
 from byol_tf.presets import get_preset
 
@@ -27,24 +31,42 @@ def test_cpu_flags_are_read_from_the_first_flags_line(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "flags_line, has_gpu, expected",
+    "flags_line, expected",
     [
-        (ZEN4, False, "mixed_bfloat16"),
-        ("flags\t: sse2 amx_bf16 amx_tile\n", False, "mixed_bfloat16"),
-        (ZEN3, False, "float32"),
-        ("", False, "float32"),  # no flags line (not Linux, or not x86)
-        (ZEN4, True, "float32"),  # a GPU: the user picks float16 or bfloat16
+        (ZEN4, "mixed_bfloat16"),
+        ("flags\t: sse2 amx_bf16 amx_tile\n", "mixed_bfloat16"),
+        (ZEN3, "float32"),
+        ("", "float32"),  # no flags line (not Linux, or not x86)
     ],
 )
-def test_auto_is_bfloat16_only_on_cpus_with_bfloat16_instructions(tmp_path, flags_line, has_gpu, expected):
+def test_auto_is_bfloat16_only_on_cpus_with_bfloat16_instructions(tmp_path, flags_line, expected):
     flags = cpu_flags(_cpuinfo(tmp_path, flags_line))
-    assert resolve_precision("auto", has_gpu=has_gpu, flags=flags) == expected
+    assert resolve_precision("auto", gpus=[], flags=flags) == expected
+
+
+# NVIDIA's compute capabilities: V100 7.0, T4 7.5, A100 8.0, RTX 3090 8.6, L4 8.9, H100 9.0.
+@pytest.mark.parametrize(
+    "gpus, expected",
+    [
+        ([(8, 0)], "mixed_bfloat16"),
+        ([(9, 0)] * 8, "mixed_bfloat16"),
+        ([(8, 6), (8, 9)], "mixed_bfloat16"),
+        ([(7, 0)], "float32"),  # bfloat16 tensor cores came with Ampere
+        ([(7, 5)], "float32"),
+        ([(9, 0), (7, 5)], "float32"),  # one policy for every replica: the oldest card decides
+        ([None], "float32"),  # a GPU that reports no compute capability
+    ],
+)
+def test_auto_on_gpus_is_bfloat16_from_compute_capability_8(gpus, expected):
+    # The CPU's flags do not count once there is a GPU.
+    assert resolve_precision("auto", gpus=gpus, flags={"avx512_bf16"}) == expected
+    assert resolve_precision("auto", gpus=gpus, flags=set()) == expected
 
 
 @pytest.mark.parametrize("name", ["float32", "mixed_float16", "mixed_bfloat16"])
 def test_a_named_policy_is_kept_whatever_the_machine(name):
-    assert resolve_precision(name, has_gpu=False, flags={"avx512_bf16"}) == name
-    assert resolve_precision(name, has_gpu=True, flags=set()) == name
+    assert resolve_precision(name, gpus=[], flags={"avx512_bf16"}) == name
+    assert resolve_precision(name, gpus=[(9, 0)], flags=set()) == name
 
 
 def test_the_config_takes_auto_and_names_a_bad_precision():
@@ -88,3 +110,51 @@ def test_float32_copy_computes_in_float32_with_the_same_weights():
     np.testing.assert_allclose(copy(x, training=False).numpy(), expected, rtol=1e-5, atol=1e-6)
     # bfloat16 has 8 bits of mantissa: the mixed encoder is visibly off the float32 one.
     assert np.max(np.abs(mixed(x, training=False).numpy().astype("float32") - expected)) > 1e-3
+
+
+def _gpu_kernel_types(op):
+    """The dtypes of input `T` that TensorFlow's registry has a GPU kernel of `op` for (empty: none)."""
+    from tensorflow.python.framework import kernels as registry
+
+    types = set()
+    for kernel in registry.get_registered_kernels_for_op(op).kernel:
+        if kernel.device_type == "GPU":
+            allowed = [c.allowed_values.list.type for c in kernel.constraint if c.name == "T"]
+            types.update(allowed[0] if allowed else ["any"])
+    return types
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_every_floating_op_of_the_gpu_train_step_has_a_gpu_kernel(policy):
+    # What "auto" picks on an A100/H100 must not fall back to the host: every op
+    # that computes in floating point (the step's and, with augment_on="device",
+    # the colour stages') needs a GPU kernel for its dtype in this TensorFlow.
+    if not _gpu_kernel_types("Conv2D"):
+        pytest.skip("this TensorFlow has no GPU kernels")
+    config = get_preset(
+        "imagenet", backbone="resnet_tiny", image_size=16, batch_size=4, augment_on="device", fast_kernels=False
+    )
+    with global_policy(policy):
+        model = build_byol(config)
+        install_fast_kernels(model, cpu_gradients=False)  # the GPU paths
+        model.compile(optimizer=build_optimizer(config, 10))
+        batch = {
+            "crops": tf.zeros((4, 2, 16, 16, 3), tf.uint8),
+            "seed": tf.zeros((4, 2), tf.int64),
+            "row": tf.range(4),
+            "rows": tf.fill([4], 4),
+        }
+        graph = tf.function(model.train_step).get_concrete_function(batch).graph.as_graph_def()
+    nodes = list(graph.node) + [node for function in graph.library.function for node in function.node_def]
+    typed = [(n.op, n.attr["T"].type) for n in nodes if "T" in n.attr and n.attr["T"].WhichOneof("value") == "type"]
+    floating = {(op, t) for op, t in typed if tf.as_dtype(t).is_floating}
+    assert (
+        "Conv2D",
+        tf.as_dtype(keras.mixed_precision.Policy(policy).compute_dtype).as_datatype_enum,
+    ) in floating  # the step computes in 16 bits
+    missing = sorted(
+        (op, tf.as_dtype(t).name)
+        for op, t in floating
+        if t not in _gpu_kernel_types(op) and "any" not in _gpu_kernel_types(op)
+    )
+    assert not missing

@@ -107,7 +107,8 @@ flags.DEFINE_enum(
     "precision",
     None,
     list(PRECISIONS),
-    "Keras dtype policy; auto: mixed_bfloat16 on CPUs with bf16 instructions, else float32.",
+    "Keras dtype policy; auto: mixed_bfloat16 on CPUs with bf16 instructions and on GPUs of "
+    "compute capability 8.0 on (A100, H100), else float32.",
 )
 flags.DEFINE_boolean("jit_compile", None, "XLA-compile the train step (default: Keras's 'auto').")
 flags.DEFINE_boolean(
