@@ -76,12 +76,10 @@ def _drawn_windows(key, height, width, scale=(0.08, 1.0)):
 
 
 def _bilinear(image, top, left, h, w, size):
-    """NumPy bilinear resize of a window: half-pixel centres when downscaling, edge pixels kept when upscaling."""
+    """NumPy bilinear resize of a window with half-pixel centres, clamped to the window (as PIL and OpenCV sample)."""
 
     def coords(start, length):
-        if length >= size:
-            return start + (np.arange(size) + 0.5) * length / size - 0.5
-        return start + np.arange(size) * (length - 1) / (size - 1)
+        return np.clip(start + (np.arange(size) + 0.5) * length / size - 0.5, start, start + length - 1)
 
     ys, xs = coords(top, h), coords(left, w)
     y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
@@ -96,18 +94,19 @@ def _bilinear(image, top, left, h, w, size):
     )
 
 
-def test_views_are_bilinear_crops_of_the_original_image():
-    image = _rgb(60, 90, 0)
+@pytest.mark.parametrize("height, width", [(60, 90), (12, 20)])  # windows larger, and smaller, than the views
+def test_views_are_bilinear_crops_of_the_original_image(height, width):
+    image = _rgb(height, width, 0)
     png = io.BytesIO()
     Image.fromarray(image).save(png, format="PNG")
     for position in range(6):
         key = crops.view_key(3, position)
         views = crops.two_crops(tf.constant(png.getvalue()), key, CROP_ONLY).numpy()
-        windows, flips = _drawn_windows(key, 60, 90)
+        windows, flips = _drawn_windows(key, height, width)
         for view, (top, left, h, w), flip in zip(views, windows, flips):
             ref = _bilinear(image, top, left, h, w, 16)
             ref = ref[:, ::-1] if flip else ref
-            # float32 box coordinates against float64: a fraction of a level, then rounding.
+            # float32 sampling coordinates against float64: a fraction of a level, then rounding.
             assert np.abs(view.astype(float) - ref).max() <= 1.01
 
 
