@@ -116,10 +116,10 @@ PRESETS = {
 #   byol-pretrain --preset=photos96_cpu20 --data=imagewoof/train --eval_data=imagewoof/val --out=runs/woof
 # cifar10_cpu20's short-run recipe on a tiny ResNet whose stem downsamples 4x,
 # trained on 80 px views of crops of 35-100% and evaluated at 96 px. Imagewoof kNN
-# over random init in the 20-minute budget: +12.75 and +13.4 (seeds 0 and 1) on 2
-# Zen 4 cores, +11.9 on an Intel Xeon; +10.9 with 96 px views and 20-100% crops.
-# Two seeds of one run differ by up to 3.75 points: resnet_tiny on 64 px views
-# (+14.5, +10.75) is no better. Gentler colour, wider or deeper nets, multi-crop
+# over random init in the 20-minute budget on 2 Zen 4 cores, seeds 0-4: +12.75,
+# +13.4, +15.0, +11.5, +13.25 (mean +13.2, 30.3% against 17.15%); +11.9 on an Intel
+# Xeon; +10.9 with 96 px views and 20-100% crops. Seeds spread by 3.5 points, so
+# one run proves little: resnet_tiny on 64 px views (+14.5, +10.75) is no better. Gentler colour, wider or deeper nets, multi-crop
 # small views, other tau, lr, batch or weight decay did no better (BENCHMARKS.md).
 PRESETS["photos96_cpu20"] = dataclasses.replace(
     PRESETS["cifar10_cpu20"],
