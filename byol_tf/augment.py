@@ -256,7 +256,8 @@ def window_boxes(top, left, h, w, height, width, image_size):
     # crop_and_resize puts the box edges on pixel centres (align-corners).
     # Shrinking them by half an output pixel samples like tf.image.resize
     # (half-pixel centres) when downscaling; when upscaling that would reach
-    # past the crop, so keep the edges on its outer pixels, as resize clamps.
+    # past the crop, so the edges stay on its outer pixels (tf.image.resize,
+    # which the streamed crops use, clamps instead: they differ when upscaling).
     size = float(image_size)
 
     def edges(start, length, extent):

@@ -128,9 +128,11 @@ def test_small_views_are_bilinear_crops_at_their_own_scale_and_leave_the_large_v
             assert np.abs(view.astype(float) - ref).max() <= 1.01
 
 
-def test_large_jpeg_crops_decode_at_a_dct_scale_close_to_the_full_decode():
-    # A smooth 800x600 image: a 1/2 or 1/4 DCT-scaled decode is an antialiased downscale of it.
-    yy, xx = np.mgrid[0:600, 0:800]
+# 757x1001: libjpeg's 1/8 decode has ceil(757/8) rows, not 757/8: windows must map by the ratio.
+@pytest.mark.parametrize("height, width", [(600, 800), (757, 1001)])
+def test_large_jpeg_crops_decode_at_a_dct_scale_close_to_the_full_decode(height, width):
+    # A smooth image: a 1/2 to 1/8 DCT-scaled decode is an antialiased downscale of it.
+    yy, xx = np.mgrid[0:height, 0:width]
     smooth = np.stack([128 + 100 * np.sin(xx / 40.0), 128 + 100 * np.cos(yy / 50.0), np.full(xx.shape, 90.0)], -1)
     jpeg = io.BytesIO()
     Image.fromarray(smooth.astype(np.uint8)).save(jpeg, format="JPEG", quality=95)
@@ -149,7 +151,7 @@ def test_large_jpeg_crops_decode_at_a_dct_scale_close_to_the_full_decode():
         key = crops.view_key(0, position)
         large, small = (v.numpy().astype(float) for v in crops.view_crops(tf.constant(jpeg.getvalue()), key, config))
         for views, view_key, scale, size in [(large, key, (0.5, 1.0), 32), (small, small_seed(key), (0.05, 0.4), 16)]:
-            windows, flips = _drawn_windows(view_key, 600, 800, scale)
+            windows, flips = _drawn_windows(view_key, height, width, scale)
             for view, (top, left, h, w), flip in zip(views, windows, flips):
                 assert min(h, w) >= 2 * size  # so the decode was scaled
                 ref = _bilinear(full, top, left, h, w, size)

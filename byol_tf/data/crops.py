@@ -38,7 +38,8 @@ def view_crops(data, key, config: AugmentConfig, max_pixels=files.MAX_IMAGE_PIXE
 
     The windows follow torchvision's RandomResizedCrop on the original size.
     Each window is sliced and resized bilinearly with half-pixel centres (as
-    torchvision and PIL sample), then flipped where drawn. A JPEG is decoded
+    PIL places its samples; no antialiasing: the scaled decode below does most
+    of any shrink), then flipped where drawn. A JPEG is decoded
     once, at the smallest DCT scale (1/2, 1/4, 1/8) that keeps every window's
     short side at least its view's size: libjpeg's scaled decode is an
     antialiased downscale, and it is several times cheaper on large photos.
@@ -61,8 +62,7 @@ def view_crops(data, key, config: AugmentConfig, max_pixels=files.MAX_IMAGE_PIXE
 
     def decoded(image):
         image = files.to_rgb_float(image)
-        shape = tf.shape(image)
-        return [group.resized(image, group.windows(shape)[0], shape) * 255.0 for group in groups]
+        return [group.resized(image, group.windows(tf.shape(image))[0], 1.0) * 255.0 for group in groups]
 
     def jpeg():
         shape = tf.image.extract_jpeg_shape(data)
@@ -75,7 +75,8 @@ def view_crops(data, key, config: AugmentConfig, max_pixels=files.MAX_IMAGE_PIXE
         branches = [lambda r=r: tf.io.decode_jpeg(data, channels=3, ratio=r) for r in JPEG_RATIOS]
         # Sampled from the uint8 image: no float copy of the whole photo.
         image = tf.switch_case(index, branches)
-        return [group.resized(image, window, shape) for group, (window, _) in zip(groups, windows)]
+        ratio = tf.gather(tf.constant(JPEG_RATIOS, tf.float32), index)
+        return [group.resized(image, window, ratio) for group, (window, _) in zip(groups, windows)]
 
     if data.dtype != tf.string:
         views = decoded(tf.convert_to_tensor(data))
@@ -100,19 +101,19 @@ class _Group:
         top, left, h, w = crop_window(fill(shape[0]), fill(shape[1]), self.tries, self.offsets, self.config)
         return tf.stack([top, left, h, w], axis=1), tf.reduce_min(tf.minimum(h, w))
 
-    def resized(self, image, windows, shape):
-        """The `windows` of an image of `shape`, cut from `image` (it, or a scaled decode of it), resized and flipped.
+    def resized(self, image, windows, ratio):
+        """The `windows` (original pixels) cut from `image`, decoded at 1/`ratio` of that size, resized and flipped.
 
         Slicing and `resize` run 2x faster than one `crop_and_resize` of both windows
-        (BENCHMARKS.md); on a scaled decode the window edges go to the nearest pixel.
+        (BENCHMARKS.md). Scaled pixel k covers original pixels [k r, (k + 1) r) (libjpeg
+        rounds the scaled size up), so the window edges divide by r, to the nearest pixel.
         """
         decoded = tf.shape(image)[:2]
-        scale = tf.cast(decoded, tf.float32) / tf.cast(shape[:2], tf.float32)
         views = []
         for i in range(self.count):
-            start = tf.cast(tf.round(windows[i, :2] * scale), tf.int32)
+            start = tf.cast(tf.round(windows[i, :2] / ratio), tf.int32)
             start = tf.minimum(start, decoded - 1)
-            end = tf.cast(tf.round((windows[i, :2] + windows[i, 2:]) * scale), tf.int32)
+            end = tf.cast(tf.round((windows[i, :2] + windows[i, 2:]) / ratio), tf.int32)
             end = tf.clip_by_value(end, start + 1, decoded)
             crop = tf.slice(image, tf.concat([start, [0]], 0), tf.concat([end - start, [-1]], 0))
             view = tf.image.resize(crop, [self.size, self.size])  # bilinear, half-pixel centres
