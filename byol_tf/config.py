@@ -18,6 +18,7 @@ from byol_tf.text.augment import TextAugmentConfig
 from byol_tf.checks import check as _check
 
 AUGMENT_ON = ("host", "device")
+MIN_IMAGE_SIZE = 8  # the smallest image or view side a config takes
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16", AUTO_PRECISION)
 
 
@@ -70,13 +71,13 @@ class AugmentConfig:
     small_crop_scale: Tuple[float, float] = (0.05, 0.4)
 
     def __post_init__(self):
-        _check(self.image_size >= 8, "image_size", self.image_size, "must be >= 8")
+        _check(self.image_size >= MIN_IMAGE_SIZE, "image_size", self.image_size, f"must be >= {MIN_IMAGE_SIZE}")
         _check(self.small_views >= 0, "small_views", self.small_views, "must be >= 0")
         _check(
-            0.0 < self.small_view_fraction <= 1.0 and (self.small_views == 0 or self.small_view_size >= 8),
+            0.0 < self.small_view_fraction <= 1.0 and (self.small_views == 0 or self.small_view_size >= MIN_IMAGE_SIZE),
             "small_view_fraction",
             self.small_view_fraction,
-            f"must be in (0, 1] and give small views of at least 8 px (image_size={self.image_size})",
+            f"must be in (0, 1] and give small views of at least {MIN_IMAGE_SIZE} px (image_size={self.image_size})",
         )
         lo, hi = self.small_crop_scale
         _check(0.0 < lo <= hi <= 1.0, "small_crop_scale", self.small_crop_scale, "must satisfy 0 < lo <= hi <= 1")
@@ -232,8 +233,13 @@ class PretrainConfig:
     augment_on: str = "host"
 
     def __post_init__(self):
-        _check(self.image_size >= 8, "image_size", self.image_size, "must be >= 8")
-        _check(self.view_size is None or self.view_size >= 8, "view_size", self.view_size, "must be None or >= 8")
+        _check(self.image_size >= MIN_IMAGE_SIZE, "image_size", self.image_size, f"must be >= {MIN_IMAGE_SIZE}")
+        _check(
+            self.view_size is None or self.view_size >= MIN_IMAGE_SIZE,
+            "view_size",
+            self.view_size,
+            f"must be None or >= {MIN_IMAGE_SIZE}",
+        )
         _check(self.batch_size >= 2, "batch_size", self.batch_size, "must be >= 2")
         _check(self.epochs >= 1, "epochs", self.epochs, "must be >= 1")
         _check(self.time_budget is None or self.time_budget > 0, "time_budget", self.time_budget, "must be None or > 0")

@@ -3,7 +3,7 @@
 import dataclasses
 
 from byol_tf.audio.config import AudioAugmentConfig
-from byol_tf.config import AugmentConfig, PretrainConfig
+from byol_tf.config import MIN_IMAGE_SIZE, AugmentConfig, PretrainConfig
 from byol_tf.text.augment import TextAugmentConfig
 
 # CIFAR images are 32 px: a blur kernel of 10% of the side is 3 px and only
@@ -119,8 +119,9 @@ PRESETS = {
 # over random init in the 20-minute budget on 2 Zen 4 cores, seeds 0-4: +12.75,
 # +13.4, +15.0, +11.5, +13.25 (mean +13.2, 30.3% against 17.15%); +11.9 on an Intel
 # Xeon; +10.9 with 96 px views and 20-100% crops. Seeds spread by 3.5 points, so
-# one run proves little: resnet_tiny on 64 px views (+14.5, +10.75) is no better. Gentler colour, wider or deeper nets, multi-crop
-# small views, other tau, lr, batch or weight decay did no better (BENCHMARKS.md).
+# one run proves little: resnet_tiny on 64 px views (+14.5, +10.75) is no better.
+# Gentler colour, wider or deeper nets, multi-crop small views, other tau, lr,
+# batch or weight decay did no better (BENCHMARKS.md).
 PRESETS["photos96_cpu20"] = dataclasses.replace(
     PRESETS["cifar10_cpu20"],
     preset="photos96_cpu20",
@@ -207,7 +208,7 @@ def get_preset(name: str, **overrides) -> PretrainConfig:
         overrides["time_budget"] = None  # epochs asked for: the preset's budget no longer applies
     if base.view_size and "image_size" in overrides and "view_size" not in overrides:
         # The preset's views are a fraction of its encoder's size; a new size keeps the fraction.
-        overrides["view_size"] = max(8, round(base.view_size * overrides["image_size"] / base.image_size))
+        overrides["view_size"] = max(MIN_IMAGE_SIZE, round(base.view_size * overrides["image_size"] / base.image_size))
     augment_overrides = overrides.pop("augment", None) or {}
     augment = dataclasses.replace(base.augment, **augment_overrides)
     return dataclasses.replace(base, augment=augment, **overrides)
