@@ -521,3 +521,22 @@ def test_xla_finish_matches_torchvision(batch, gray, blur, solarize):
             < 1e-5
         )
         np.testing.assert_allclose(got[i][~near], expected[~near], atol=2e-6)
+
+
+@pytest.mark.parametrize("batch, chunks", [(20, [8, 8, 4]), (8, [8])])
+def test_host_chunks_give_the_views_of_the_whole_batch(batch, chunks, monkeypatch):
+    from byol_tf import augment
+
+    # 128 px views: the smallest the host makes in chunks of 8 rows; a batch of 8 stays whole.
+    config = dataclasses.replace(get_preset("imagenet").augment, image_size=128)
+    rng = np.random.default_rng(batch)
+    crops = [tf.constant(rng.integers(0, 256, (batch, 128, 128, 3), dtype=np.uint8)) for _ in range(2)]
+    seed = tf.constant([3, batch], tf.int64)
+    whole = augment.finish_pair(*crops, seed, config)
+    calls = []
+    finish_pair = augment.finish_pair
+    monkeypatch.setattr(augment, "finish_pair", lambda c1, *a: calls.append(c1.shape[0]) or finish_pair(c1, *a))
+    host = augment.finish_pair_on_host(*crops, seed, config)
+    assert calls == chunks
+    for got, want in zip(host, whole):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=0, atol=1e-6)

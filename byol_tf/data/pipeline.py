@@ -16,7 +16,7 @@ import re
 import numpy as np
 import tensorflow as tf
 
-from byol_tf.augment import crop_pair, crop_small, finish_pair, finish_small
+from byol_tf.augment import crop_pair, crop_small, finish_pair_on_host, finish_small
 from byol_tf.config import AUGMENT_CONFIGS, AUGMENT_ON
 from byol_tf.data import crops, files
 from byol_tf.data.arrays import ArraySource, ExampleSet, ImageSet, load_npz
@@ -218,7 +218,7 @@ def pretrain_dataset(
 def _views_or_crops(crops1, crops2, batch_seed, config, augment_on, small=()):
     """The finished views (the two large ones, then any `small` ones), or (for the device) both crops with the seed and row of each image."""
     if augment_on == "host":
-        return (*finish_pair(crops1, crops2, batch_seed, config), *finish_small(small, batch_seed, config))
+        return (*finish_pair_on_host(crops1, crops2, batch_seed, config), *finish_small(small, batch_seed, config))
     batch = tf.shape(crops1)[0]
     return {
         "crops": tf.stack([crops1, crops2], axis=1),
