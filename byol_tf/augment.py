@@ -18,7 +18,8 @@ from byol_tf.config import AugmentConfig
 CROP_TRIES = 10
 # Folded into a batch seed for its small views (any constant the large views do not use).
 SMALL_VIEWS_TAG = 7919
-# `finish_pair_on_host` makes views of at least this size in chunks of this many rows.
+# `finish_pair_on_host` makes views of at least this size in chunks of this many rows
+# (at most colour's `_SUBSET_PAD`, so the chunks' subsets are not padded).
 HOST_CHUNK_MIN_SIZE = 128
 HOST_CHUNK_ROWS = 8
 
@@ -98,16 +99,16 @@ def finish_pair_on_host(crops1, crops2, seed, config: AugmentConfig):
     """`finish_pair` for the host's `tf.data` pipeline: the same views, made in chunks of rows when they are large.
 
     A chunk's colour stages then work in the CPU's caches (1.6x for both
-    views at 224 px on Zen 2; no gain at 96 px, and a loss at 32 px, where
+    views at 224 px on Zen 2; no gain at 80-96 px, and a loss at 48 px, where
     per-call costs dominate: BENCHMARKS.md). Each chunk draws as its rows of
     the whole batch (`rows`), so the views do not depend on the chunking.
     """
-    batch, rows = crops1.shape[0], HOST_CHUNK_ROWS
-    if batch is None or batch <= rows or config.image_size < HOST_CHUNK_MIN_SIZE:
+    batch, chunk = crops1.shape[0], HOST_CHUNK_ROWS
+    if batch is None or batch <= chunk or config.image_size < HOST_CHUNK_MIN_SIZE:
         return finish_pair(crops1, crops2, seed, config)
     chunks = [
-        finish_pair(crops1[first : first + rows], crops2[first : first + rows], seed, config, (first, batch))
-        for first in range(0, batch, rows)
+        finish_pair(crops1[first : first + chunk], crops2[first : first + chunk], seed, config, (first, batch))
+        for first in range(0, batch, chunk)
     ]
     return tuple(tf.concat(views, 0) for views in zip(*chunks))
 
