@@ -98,7 +98,7 @@ def finish_pair(crops1, crops2, seed, config: AugmentConfig, rows=None):
 def finish_pair_on_host(crops1, crops2, seed, config: AugmentConfig):
     """`finish_pair` for the host's `tf.data` pipeline: the same views, made in chunks of rows when they are large.
 
-    A chunk's colour stages then work in the CPU's caches (1.6x for both
+    A chunk's colour stages then work in the CPU's caches (1.6-1.7x for both
     views at 224 px on Zen 2; no gain at 80-96 px, and a loss at 48 px, where
     per-call costs dominate: BENCHMARKS.md). Each chunk draws as its rows of
     the whole batch (`rows`), so the views do not depend on the chunking.

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from byol_tf import colour
+from byol_tf import augment, colour
 from byol_tf.augment import augment_pair, augment_view, preprocess_eval
 from byol_tf.config import AugmentConfig
 from byol_tf.presets import get_preset
@@ -525,8 +525,6 @@ def test_xla_finish_matches_torchvision(batch, gray, blur, solarize):
 
 @pytest.mark.parametrize("batch, chunks", [(20, [8, 8, 4]), (8, [8])])
 def test_host_chunks_give_the_views_of_the_whole_batch(batch, chunks, monkeypatch):
-    from byol_tf import augment
-
     # 128 px views: the smallest the host makes in chunks of 8 rows; a batch of 8 stays whole.
     config = dataclasses.replace(get_preset("imagenet").augment, image_size=128)
     rng = np.random.default_rng(batch)
@@ -536,7 +534,8 @@ def test_host_chunks_give_the_views_of_the_whole_batch(batch, chunks, monkeypatc
     calls = []
     finish_pair = augment.finish_pair
     monkeypatch.setattr(augment, "finish_pair", lambda c1, *a: calls.append(c1.shape[0]) or finish_pair(c1, *a))
-    host = augment.finish_pair_on_host(*crops, seed, config)
+    # Traced, as in the tf.data pipeline.
+    host = tf.function(lambda: augment.finish_pair_on_host(*crops, seed, config))()
     assert calls == chunks
     for got, want in zip(host, whole):
         np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=0, atol=1e-6)
