@@ -141,9 +141,8 @@ def _compiled_chain(hue_stage):
     return lambda x, o, a: rest(before(x, o, a), o, a)
 
 
-# One chain per hue stage (None: no hue op). XLA compiles once per batch
-# size, so the subsets the chains get from batches of more than 8 images are
-# padded (`_on_subset`) to a multiple of 8: few compilations, little wasted work.
+# One chain per hue stage (None: no hue op), compiled once per batch size;
+# `_on_subset` pads the subsets they get to keep those sizes few.
 _SUBSET_PAD = 8
 _JITTER_CHAINS = {stage: _compiled_chain(stage) for stage in (None, 0, 1, 2, 3)}
 
