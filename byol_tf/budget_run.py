@@ -4,7 +4,8 @@ With `PretrainConfig.time_budget` set, a run (`byol_tf.training`) first
 measures what a kNN check costs (the kNN of the step-0 encoder, which is the
 random-init baseline the summary reports) and what a training step costs (a
 short warm-up fit), then plans its steps (`byol_tf.budget`). The
-learning-rate cosine and the tau schedule are laid over the planned steps.
+learning-rate cosine and the tau schedule are laid over the planned steps
+(times `PretrainConfig.schedule_horizon`).
 The plan is logged, written to `RUN/plan.json`, checked against the clock
 every 1/20 of the run (at most an epoch) and re-planned inside the running
 fit when the predicted end misses the budget by more than `REPLAN_DRIFT`,
@@ -150,20 +151,23 @@ def _schedule(optimizer):
 
 
 def apply_plan(r, model, callbacks, plan: Plan) -> None:
-    """Lays the learning rate and tau over the plan's steps; `r.config.epochs` becomes the plan's."""
+    """Lays the learning rate and tau over the plan's steps (times the horizon); `r.config.epochs` becomes the plan's."""
     from byol_tf.ema import EMAUpdate
     from byol_tf.evaluation import KNNMonitor
 
     r.plan, r.knn_every = plan, plan.knn_every
     r.config = dataclasses.replace(r.config, epochs=plan.epochs, warmup_epochs=min(r.config.warmup_epochs, plan.epochs))
-    schedule = _schedule(model.optimizer)
+    schedule, total = _schedule(model.optimizer), r.config.schedule_steps(plan.total_steps)
     if schedule is not None:
-        schedule.set_total_steps(max(plan.total_steps, schedule.warmup_steps))
+        schedule.set_total_steps(max(total, schedule.warmup_steps))
     for callback in callbacks or []:
         if isinstance(callback, EMAUpdate):
-            callback.set_total_steps(plan.total_steps)
+            callback.set_total_steps(total)
         if isinstance(callback, KNNMonitor):
             callback.every_n_epochs = plan.knn_every
+    if total != plan.total_steps:
+        horizon = r.config.schedule_horizon
+        log(f"Time budget: the learning rate and tau are laid over {total} steps (schedule_horizon={horizon})")
 
 
 def resumed_plan(r, model) -> None:

@@ -265,7 +265,7 @@ def build_optimizer(config: "PretrainConfig", steps_per_epoch: int) -> keras.opt
     schedule = WarmupCosine(
         peak_lr=peak,
         warmup_steps=round(config.warmup_epochs * steps_per_epoch),
-        total_steps=config.epochs * steps_per_epoch,
+        total_steps=config.schedule_steps(config.epochs * steps_per_epoch),
     )
     return _BUILDERS[name](schedule, config)
 

@@ -65,8 +65,12 @@ PRESETS = {
     # with crops of 40-100%, 54.9% with --time_budget=10m, 62.7% with 40m;
     # 58.6% with 50-100% and with 30-100%, 56.2% with 20-100%, 53.9% with the
     # paper's 8-100% (a short run learns more from easier views). 58.9% in 19:40
-    # (13,223 steps) on 2 Intel Xeon cores with AMX-BF16. On 2 Zen 2 cores
-    # (AVX2 only, float32): 53.1% in 19:45 (6,580 steps). On 2 Zen 3 cores,
+    # (13,223 steps) on 2 Intel Xeon cores with AMX-BF16 (the figures so far with
+    # the schedules annealed to the run's end, schedule_horizon 1). On 2 Zen 2 cores
+    # (AVX2 only, float32): 55.7% in 19:34 (6,449 steps) with the learning rate
+    # and tau laid over twice the planned steps (schedule_horizon 2: the run ends
+    # halfway down both), 53.1% with 1 (6,580 steps); 50.7% and 49.4% with
+    # --time_budget=10m. On 2 Zen 3 cores,
     # with the 20-100% crops before: 48.7% in 20 minutes, 42.8% in 9:45
     # with --time_budget=10m, 52.2% in 39:34 with 40m.
     # 32 px views: 16 and 20 px views (--view_size) did no better. Each other
@@ -88,6 +92,7 @@ PRESETS = {
         weight_decay=1e-5,
         warmup_epochs=2,
         base_tau=0.96,
+        schedule_horizon=2.0,
         predictor_lr_scale=10.0,
         precision="auto",
         projector_hidden=1024,
@@ -119,7 +124,8 @@ PRESETS = {
 # trained on 80 px views of crops of 35-100% and evaluated at 96 px. Imagewoof kNN
 # over random init in the 20-minute budget on 2 Zen 4 cores, seeds 0-4: +12.75,
 # +13.4, +15.0, +11.5, +13.25 (mean +13.2, 30.3% against 17.15%); +11.9 on an Intel
-# Xeon; +7.9 on an AVX2-only Zen 2 (float32, 0.4x the steps); +10.9 with 96 px views
+# Xeon; +7.9 on an AVX2-only Zen 2 (float32, 0.4x the steps), +8.75 there with the
+# schedule horizon of 2 it inherits (the others with 1); +10.9 with 96 px views
 # and 20-100% crops. Seeds spread by 3.5 points, so one run proves little:
 # resnet_tiny on 64 px views (+14.5, +10.75) is no better.
 # Gentler colour, wider or deeper nets, multi-crop small views, other tau, lr,

@@ -70,7 +70,8 @@ def run_callbacks(r, state, position_fn, backup_every_steps, collapse_threshold,
         collapse_threshold = 0.1 / math.sqrt(config.projection_dim)
     # The EMA update first (a backup must include it), then the guards (they flag a
     # bad state), then everything that saves or logs.
-    callbacks = [EMAUpdate(r.total_steps, config.base_tau, config.bn_stats), guards.NaNGuard(state)]
+    ema = EMAUpdate(config.schedule_steps(r.total_steps), config.base_tau, config.bn_stats)
+    callbacks = [ema, guards.NaNGuard(state)]
     if collapse_threshold > 0:
         callbacks.append(guards.CollapseGuard(state, collapse_threshold, collapse_patience, on_collapse))
     callbacks += list(extra or [])

@@ -76,6 +76,13 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_integer("num_images", None, "Random source images for augment/fit (default: max(2 x batch, 1024)).")
 flags.DEFINE_integer("seed", 0, "Seed for the model, the random images and the augmentation.")
+flags.DEFINE_integer(
+    "intra_op_threads",
+    None,
+    "TensorFlow's process-wide intra-op pool (default: one per core). 1 is how PyTorch's DataLoader workers run "
+    "(BENCHMARKS.md, 'Two cores in one process').",
+    lower_bound=0,
+)
 
 # flag -> PretrainConfig field, to name the flag in validation errors.
 _OVERRIDES = {
@@ -251,6 +258,8 @@ def main(argv):
 
     from byol_tf import distribute
 
+    if FLAGS.intra_op_threads is not None:
+        tf.config.threading.set_intra_op_parallelism_threads(FLAGS.intra_op_threads)  # before the runtime starts
     # Before anything touches the devices: the CPU split must come first.
     try:
         strategy = distribute.get_strategy(FLAGS.strategy, FLAGS.cpu_replicas)

@@ -7,6 +7,7 @@ import math
 import os
 import types
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -89,11 +90,13 @@ def test_presets_budget_and_epochs_exclude_each_other():
         get_preset("cifar10_cpu20", epochs=3, time_budget=60)
 
 
-def test_budgeted_run_plans_its_steps_and_keeps_the_plan(tmp_path):
+@pytest.mark.parametrize("horizon", [1.0, 2.0])
+def test_budgeted_run_plans_its_steps_and_keeps_the_plan(tmp_path, horizon):
     budget_s = 30.0
     config = get_preset(
         "demo",
         time_budget=budget_s,
+        schedule_horizon=horizon,
         batch_size=32,
         projector_hidden=64,
         predictor_hidden=64,
@@ -136,14 +139,35 @@ def test_budgeted_run_plans_its_steps_and_keeps_the_plan(tmp_path):
     assert all(None not in row for row in rows)
     knn_epochs = [int(row["epoch"]) + 1 for row in rows if row["knn_acc"] not in ("", "NA")]
     assert knn_epochs == sorted({e for e in range(3, plan["epochs"] + 1, 3)} | {plan["epochs"]})
-    # tau follows the cosine over the planned steps (not the preset's epochs) from the (re-)plan on:
-    # each row holds the tau of its epoch's last step.
+    # tau follows the cosine over the planned steps (not the preset's epochs), times the
+    # horizon, from the (re-)plan on: each row holds the tau of its epoch's last step.
     for row in rows[plan["replanned_at_epoch"] or 0 :]:
         step = min(10 * (int(row["epoch"]) + 1), total) - 1
-        expected_tau = 1 - (1 - 0.99) * (math.cos(math.pi * step / total) + 1) / 2
+        expected_tau = 1 - (1 - 0.99) * (math.cos(math.pi * step / round(horizon * total)) + 1) / 2
         np.testing.assert_allclose(float(row["tau"]), expected_tau, atol=2e-6)
     assert 0.0 <= summary["knn_acc_random_init"] <= 1.0  # measured at step 0, before the warm-up
     assert summary["run_seconds"] > 0
+
+
+def test_an_epoch_run_lays_its_schedules_over_the_horizon(tmp_path):
+    config = get_preset(
+        "demo",
+        epochs=2,
+        batch_size=32,
+        projector_hidden=32,
+        predictor_hidden=32,
+        projection_dim=16,
+        warmup_epochs=0,
+        schedule_horizon=2.0,
+    )
+    out = str(tmp_path / "run")
+    training.run_pretraining(config, data.make_shapes(160, image_size=32, seed=0), out, verbose=0, autotune=False)
+    with open(os.path.join(out, "metrics.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    # 5 steps an epoch, 10 in the run, tau's cosine over 20: at the last step (9) it is 9/20 of the way.
+    np.testing.assert_allclose(float(rows[-1]["tau"]), 1 - 0.01 * (math.cos(math.pi * 9 / 20) + 1) / 2, atol=2e-6)
+    saved = keras.saving.load_model(os.path.join(out, "checkpoints", "byol.keras"), safe_mode=True)
+    assert saved.optimizer._learning_rate.total_steps == 20
 
 
 @pytest.mark.parametrize("seconds_per_step, replans", [(1.0, False), (1.5, True)])

@@ -67,6 +67,7 @@ def test_a_new_image_size_scales_a_presets_smaller_views():
         ({"epochs": -1}, "epochs=-1"),
         ({"optimizer": "rmsprop"}, "optimizer='rmsprop'"),
         ({"base_tau": 1.5}, "base_tau=1.5"),
+        ({"schedule_horizon": 0.5}, "schedule_horizon=0.5"),
         ({"augment": {"blur_prob": (1.2, 0.0)}}, "blur_prob=(1.2, 0.0)"),
         ({"nonsense": 1}, "nonsense=1"),
         ({"augment": {"small_views": -1}}, "small_views=-1"),
@@ -97,3 +98,6 @@ def test_unknown_preset():
 def test_dict_round_trip():
     cfg = presets.get_preset("cifar10_cpu20", seed=3)
     assert config.PretrainConfig.from_dict(cfg.to_dict()) == cfg
+    # A run folder written before `schedule_horizon` existed resumes with the paper's 1.0.
+    old = {k: v for k, v in presets.get_preset("demo").to_dict().items() if k != "schedule_horizon"}
+    assert config.PretrainConfig.from_dict(old).schedule_horizon == 1.0

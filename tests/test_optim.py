@@ -302,6 +302,16 @@ def test_build_optimizer_warmup_rounding():
     assert opt._learning_rate.warmup_steps == 4 and opt._learning_rate.total_steps == 70
 
 
+def test_build_optimizer_lays_the_cosine_over_the_schedule_horizon():
+    # 10 epochs of 4 steps, 1 warm-up epoch, the cosine over 2 x 40 = 80 steps: at the run's
+    # last step (40) it is 36 of 76 steps down, written out by hand; 0 only at step 80.
+    opt = build_optimizer(_config(base_lr=1.0, batch_size=512, schedule_horizon=2.0), steps_per_epoch=4)
+    schedule = opt._learning_rate
+    assert schedule.total_steps == 80
+    assert float(schedule(40)) == pytest.approx(1 + math.cos(math.pi * 36 / 76), rel=1e-6)
+    assert float(schedule(80)) == pytest.approx(0.0, abs=1e-7)
+
+
 @pytest.mark.parametrize("name", ["adam", "adamw"])
 def test_build_optimizer_rejects_lars_sized_adam_rates(name):
     cfg = _config(optimizer=name, base_lr=0.8)

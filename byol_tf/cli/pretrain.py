@@ -58,8 +58,8 @@ flags.DEFINE_string(
     "time_budget",
     None,
     "Wall time for the whole command, e.g. 90s, 20m, 8h, 1h30m: after a measured warm-up the run plans its "
-    "steps (and lays the learning rate and tau over them) to end inside it; the plan is in RUN/plan.json. "
-    "Not with --epochs.",
+    "steps (and lays the learning rate and tau over them, times --schedule_horizon) to end inside it; the "
+    "plan is in RUN/plan.json. Not with --epochs.",
 )
 flags.DEFINE_integer("batch_size", None, "Global batch size.")
 flags.DEFINE_enum("optimizer", None, list(OPTIMIZERS), "Optimizer.")
@@ -67,6 +67,9 @@ flags.DEFINE_float("lr", None, "Base learning rate for a batch of 256 (peak = lr
 flags.DEFINE_float("weight_decay", None, "Weight decay (not on biases and BatchNorm).")
 flags.DEFINE_float("warmup_epochs", None, "Linear warm-up epochs.")
 flags.DEFINE_float("base_tau", None, "EMA decay at step 0, cosine-annealed to 1.")
+flags.DEFINE_float(
+    "schedule_horizon", None, "Lay the learning rate's and tau's cosines over this many times the run's steps (>= 1)."
+)
 flags.DEFINE_float("predictor_lr_scale", None, "The predictor's learning rate as a multiple of the schedule's (LARS).")
 flags.DEFINE_enum("loss", None, list(LOSSES), "Loss.")
 flags.DEFINE_integer("seed", None, "Seed for data order, augmentation and init.")
@@ -155,6 +158,7 @@ _OVERRIDES = {
     "weight_decay": "weight_decay",
     "warmup_epochs": "warmup_epochs",
     "base_tau": "base_tau",
+    "schedule_horizon": "schedule_horizon",
     "predictor_lr_scale": "predictor_lr_scale",
     "loss": "loss",
     "seed": "seed",
