@@ -151,7 +151,7 @@ def _schedule(optimizer):
 
 
 def apply_plan(r, model, callbacks, plan: Plan) -> None:
-    """Lays the learning rate and tau over the plan's steps (times the horizon); `r.config.epochs` becomes the plan's."""
+    """Lays the learning rate and tau over the plan's steps (times the horizon); the plan's epochs become the run's."""
     from byol_tf.ema import EMAUpdate
     from byol_tf.evaluation import KNNMonitor
 

@@ -6,6 +6,7 @@ here, and an error names the bad value.
 """
 
 import dataclasses
+import math
 from typing import Optional, Tuple
 
 # The names are declared where they are implemented; the config reads them there.
@@ -160,7 +161,7 @@ class PretrainConfig:
         weight_decay: decoupled from bias and BatchNorm parameters.
         momentum: for LARS and SGD.
         warmup_epochs: linear warm-up before the cosine decay.
-        base_tau: EMA decay at step 0, cosine-annealed to 1.
+        base_tau: EMA decay at step 0, cosine-annealed to 1 over the schedule.
         schedule_horizon: the learning rate's cosine and tau's are laid over
             this many times the run's steps (or its planned steps, with a
             time budget). 1.0 is the paper's; 2.0 ends a run halfway down
@@ -267,7 +268,12 @@ class PretrainConfig:
             f"must be in [0, epochs] with epochs {self.epochs}",
         )
         _check(0.0 <= self.base_tau <= 1.0, "base_tau", self.base_tau, "must be in [0, 1]")
-        _check(self.schedule_horizon >= 1.0, "schedule_horizon", self.schedule_horizon, "must be >= 1")
+        _check(
+            1.0 <= self.schedule_horizon < math.inf,
+            "schedule_horizon",
+            self.schedule_horizon,
+            "must be finite and >= 1",
+        )
         _check(self.temperature > 0, "temperature", self.temperature, "must be > 0")
         _check(self.probe_lr > 0, "probe_lr", self.probe_lr, "must be > 0")
         _check(isinstance(self.probe, bool), "probe", self.probe, "must be True or False")

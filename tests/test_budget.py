@@ -145,6 +145,9 @@ def test_budgeted_run_plans_its_steps_and_keeps_the_plan(tmp_path, horizon):
         step = min(10 * (int(row["epoch"]) + 1), total) - 1
         expected_tau = 1 - (1 - 0.99) * (math.cos(math.pi * step / round(horizon * total)) + 1) / 2
         np.testing.assert_allclose(float(row["tau"]), expected_tau, atol=2e-6)
+        # The learning rate too (no warm-up here): the step's rate, read before its update.
+        expected_lr = 0.5 * config.peak_lr * (1 + math.cos(math.pi * step / round(horizon * total)))
+        np.testing.assert_allclose(float(row["lr"]), expected_lr, rtol=1e-5, atol=1e-7)
     assert 0.0 <= summary["knn_acc_random_init"] <= 1.0  # measured at step 0, before the warm-up
     assert summary["run_seconds"] > 0
 

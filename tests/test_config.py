@@ -68,6 +68,7 @@ def test_a_new_image_size_scales_a_presets_smaller_views():
         ({"optimizer": "rmsprop"}, "optimizer='rmsprop'"),
         ({"base_tau": 1.5}, "base_tau=1.5"),
         ({"schedule_horizon": 0.5}, "schedule_horizon=0.5"),
+        ({"schedule_horizon": float("inf")}, "schedule_horizon=inf"),
         ({"augment": {"blur_prob": (1.2, 0.0)}}, "blur_prob=(1.2, 0.0)"),
         ({"nonsense": 1}, "nonsense=1"),
         ({"augment": {"small_views": -1}}, "small_views=-1"),

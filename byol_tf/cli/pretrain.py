@@ -66,7 +66,7 @@ flags.DEFINE_enum("optimizer", None, list(OPTIMIZERS), "Optimizer.")
 flags.DEFINE_float("lr", None, "Base learning rate for a batch of 256 (peak = lr * batch / 256).")
 flags.DEFINE_float("weight_decay", None, "Weight decay (not on biases and BatchNorm).")
 flags.DEFINE_float("warmup_epochs", None, "Linear warm-up epochs.")
-flags.DEFINE_float("base_tau", None, "EMA decay at step 0, cosine-annealed to 1.")
+flags.DEFINE_float("base_tau", None, "EMA decay at step 0, cosine-annealed to 1 over the schedule.")
 flags.DEFINE_float(
     "schedule_horizon", None, "Lay the learning rate's and tau's cosines over this many times the run's steps (>= 1)."
 )
