@@ -157,7 +157,8 @@ def apply_plan(r, model, callbacks, plan: Plan) -> None:
 
     r.plan, r.knn_every = plan, plan.knn_every
     r.config = dataclasses.replace(r.config, epochs=plan.epochs, warmup_epochs=min(r.config.warmup_epochs, plan.epochs))
-    schedule, total = _schedule(model.optimizer), r.config.schedule_steps(plan.total_steps)
+    schedule = _schedule(model.optimizer)
+    total = r.config.schedule_steps(plan.total_steps)
     if schedule is not None:
         schedule.set_total_steps(max(total, schedule.warmup_steps))
     for callback in callbacks or []:

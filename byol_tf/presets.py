@@ -70,9 +70,8 @@ PRESETS = {
     # (AVX2 only, float32): 55.7% in 19:34 (6,449 steps) with the learning rate
     # and tau laid over twice the planned steps (schedule_horizon 2: the run ends
     # halfway down both), 53.1% with 1 (6,580 steps); 50.7% and 49.4% with
-    # --time_budget=10m. On 2 Zen 3 cores,
-    # with the 20-100% crops before: 48.7% in 20 minutes, 42.8% in 9:45
-    # with --time_budget=10m, 52.2% in 39:34 with 40m.
+    # --time_budget=10m. On 2 Zen 3 cores, with the 20-100% crops before: 48.7%
+    # in 20 minutes, 42.8% in 9:45 with --time_budget=10m, 52.2% in 39:34 with 40m.
     # 32 px views: 16 and 20 px views (--view_size) did no better. Each other
     # choice won a 4-minute probe (BENCHMARKS.md, "What each choice bought"):
     # the tiny ResNet learns as much per minute as larger ones and gets more

@@ -65,6 +65,10 @@ def test_spaced_checks_cost_at_most_their_share(available, knn_seconds, expected
     assert budget.check_count(0, 10 * epochs, 10, every) * knn_seconds <= max(budget.KNN_SHARE * available, knn_seconds)
 
 
+def _tau(step, total, base_tau):
+    return 1 - (1 - base_tau) * (math.cos(math.pi * step / total) + 1) / 2
+
+
 def _cosine(step, peak, warmup, total):
     if step < warmup:
         return peak * step / warmup
@@ -143,10 +147,10 @@ def test_budgeted_run_plans_its_steps_and_keeps_the_plan(tmp_path, horizon):
     # horizon, from the (re-)plan on: each row holds the tau of its epoch's last step.
     for row in rows[plan["replanned_at_epoch"] or 0 :]:
         step = min(10 * (int(row["epoch"]) + 1), total) - 1
-        expected_tau = 1 - (1 - 0.99) * (math.cos(math.pi * step / round(horizon * total)) + 1) / 2
-        np.testing.assert_allclose(float(row["tau"]), expected_tau, atol=2e-6)
+        laid_over = round(horizon * total)
+        np.testing.assert_allclose(float(row["tau"]), _tau(step, laid_over, 0.99), atol=2e-6)
         # The learning rate too (no warm-up here): the step's rate, read before its update.
-        expected_lr = 0.5 * config.peak_lr * (1 + math.cos(math.pi * step / round(horizon * total)))
+        expected_lr = _cosine(step, config.peak_lr, 0, laid_over)
         np.testing.assert_allclose(float(row["lr"]), expected_lr, rtol=1e-5, atol=1e-7)
     assert 0.0 <= summary["knn_acc_random_init"] <= 1.0  # measured at step 0, before the warm-up
     assert summary["run_seconds"] > 0
@@ -168,7 +172,7 @@ def test_an_epoch_run_lays_its_schedules_over_the_horizon(tmp_path):
     with open(os.path.join(out, "metrics.csv"), newline="") as f:
         rows = list(csv.DictReader(f))
     # 5 steps an epoch, 10 in the run, tau's cosine over 20: at the last step (9) it is 9/20 of the way.
-    np.testing.assert_allclose(float(rows[-1]["tau"]), 1 - 0.01 * (math.cos(math.pi * 9 / 20) + 1) / 2, atol=2e-6)
+    np.testing.assert_allclose(float(rows[-1]["tau"]), _tau(9, 20, 0.99), atol=2e-6)
     saved = keras.saving.load_model(os.path.join(out, "checkpoints", "byol.keras"), safe_mode=True)
     assert saved.optimizer._learning_rate.total_steps == 20
 
