@@ -65,18 +65,18 @@ PRESETS = {
     # with crops of 40-100%, 54.9% with --time_budget=10m, 62.7% with 40m;
     # 58.6% with 50-100% and with 30-100%, 56.2% with 20-100%, 53.9% with the
     # paper's 8-100% (a short run learns more from easier views). 58.9% in 19:40
-    # (13,223 steps) on 2 Intel Xeon cores with AMX-BF16 (the figures so far with
-    # the schedules annealed to the run's end, schedule_horizon 1). On 2 Zen 2 cores
-    # (AVX2 only, float32): 55.7% in 19:34 (6,449 steps) with the learning rate
-    # and tau laid over twice the planned steps (schedule_horizon 2: the run ends
-    # halfway down both), 53.1% with 1 (6,580 steps); 50.7% and 49.4% with
-    # --time_budget=10m. On 2 Zen 3 cores, with the 20-100% crops before: 48.7%
-    # in 20 minutes, 42.8% in 9:45 with --time_budget=10m, 52.2% in 39:34 with 40m.
-    # 32 px views: 16 and 20 px views (--view_size) did no better. Each other
-    # choice won a 4-minute probe (BENCHMARKS.md, "What each choice bought"):
-    # the tiny ResNet learns as much per minute as larger ones and gets more
-    # epochs; batch 128 gives more steps; tau 0.96 lets the target keep up in a
-    # short run; the predictor at 10x the learning rate (37.9-38.0% against
+    # (13,223 steps) on 2 Intel Xeon cores with AMX-BF16 (those figures with base
+    # lr 2.0 and the schedules annealed to the run's end, schedule_horizon 1). On
+    # 2 Zen 2 cores (AVX2 only, float32; 0.44x the Zen 4 steps): 58.3% in 19:50
+    # (6,505 steps) with base lr 4.0 and the learning rate and tau laid over twice
+    # the planned steps (schedule_horizon 2: the run ends halfway down both);
+    # 57.8% with lr 3.0, 55.7% with 2.0, 53.1% with 2.0 and horizon 1. Batch 64
+    # (53.8%) and 24 px views (52.2%) bought more steps and learned less. On 2
+    # Zen 3 cores, with the 20-100% crops before: 48.7% in 20 minutes.
+    # Each other choice won a 4-minute probe (BENCHMARKS.md, "What each choice
+    # bought"): the tiny ResNet learns as much per minute as larger ones and gets
+    # more epochs; batch 128 gives more steps; tau 0.96 lets the target keep up
+    # in a short run; the predictor at 10x the learning rate (37.9-38.0% against
     # 35.2% in 4 minutes). Two 16 px multi-crop views (--augment=small_views=2)
     # cost 0.77x the steps and 2.8 points.
     "cifar10_cpu20": PretrainConfig(
@@ -87,7 +87,7 @@ PRESETS = {
         epochs=22,
         time_budget=1200.0,
         optimizer="lars",
-        base_lr=2.0,
+        base_lr=4.0,
         weight_decay=1e-5,
         warmup_epochs=2,
         base_tau=0.96,
@@ -128,7 +128,8 @@ PRESETS = {
 # and 20-100% crops. Seeds spread by 3.5 points, so one run proves little:
 # resnet_tiny on 64 px views (+14.5, +10.75) is no better.
 # Gentler colour, wider or deeper nets, multi-crop small views, other tau, lr,
-# batch or weight decay did no better (BENCHMARKS.md).
+# batch or weight decay did no better (BENCHMARKS.md); it keeps the base lr 2.0
+# those runs had (lr 4.0, cifar10_cpu20's since 2026-12-08, was no better on Zen 4).
 PRESETS["photos96_cpu20"] = dataclasses.replace(
     PRESETS["cifar10_cpu20"],
     preset="photos96_cpu20",
@@ -136,6 +137,7 @@ PRESETS["photos96_cpu20"] = dataclasses.replace(
     image_size=96,
     view_size=80,
     epochs=110,
+    base_lr=2.0,
     warmup_epochs=3,
     base_tau=0.97,
     eval_crop_fraction=0.875,
