@@ -70,9 +70,10 @@ PRESETS = {
     # 2 Zen 2 cores (AVX2 only, float32; 0.44x the Zen 4 steps): 58.3% in 19:50
     # (6,505 steps) with base lr 4.0 and the learning rate and tau laid over twice
     # the planned steps (schedule_horizon 2: the run ends halfway down both);
-    # 57.8% with lr 3.0, 55.7% with 2.0, 53.1% with 2.0 and horizon 1. Batch 64
-    # (53.8%) and 24 px views (52.2%) bought more steps and learned less. On 2
-    # Zen 3 cores, with the 20-100% crops before: 48.7% in 20 minutes.
+    # 57.8% with lr 3.0, 55.7% with 2.0, 53.1% with 2.0 and horizon 1; 51.7%
+    # with --time_budget=10m. Batch 64 (53.8%) and 24 px views (52.2%) bought
+    # more steps and learned less. On 2 Zen 3 cores, with the 20-100% crops
+    # before: 48.7% in 20 minutes.
     # Each other choice won a 4-minute probe (BENCHMARKS.md, "What each choice
     # bought"): the tiny ResNet learns as much per minute as larger ones and gets
     # more epochs; batch 128 gives more steps; tau 0.96 lets the target keep up
