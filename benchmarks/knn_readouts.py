@@ -10,9 +10,6 @@
 `random` the backbone at the run's random init. Prints one line per encoder and k.
 """
 
-import json
-import os
-
 from absl import app, flags
 
 flags.DEFINE_string("run", None, "A finished run folder (config.json, encoder.keras, checkpoints/).", required=True)
@@ -28,16 +25,16 @@ def main(argv):
     import keras
 
     from byol_tf import run_eval
-    from byol_tf.config import PretrainConfig
+    from byol_tf.eval_inputs import load_encoder
     from byol_tf.evaluation import knn_accuracy
+    from byol_tf.run_dir import RunDir
 
-    with open(os.path.join(FLAGS.run, "config.json")) as f:
-        config = PretrainConfig.from_dict(json.load(f))
-    load = lambda name: keras.saving.load_model(os.path.join(FLAGS.run, name), compile=False)  # noqa: E731
+    run = RunDir(FLAGS.run)
+    config = run.read_config()
     encoders = {
-        "online": lambda: load("encoder.keras"),
-        "target": lambda: load(os.path.join("checkpoints", "byol.keras")).target_encoder,
-        "random": lambda: run_eval.random_init_encoder(config),
+        "online": lambda: load_encoder(FLAGS.run)[0],
+        "target": lambda: keras.saving.load_model(run.checkpoint_file, compile=False).target_encoder,
+        "random": lambda: load_encoder(FLAGS.run, random_init=True)[0],
     }
     memory, test = run_eval.load_source(FLAGS.data, config), run_eval.load_source(FLAGS.eval_data, config)
     for name in FLAGS.encoders:

@@ -145,9 +145,9 @@ def test_budgeted_run_plans_its_steps_and_keeps_the_plan(tmp_path, horizon):
     assert knn_epochs == sorted({e for e in range(3, plan["epochs"] + 1, 3)} | {plan["epochs"]})
     # tau follows the cosine over the planned steps (not the preset's epochs), times the
     # horizon, from the (re-)plan on: each row holds the tau of its epoch's last step.
+    laid_over = round(horizon * total)
     for row in rows[plan["replanned_at_epoch"] or 0 :]:
         step = min(10 * (int(row["epoch"]) + 1), total) - 1
-        laid_over = round(horizon * total)
         np.testing.assert_allclose(float(row["tau"]), _tau(step, laid_over, 0.99), atol=2e-6)
         # The learning rate too (no warm-up here): the step's rate, read before its update.
         expected_lr = _cosine(step, config.peak_lr, 0, laid_over)
